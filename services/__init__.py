@@ -1,0 +1,1 @@
+"""The four DealStream services and the `dealstream` command."""

@@ -1,0 +1,1 @@
+"""What every DealStream service shares: contracts, bus, store, settings, clock, auth."""

@@ -1,0 +1,1 @@
+"""The bus: broker factory, outbox relay, idempotent consumers."""

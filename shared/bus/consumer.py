@@ -1,0 +1,233 @@
+"""The idempotent consumers of ARCHITECTURE decision 2.
+
+`BatchConsumer` reads topics in batches and hands each partition's records to a handler; the
+database, not Kafka, owns the position, so Kafka offsets are committed only as a hint. When the
+broker turns out to be a new, empty one (another cluster id), the batch in hand is dropped and
+every assigned partition is read again from the start: what was applied is skipped by the
+handlers, what was republished is applied once.
+
+Two handler shapes build on it:
+- `tracked_batches` for consumers that write events: the upstream notification id (from the
+  relay's header) is recorded as `Tracking(f"{upstream}:p{partition}")` in the same transaction
+  as the new events, and anything at or below it is skipped;
+- `apply_read_model` for consumers that write read-model rows with asyncpg: the last applied
+  `stream_version` per stream is kept in `stream_position` in the same transaction, anything at or
+  below it is skipped, and a gap is recorded in `stream_gap` and logged as an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import asyncpg
+from aiokafka.structs import ConsumerRecord, TopicPartition
+from eventsourcing.domain import Aggregate
+from eventsourcing.persistence import IntegrityError, Tracking
+
+from shared.bus.kafka import cluster_id, ensure_core_topics, make_admin, make_consumer
+from shared.contracts.envelope import Envelope
+from shared.settings import Settings
+from shared.store.eventstore import EventStoreApp
+
+log = logging.getLogger(__name__)
+
+Record = ConsumerRecord[bytes, bytes]
+PartitionHandler = Callable[[TopicPartition, list[Record]], Awaitable[None]]
+T = TypeVar("T")
+
+
+class BatchConsumer:
+    def __init__(
+        self,
+        name: str,
+        settings: Settings,
+        group_id: str,
+        topics: Sequence[str],
+        handle: PartitionHandler,
+    ) -> None:
+        self.name = name
+        self.settings = settings
+        self.group_id = group_id
+        self.topics = list(topics)
+        self.handle = handle
+        self.cluster: str | None = None
+        self.processed = 0
+        self.errors = 0
+        self.last_batch_at = 0.0
+        self.running = False
+
+    async def run(self, stop: asyncio.Event) -> None:
+        backoff = 0.2
+        while not stop.is_set():
+            try:
+                await self._consume(stop)
+                backoff = 0.2
+            except (asyncio.CancelledError, KeyboardInterrupt):
+                raise
+            except Exception:
+                self.errors += 1
+                log.exception("consumer %s failed; restarting in %.1fs", self.name, backoff)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def _consume(self, stop: asyncio.Event) -> None:
+        admin = make_admin(self.settings)
+        await admin.start()
+        consumer = make_consumer(
+            self.settings,
+            self.group_id,
+            *self.topics,
+            session_timeout_ms=self.settings.consumer_session_timeout_ms,
+        )
+        try:
+            self.cluster = await cluster_id(admin)
+            await ensure_core_topics(admin, self.settings)
+            await consumer.start()
+            self.running = True
+            while not stop.is_set():
+                batch = await consumer.getmany(
+                    timeout_ms=200, max_records=self.settings.consumer_batch
+                )
+                if not batch:
+                    continue
+                # Checked after the fetch: if the id is still ours, the records came from it.
+                current = await cluster_id(admin)
+                if current != self.cluster:
+                    log.warning(
+                        "consumer %s: broker %s is new (was %s); reading from the start",
+                        self.name,
+                        current,
+                        self.cluster,
+                    )
+                    self.cluster = current
+                    await ensure_core_topics(admin, self.settings)
+                    partitions = consumer.assignment()
+                    if partitions:
+                        await consumer.seek_to_beginning(*partitions)
+                    continue
+                for partition, records in batch.items():
+                    try:
+                        await self.handle(partition, records)
+                        self.processed += len(records)
+                    except Exception:
+                        self.errors += 1
+                        log.exception(
+                            "consumer %s: batch on %s failed; it will be read again",
+                            self.name,
+                            partition,
+                        )
+                        consumer.seek(partition, records[0].offset)
+                        await asyncio.sleep(0.5)
+                self.last_batch_at = time.monotonic()
+                with contextlib.suppress(Exception):
+                    await consumer.commit()  # a hint for lag dashboards only
+        finally:
+            self.running = False
+            with contextlib.suppress(Exception):
+                await consumer.stop()
+            with contextlib.suppress(Exception):
+                await admin.close()
+
+
+def _fresh(items: Sequence[tuple[int, T]], position: int) -> list[tuple[int, T]]:
+    """Items above the position, keeping ids strictly increasing (a republish repeats ids)."""
+    fresh: list[tuple[int, T]] = []
+    for notification_id, item in items:
+        if notification_id > position:
+            fresh.append((notification_id, item))
+            position = notification_id
+    return fresh
+
+
+def record_tracked(
+    app: EventStoreApp,
+    name: str,
+    items: Sequence[tuple[int, T]],
+    decide: Callable[[list[T]], Sequence[Aggregate]],
+) -> int:
+    """Apply the items not yet tracked under `name`: `decide` turns them into aggregates with
+    pending events, stored with the new position in one transaction. Blocking: run it in a
+    worker thread. Returns how many items were applied."""
+    for _attempt in range(3):
+        fresh = _fresh(items, app.tracked_position(name))
+        if not fresh:
+            return 0
+        aggregates = decide([item for _, item in fresh])
+        try:
+            app.record(aggregates, Tracking(name, fresh[-1][0]))
+            return len(fresh)
+        except IntegrityError:
+            # Another replica applied them first (a rebalance): read the position again.
+            continue
+    raise RuntimeError(f"tracking {name}: could not record after 3 attempts")
+
+
+Projector = Callable[[asyncpg.Connection, list[Envelope]], Awaitable[None]]
+
+
+async def apply_read_model(
+    pool: asyncpg.Pool, envelopes: Sequence[Envelope], project: Projector
+) -> list[Envelope]:
+    """Apply each stream's next versions to read-model rows in one transaction; skip what was
+    applied, record gaps. Returns the envelopes applied."""
+    for _attempt in range(3):
+        try:
+            return await _apply_once(pool, envelopes, project)
+        except asyncpg.UniqueViolationError:
+            continue  # another replica applied a new stream at the same time: look again
+    raise RuntimeError("read model: could not apply after 3 attempts")
+
+
+async def _apply_once(
+    pool: asyncpg.Pool, envelopes: Sequence[Envelope], project: Projector
+) -> list[Envelope]:
+    stream_ids = list({e.stream_id for e in envelopes})
+    async with pool.acquire() as conn, conn.transaction():
+        rows = await conn.fetch(
+            "SELECT stream_id, version FROM stream_position WHERE stream_id = ANY($1::uuid[])"
+            " FOR UPDATE",
+            stream_ids,
+        )
+        known: dict[uuid.UUID, int] = {r["stream_id"]: r["version"] for r in rows}
+        versions = dict(known)
+        applied: list[Envelope] = []
+        gaps: list[tuple[Any, ...]] = []
+        for envelope in envelopes:
+            current = versions.get(envelope.stream_id, 0)
+            if envelope.stream_version <= current:
+                continue
+            if envelope.stream_version != current + 1:
+                gaps.append(
+                    (envelope.stream_id, current + 1, envelope.stream_version, envelope.event_type)
+                )
+                continue
+            versions[envelope.stream_id] = envelope.stream_version
+            applied.append(envelope)
+        if gaps:
+            log.error("read model: %d events arrived after a gap; not applied", len(gaps))
+            await conn.executemany(
+                "INSERT INTO stream_gap (stream_id, expected_version, received_version, event_type)"
+                " VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                gaps,
+            )
+        if not applied:
+            return []
+        await project(conn, applied)
+        updates = [(s, v) for s, v in versions.items() if s in known and v != known[s]]
+        inserts = [(s, v) for s, v in versions.items() if s not in known]
+        if updates:
+            await conn.executemany(
+                "UPDATE stream_position SET version = $2 WHERE stream_id = $1", updates
+            )
+        if inserts:
+            await conn.executemany(
+                "INSERT INTO stream_position (stream_id, version) VALUES ($1, $2)", inserts
+            )
+        return applied

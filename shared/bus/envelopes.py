@@ -1,0 +1,92 @@
+"""Between stored domain events and bus messages: the v1 envelope in, the v1 envelope out."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any, ClassVar, Protocol
+
+from aiokafka.structs import ConsumerRecord
+from eventsourcing.domain import DomainEventProtocol
+from pydantic import ValidationError
+
+from shared.bus.relay import Outbound
+from shared.contracts.envelope import (
+    HEADER_CONTENT_TYPE,
+    HEADER_EVENT_TYPE,
+    HEADER_NOTIFICATION_ID,
+    HEADER_SOURCE,
+    Envelope,
+    event_id_for,
+)
+from shared.contracts.events import EVENT_TYPES, parse_event_data, schema_version_of
+
+
+class PublicEvent(Protocol):
+    """A stored domain event that is published: its public name, its contract payload, and
+    where it came from."""
+
+    public_name: ClassVar[str]
+    originator_id: uuid.UUID
+    originator_version: int
+    payload: dict[str, Any]
+    correlation_id: str
+    causation_id: str
+
+
+def envelope_of(event: DomainEventProtocol[uuid.UUID]) -> Envelope:
+    public: Any = event
+    return Envelope(
+        event_id=event_id_for(event.originator_id, event.originator_version),
+        event_type=public.public_name,
+        schema_version=schema_version_of(public.public_name),
+        stream_id=event.originator_id,
+        stream_version=event.originator_version,
+        occurred_at=event.timestamp,
+        correlation_id=public.correlation_id,
+        causation_id=public.causation_id,
+        data=public.payload,
+    )
+
+
+def envelope_message(topic: str, event: DomainEventProtocol[uuid.UUID], source: str) -> Outbound:
+    envelope = envelope_of(event)
+    return Outbound(
+        topic=topic,
+        key=str(envelope.stream_id).encode(),
+        value=envelope.model_dump_json().encode(),
+        headers=(
+            (HEADER_EVENT_TYPE, envelope.event_type.encode()),
+            (HEADER_CONTENT_TYPE, b"application/json"),
+            (HEADER_SOURCE, source.encode()),
+        ),
+    )
+
+
+class BadEnvelope(ValueError):
+    pass
+
+
+def header(record: ConsumerRecord[Any, Any], name: str) -> str | None:
+    for key, value in record.headers or ():
+        if key == name:
+            return bytes(value).decode("utf-8", "replace")
+    return None
+
+
+def notification_id_of(record: ConsumerRecord[Any, Any]) -> int:
+    raw = header(record, HEADER_NOTIFICATION_ID)
+    if raw is None or not raw.isdigit():
+        raise BadEnvelope(f"no {HEADER_NOTIFICATION_ID} header")
+    return int(raw)
+
+
+def decode_envelope(record: ConsumerRecord[Any, Any]) -> Envelope:
+    """Parse and validate an envelope and its payload; BadEnvelope says why not."""
+    try:
+        envelope = Envelope.model_validate(json.loads(record.value))
+        if envelope.event_type in EVENT_TYPES:  # newer types pass through unvalidated
+            parse_event_data(envelope.event_type, envelope.data)
+    except (ValueError, ValidationError, TypeError) as exc:
+        raise BadEnvelope(str(exc)) from exc
+    return envelope

@@ -1,0 +1,156 @@
+"""The broker factory: producers, consumers and admin clients configured one way, topic
+creation, and the cluster id that tells a fresh broker from the one we knew.
+
+Topics are only ever created explicitly with the configured partition count: auto-creation is
+switched off in every metadata request (Tansu, like Kafka, would otherwise create a missing
+topic with its own default partition count the moment a consumer asks for it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+import aiokafka.client
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.protocol.metadata import MetadataRequest
+
+from shared.contracts.topics import CORE_TOPICS
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+aiokafka.client.MetadataRequest = functools.partial(  # type: ignore[misc,assignment]
+    MetadataRequest, allow_auto_topic_creation=False
+)
+
+TOPIC_EXISTS = 36
+# ApiVersions keys the services rely on, with the lowest max version each needs.
+REQUIRED_APIS: dict[int, tuple[str, int]] = {
+    0: ("Produce", 3),
+    1: ("Fetch", 4),
+    3: ("Metadata", 4),
+    8: ("OffsetCommit", 2),
+    11: ("JoinGroup", 2),
+    19: ("CreateTopics", 2),
+    60: ("DescribeCluster", 0),
+}
+
+
+class BrokerMisbehaves(RuntimeError):
+    """The broker answered, but not the way DealStream needs."""
+
+
+def make_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
+    options: dict[str, Any] = {
+        "bootstrap_servers": settings.bootstrap_servers(),
+        "acks": "all",
+        "linger_ms": 5,
+        "max_batch_size": 256 * 1024,
+        "request_timeout_ms": 15000,
+        "enable_idempotence": settings.kafka_idempotence,
+    }
+    options.update(overrides)
+    return AIOKafkaProducer(**options)
+
+
+def make_consumer(settings: Settings, group_id: str, *topics: str, **overrides: Any) -> AIOKafkaConsumer:
+    options: dict[str, Any] = {
+        "bootstrap_servers": settings.bootstrap_servers(),
+        "group_id": group_id,
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "max_poll_records": settings.consumer_batch,
+        "session_timeout_ms": 10000,
+        "heartbeat_interval_ms": 1000,
+    }
+    options.update(overrides)
+    return AIOKafkaConsumer(*topics, **options)
+
+
+def make_admin(settings: Settings) -> AIOKafkaAdminClient:
+    return AIOKafkaAdminClient(
+        bootstrap_servers=settings.bootstrap_servers(), request_timeout_ms=10000
+    )
+
+
+async def cluster_id(admin: AIOKafkaAdminClient) -> str:
+    described = await admin.describe_cluster()
+    return str(described["cluster_id"])
+
+
+async def ensure_topics(admin: AIOKafkaAdminClient, settings: Settings, topics: Iterable[str]) -> None:
+    """Create the topics that are missing, with the configured partitions; check the others."""
+    wanted = sorted(set(topics))
+    existing = set(await admin.list_topics())
+    missing = [t for t in wanted if t not in existing]
+    if missing:
+        response = await admin.create_topics(
+            [NewTopic(t, settings.topic_partitions, settings.topic_replication) for t in missing]
+        )
+        for topic, code, message in response.topic_errors:
+            if code not in (0, TOPIC_EXISTS):
+                raise BrokerMisbehaves(f"cannot create topic {topic}: error {code} {message}")
+    described = await admin.describe_topics(wanted)
+    for entry in described:
+        count = len(entry["partitions"])
+        if count < settings.topic_partitions:
+            raise BrokerMisbehaves(
+                f"topic {entry['topic']} has {count} partitions, DealStream needs "
+                f"{settings.topic_partitions}: it was created by something else"
+            )
+
+
+async def ensure_core_topics(admin: AIOKafkaAdminClient, settings: Settings) -> None:
+    await ensure_topics(admin, settings, CORE_TOPICS)
+
+
+async def check_broker(settings: Settings, timeout: float = 30.0) -> dict[str, Any]:
+    """Check the broker's API versions and a consumer-group round trip; raise BrokerMisbehaves
+    with a clear message if either fails."""
+    admin = make_admin(settings)
+    await admin.start()
+    try:
+        described = await admin.describe_cluster()
+        node_id = described["brokers"][0]["node_id"]
+        conn = await admin._client._get_conn(node_id)  # the ApiVersions the client negotiated
+        versions: dict[int, tuple[int, int]] = getattr(conn, "_versions", {}) or {}
+        for key, (name, needed) in REQUIRED_APIS.items():
+            if key not in versions or versions[key][1] < needed:
+                raise BrokerMisbehaves(
+                    f"broker at {settings.bootstrap_servers()} lacks {name} v{needed} "
+                    f"(it offers {versions.get(key)})"
+                )
+        topic = "_dealstream.health"
+        await ensure_topics(admin, settings, [topic])
+    finally:
+        await admin.close()
+    await asyncio.wait_for(_group_round_trip(settings, topic), timeout)
+    return {"cluster_id": str(described["cluster_id"]), "apis": len(versions)}
+
+
+async def _group_round_trip(settings: Settings, topic: str) -> None:
+    token = uuid.uuid4().hex.encode()
+    producer = make_producer(settings)
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, token, key=token)
+    finally:
+        await producer.stop()
+    consumer = make_consumer(settings, f"_dealstream.health.{uuid.uuid4().hex[:8]}", topic)
+    await consumer.start()
+    try:
+        while True:
+            batch = await consumer.getmany(timeout_ms=500)
+            if any(r.value == token for records in batch.values() for r in records):
+                await consumer.commit()
+                return
+    except Exception as exc:
+        raise BrokerMisbehaves(f"consumer-group round trip failed: {exc!r}") from exc
+    finally:
+        await consumer.stop()

@@ -1,0 +1,198 @@
+"""The outbox relay: follows an event store's notification log and publishes what was stored.
+
+An event is published if and only if it was stored. The position is recorded after the broker's
+ack (a crash between the two republishes; consumers tolerate that), together with the cluster id
+of the broker it was published to: a broker with another id is new and empty (the embedded broker
+keeps nothing across restarts), so the relay creates the topics there and republishes from the
+start. One relay per store is active at a time (a PostgreSQL advisory lock), whatever the number
+of replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import asyncpg
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+from eventsourcing.domain import DomainEventProtocol
+from eventsourcing.persistence import Notification
+
+from shared.bus.kafka import cluster_id, ensure_core_topics, ensure_topics, make_admin, make_producer
+from shared.contracts.envelope import HEADER_NOTIFICATION_ID
+from shared.settings import Settings
+from shared.store.eventstore import EventStoreApp
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Outbound:
+    topic: str
+    key: bytes
+    value: bytes
+    headers: tuple[tuple[str, bytes], ...]
+
+
+# What one stored event becomes on the bus (the relay adds the notification-id header).
+Route = Callable[[DomainEventProtocol[Any], Notification], Sequence[Outbound]]
+
+
+class OutboxRelay:
+    def __init__(
+        self,
+        name: str,
+        app: EventStoreApp,
+        route: Route,
+        settings: Settings,
+        pool: asyncpg.Pool,
+    ) -> None:
+        self.name = name
+        self.app = app
+        self.route = route
+        self.settings = settings
+        self.pool = pool
+        self.position = 0
+        self.published = 0
+        self.cluster: str | None = None
+        self._known_topics: set[str] = set()
+        self._wake = asyncio.Event()
+        self.leading = False
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Relay until `stop` is set; survive broker and database outages."""
+        backoff = 0.2
+        while not stop.is_set():
+            try:
+                await self._lead(stop)
+                backoff = 0.2
+            except (asyncio.CancelledError, KeyboardInterrupt):
+                raise
+            except Exception:
+                log.exception("relay %s failed; retrying in %.1fs", self.name, backoff)
+                await _sleep_or_stop(stop, backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def _lead(self, stop: asyncio.Event) -> None:
+        lock_key = zlib.crc32(f"dealstream-relay-{self.name}".encode())
+        async with self.pool.acquire() as conn:
+            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock_key):
+                await _sleep_or_stop(stop, 1.0)
+                return
+            channel = f"{self.app.name.lower()}_events"
+            await conn.add_listener(channel, self._on_notify)
+            producer = make_producer(self.settings)
+            admin = make_admin(self.settings)
+            self.cluster = None
+            self.leading = True
+            try:
+                await admin.start()
+                await producer.start()
+                while not stop.is_set():
+                    count = await self.publish_batch(producer, admin)
+                    if count < self.settings.relay_batch:
+                        self._wake.clear()
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self._wake.wait(), 0.5 if count == 0 else 0.01)
+            finally:
+                self.leading = False
+                await conn.remove_listener(channel, self._on_notify)
+                with contextlib.suppress(Exception):
+                    await producer.stop()
+                with contextlib.suppress(Exception):
+                    await admin.close()
+                with contextlib.suppress(Exception):
+                    await conn.execute("SELECT pg_advisory_unlock($1)", lock_key)
+
+    def _on_notify(self, *_: object) -> None:
+        self._wake.set()
+
+    async def publish_batch(self, producer: AIOKafkaProducer, admin: AIOKafkaAdminClient) -> int:
+        """Publish the next batch after the recorded position; return how many events."""
+        if self.cluster is None:
+            await self._attach(admin)
+        notifications = await asyncio.to_thread(
+            self.app.notifications_after, self.position, self.settings.relay_batch
+        )
+        if not notifications:
+            return 0
+        before = await cluster_id(admin)
+        if before != self.cluster:
+            self.cluster = None  # a new broker: attach again, republish from the start
+            return 0
+        messages = await asyncio.to_thread(self._route_all, notifications)
+        new_topics = {m.topic for m in messages} - self._known_topics
+        if new_topics:
+            await ensure_topics(admin, self.settings, new_topics)
+            self._known_topics |= new_topics
+        acks = [
+            await producer.send(m.topic, m.value, key=m.key, headers=list(m.headers))
+            for m in messages
+        ]
+        await asyncio.gather(*acks)
+        if await cluster_id(admin) != before:
+            self.cluster = None  # the broker changed under the batch: republish it all
+            return 0
+        self.position = notifications[-1].id
+        self.published += len(messages)
+        await self.pool.execute(
+            "UPDATE relay_position SET position = $2, updated_at = now() WHERE relay = $1",
+            self.name,
+            self.position,
+        )
+        return len(notifications)
+
+    def _route_all(self, notifications: Sequence[Notification]) -> list[Outbound]:
+        messages: list[Outbound] = []
+        for notification in notifications:
+            event = self.app.to_event(notification)
+            position = (HEADER_NOTIFICATION_ID, str(notification.id).encode())
+            messages.extend(
+                replace(m, headers=(*m.headers, position)) for m in self.route(event, notification)
+            )
+        return messages
+
+    async def _attach(self, admin: AIOKafkaAdminClient) -> None:
+        """Learn the broker's cluster id; a broker we have not published to gets the topics and
+        everything from the start."""
+        current = await cluster_id(admin)
+        await ensure_core_topics(admin, self.settings)
+        self._known_topics = set()
+        row = await self.pool.fetchrow(
+            "SELECT cluster_id, position FROM relay_position WHERE relay = $1", self.name
+        )
+        if row is not None and row["cluster_id"] == current:
+            self.position = int(row["position"])
+        else:
+            if row is not None:
+                log.warning(
+                    "relay %s: broker %s is new (was %s); republishing from the start",
+                    self.name,
+                    current,
+                    row["cluster_id"],
+                )
+            self.position = 0
+            await self.pool.execute(
+                "INSERT INTO relay_position (relay, cluster_id, position) VALUES ($1, $2, 0)"
+                " ON CONFLICT (relay) DO UPDATE SET cluster_id = $2, position = 0,"
+                " updated_at = now()",
+                self.name,
+                current,
+            )
+        self.cluster = current
+
+    async def lag(self) -> int:
+        """How many stored events are not yet published (for /readyz and /metrics)."""
+        latest = await asyncio.to_thread(self.app.process_recorder.max_notification_id)
+        return max(0, (latest or 0) - self.position)
+
+
+async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)

@@ -1,0 +1,48 @@
+"""Value types every contract uses: money as a decimal string, UTC times with `Z`."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer
+
+from shared.clock import utc_iso
+
+
+def _utc(value: datetime) -> datetime:
+    if value.tzinfo is None:
+        raise ValueError("time must carry a zone (UTC with Z)")
+    return value.astimezone(UTC)
+
+
+UtcTime = Annotated[datetime, AfterValidator(_utc), PlainSerializer(utc_iso, return_type=str)]
+
+
+def _money_amount(value: Decimal) -> Decimal:
+    if not value.is_finite():
+        raise ValueError("amount must be a finite decimal")
+    if value < 0:
+        raise ValueError("amount must not be negative")
+    if value.as_tuple().exponent < -2:  # type: ignore[operator]
+        raise ValueError("amount has more than 2 decimal places")
+    return value.quantize(Decimal("0.01"))
+
+
+Amount = Annotated[
+    Decimal,
+    AfterValidator(_money_amount),
+    PlainSerializer(lambda d: f"{d:.2f}", return_type=str),
+]
+
+
+class Contract(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Money(Contract):
+    """`{"amount": "120000.00", "currency": "CNY"}`: never a float."""
+
+    amount: Amount
+    currency: str = Field(pattern=r"^[A-Z]{3}$")

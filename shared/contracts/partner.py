@@ -1,0 +1,128 @@
+"""Partner intake (SPEC §3): the lead message partners sign and send, and the replies."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import date
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import EmailStr, Field
+
+from shared.contracts.common import Contract, Money, UtcTime
+
+HEADER_PARTNER_ID = "x-partner-id"
+HEADER_MESSAGE_ID = "x-message-id"
+HEADER_SIGNATURE = "x-signature"
+
+
+class Authority(StrEnum):
+    decision_maker = "decision_maker"
+    influencer = "influencer"
+    user = "user"
+    unknown = "unknown"
+
+
+class Timeline(StrEnum):
+    this_month = "this_month"
+    this_quarter = "this_quarter"
+    this_year = "this_year"
+    unknown = "unknown"
+
+
+class Company(Contract):
+    name: str = Field(min_length=1, max_length=200)
+    industry: str | None = Field(default=None, max_length=100)
+    region: str | None = Field(default=None, max_length=20)
+    size: str | None = Field(default=None, max_length=20)
+
+
+class Contact(Contract):
+    name: str = Field(min_length=1, max_length=100)
+    email: EmailStr | None = None
+    phone: str | None = Field(default=None, max_length=40)
+    title: str | None = Field(default=None, max_length=100)
+
+
+class LeadDetails(Contract):
+    """What every lead carries, from a partner or from a web form."""
+
+    company: Company
+    contact: Contact
+    need: str | None = Field(default=None, max_length=2000)
+    budget: Money | None = None
+    authority: Authority = Authority.unknown
+    timeline: Timeline = Timeline.unknown
+    expected_close: date | None = None
+    source_detail: str | None = Field(default=None, max_length=500)
+
+
+class PartnerLeadMessage(LeadDetails):
+    """The value of a message on `partner.leads.v1`."""
+
+    message_id: str = Field(min_length=1, max_length=128)
+    partner_id: str = Field(min_length=1, max_length=64)
+    submitted_at: UtcTime
+
+
+class Channel(StrEnum):
+    web_form = "web_form"
+    social = "social"
+    event = "event"
+    referral = "referral"
+    sales_self = "sales_self"
+
+
+class WebFormLead(LeadDetails):
+    """The body of `POST /v1/leads`."""
+
+    channel: Channel = Channel.web_form
+
+
+class FieldError(Contract):
+    field: str
+    code: str
+    message: str
+
+
+class RegistrationStatus(StrEnum):
+    registered = "registered"
+    held_by_other_partner = "held_by_other_partner"
+
+
+class Registration(Contract):
+    status: RegistrationStatus
+    registered_at: UtcTime | None = None
+    expires_at: UtcTime | None = None
+
+
+class ReplyStatus(StrEnum):
+    accepted = "accepted"
+    duplicate = "duplicate"
+    conflict = "conflict"
+    rejected = "rejected"
+
+
+class PartnerReply(Contract):
+    """The value of a message on `partner.<partner_id>.replies.v1`; key = message_id."""
+
+    message_id: str
+    status: ReplyStatus
+    lead_id: uuid.UUID | None = None
+    registration: Registration | None = None
+    errors: list[FieldError] | None = None
+
+
+class DeadLetter(Contract):
+    """The value of a message on `dead-letter.v1`: what could not be processed, and why."""
+
+    source_topic: str
+    source_partition: int
+    source_offset: int
+    reason: str
+    partner_id: str | None = None
+    message_id: str | None = None
+    errors: list[FieldError] = Field(default_factory=list)
+    received_at: UtcTime
+    value_b64: str | None = None
+    kind: Literal["dead_letter"] = "dead_letter"

@@ -1,0 +1,129 @@
+"""The one settings object: infrastructure from `DEALSTREAM_*` variables, business rules from
+`dealstream.toml` (SPEC defaults when absent)."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import tomllib
+from decimal import Decimal
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+STAGES: tuple[str, ...] = ("A", "B", "C", "D", "E", "F")
+
+
+class StageRule(BaseModel):
+    name: str
+    name_zh: str
+    probability: int = Field(ge=0, le=100)
+    follow_up_days: int | None = Field(default=None, ge=1)
+
+
+def _default_stages() -> dict[str, StageRule]:
+    return {
+        "A": StageRule(name="understand", name_zh="了解商机", probability=10, follow_up_days=3),
+        "B": StageRule(name="confirm", name_zh="确认商机", probability=25, follow_up_days=5),
+        "C": StageRule(name="solution", name_zh="方案论证", probability=50, follow_up_days=7),
+        "D": StageRule(name="negotiation", name_zh="商务谈判", probability=75, follow_up_days=5),
+        "E": StageRule(name="closing", name_zh="销售成交", probability=90, follow_up_days=3),
+        "F": StageRule(name="handover", name_zh="交接回款", probability=100),
+    }
+
+
+class Tiers(BaseModel):
+    """Upper bounds (exclusive, CNY) of the small, normal and important tiers."""
+
+    small_below: Decimal = Decimal("20000")
+    normal_below: Decimal = Decimal("50000")
+    important_below: Decimal = Decimal("200000")
+
+
+class Rules(BaseModel):
+    """Business rules: the SPEC defaults, overridable in `dealstream.toml`."""
+
+    stages: dict[str, StageRule] = Field(default_factory=_default_stages)
+    tiers: Tiers = Field(default_factory=Tiers)
+    registration_days: int = Field(default=90, ge=1)
+    stale_days: int = Field(default=30, ge=1)
+    recycle_days: int = Field(default=60, ge=1)
+    max_message_bytes: int = Field(default=64 * 1024, ge=1024)
+
+    def probability(self, stage: str) -> int:
+        return self.stages[stage].probability
+
+
+class Settings(BaseSettings):
+    """Infrastructure settings. With `kafka` / `database_url` unset, the embedded dev stack in
+    `data_dir` is used (see shared.devstack)."""
+
+    model_config = SettingsConfigDict(env_prefix="DEALSTREAM_", extra="ignore")
+
+    kafka: str | None = None
+    database_url: str | None = None
+    data_dir: Path = Path(".dealstream")
+    config_file: Path = Path("dealstream.toml")
+    kafka_port: int = 9092
+    capture_port: int = 8001
+    pipeline_port: int = 8002
+    notify_port: int = 8003
+    reporting_port: int = 8004
+    token_secret: str | None = None
+    kafka_idempotence: bool = False
+    topic_partitions: int = 6
+    topic_replication: int = 1
+    relay_batch: int = 500
+    consumer_batch: int = 500
+    # Tansu completes a group join only after about half the session timeout: keep it short in
+    # dev and tests, longer on a real cluster.
+    consumer_session_timeout_ms: int = 10000
+    log_level: str = "INFO"
+
+    def stack_file(self) -> Path:
+        return self.data_dir / "stack.json"
+
+    def bootstrap_servers(self) -> str:
+        if self.kafka:
+            return self.kafka
+        return f"127.0.0.1:{self.kafka_port}"
+
+    def dsn(self) -> str:
+        """The PostgreSQL URL: the configured one, or the one the running dev stack wrote."""
+        if self.database_url:
+            return self.database_url
+        stack = self.stack_file()
+        if stack.exists():
+            return str(json.loads(stack.read_text())["database_url"])
+        raise RuntimeError(
+            "no database: set DEALSTREAM_DATABASE_URL, or start the embedded stack with "
+            f"`dealstream dev` (it writes {stack})"
+        )
+
+    def secret_for_tokens(self) -> str:
+        if self.token_secret:
+            return self.token_secret
+        path = self.data_dir / "token-secret"
+        if not path.exists():
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            path.write_text(secrets.token_urlsafe(32))
+            path.chmod(0o600)
+        return path.read_text().strip()
+
+    def rules(self) -> Rules:
+        return load_rules(self.config_file)
+
+
+@lru_cache(maxsize=8)
+def _load_rules_cached(path: str, mtime: float) -> Rules:
+    data: dict[str, Any] = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    return Rules.model_validate(data.get("rules", {}))
+
+
+def load_rules(path: Path) -> Rules:
+    if not path.exists():
+        return Rules()
+    return _load_rules_cached(str(path.resolve()), path.stat().st_mtime)

@@ -1,0 +1,1 @@
+"""The store: event-store application base, asyncpg pools, schema migrations."""
