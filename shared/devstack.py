@@ -203,7 +203,9 @@ class DevStack:
         self.prepare_broker()
 
     def child_settings(self) -> Settings:
-        return self.settings.model_copy(update={"kafka": self.kafka, "database_url": self.database_url})
+        return self.settings.model_copy(
+            update={"kafka": self.kafka, "database_url": self.database_url}
+        )
 
     def env(self) -> dict[str, str]:
         """Environment for service processes that use this stack."""

@@ -82,6 +82,7 @@ class Settings(BaseSettings):
     # dev and tests, longer on a real cluster.
     consumer_session_timeout_ms: int = 10000
     log_level: str = "INFO"
+    http_host: str = "127.0.0.1"
 
     def stack_file(self) -> Path:
         return self.data_dir / "stack.json"

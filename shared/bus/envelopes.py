@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import uuid
+from collections.abc import Sequence
 from typing import Any, ClassVar, Protocol
 
 from aiokafka.structs import ConsumerRecord
@@ -90,3 +92,24 @@ def decode_envelope(record: ConsumerRecord[Any, Any]) -> Envelope:
     except (ValueError, ValidationError, TypeError) as exc:
         raise BadEnvelope(str(exc)) from exc
     return envelope
+
+
+log = logging.getLogger(__name__)
+
+
+def decode_records(records: Sequence[ConsumerRecord[Any, Any]]) -> list[tuple[int, Envelope]]:
+    """Envelopes with the upstream notification id the relay put in their headers. A malformed
+    message is logged and skipped: it cannot be applied, and it must not stop the partition."""
+    decoded = []
+    for record in records:
+        try:
+            decoded.append((notification_id_of(record), decode_envelope(record)))
+        except BadEnvelope as exc:
+            log.error(
+                "skipping malformed event at %s/%s/%s: %s",
+                record.topic,
+                record.partition,
+                record.offset,
+                exc,
+            )
+    return decoded

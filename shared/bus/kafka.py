@@ -59,7 +59,9 @@ def make_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
     return AIOKafkaProducer(**options)
 
 
-def make_consumer(settings: Settings, group_id: str, *topics: str, **overrides: Any) -> AIOKafkaConsumer:
+def make_consumer(
+    settings: Settings, group_id: str, *topics: str, **overrides: Any
+) -> AIOKafkaConsumer:
     options: dict[str, Any] = {
         "bootstrap_servers": settings.bootstrap_servers(),
         "group_id": group_id,
@@ -84,7 +86,9 @@ async def cluster_id(admin: AIOKafkaAdminClient) -> str:
     return str(described["cluster_id"])
 
 
-async def ensure_topics(admin: AIOKafkaAdminClient, settings: Settings, topics: Iterable[str]) -> None:
+async def ensure_topics(
+    admin: AIOKafkaAdminClient, settings: Settings, topics: Iterable[str]
+) -> None:
     """Create the topics that are missing, with the configured partitions; check the others."""
     wanted = sorted(set(topics))
     existing = set(await admin.list_topics())
@@ -110,7 +114,7 @@ async def ensure_core_topics(admin: AIOKafkaAdminClient, settings: Settings) -> 
     await ensure_topics(admin, settings, CORE_TOPICS)
 
 
-async def check_broker(settings: Settings, timeout: float = 30.0) -> dict[str, Any]:
+async def check_broker(settings: Settings, within: float = 30.0) -> dict[str, Any]:
     """Check the broker's API versions and a consumer-group round trip; raise BrokerMisbehaves
     with a clear message if either fails."""
     admin = make_admin(settings)
@@ -130,7 +134,7 @@ async def check_broker(settings: Settings, timeout: float = 30.0) -> dict[str, A
         await ensure_topics(admin, settings, [topic])
     finally:
         await admin.close()
-    await asyncio.wait_for(_group_round_trip(settings, topic), timeout)
+    await asyncio.wait_for(_group_round_trip(settings, topic), within)
     return {"cluster_id": str(described["cluster_id"]), "apis": len(versions)}
 
 

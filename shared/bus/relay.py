@@ -24,7 +24,13 @@ from aiokafka.admin import AIOKafkaAdminClient
 from eventsourcing.domain import DomainEventProtocol
 from eventsourcing.persistence import Notification
 
-from shared.bus.kafka import cluster_id, ensure_core_topics, ensure_topics, make_admin, make_producer
+from shared.bus.kafka import (
+    cluster_id,
+    ensure_core_topics,
+    ensure_topics,
+    make_admin,
+    make_producer,
+)
 from shared.contracts.envelope import HEADER_NOTIFICATION_ID
 from shared.settings import Settings
 from shared.store.eventstore import EventStoreApp
@@ -127,34 +133,46 @@ class OutboxRelay:
             self.cluster = None  # a new broker: attach again, republish from the start
             return 0
         messages = await asyncio.to_thread(self._route_all, notifications)
-        new_topics = {m.topic for m in messages} - self._known_topics
+        new_topics = {m.topic for _, m in messages} - self._known_topics
         if new_topics:
             await ensure_topics(admin, self.settings, new_topics)
+            for topic in new_topics:
+                await producer.partitions_for(topic)  # fresh metadata before the first send
             self._known_topics |= new_topics
         acks = [
             await producer.send(m.topic, m.value, key=m.key, headers=list(m.headers))
-            for m in messages
+            for _, m in messages
         ]
-        await asyncio.gather(*acks)
+        results = await asyncio.gather(*acks, return_exceptions=True)
         if await cluster_id(admin) != before:
             self.cluster = None  # the broker changed under the batch: republish it all
             return 0
-        self.position = notifications[-1].id
-        self.published += len(messages)
-        await self.pool.execute(
-            "UPDATE relay_position SET position = $2, updated_at = now() WHERE relay = $1",
-            self.name,
-            self.position,
-        )
+        failed = next((i for i, r in enumerate(results) if isinstance(r, BaseException)), None)
+        if failed is None:
+            done = notifications[-1].id
+        else:
+            # Keep what was acked in order: everything before the first failed message's event.
+            done = max((n.id for n in notifications if n.id < messages[failed][0]), default=0)
+        if done > self.position:
+            self.published += len(messages) if failed is None else failed
+            self.position = done
+            await self.pool.execute(
+                "UPDATE relay_position SET position = $2, updated_at = now() WHERE relay = $1",
+                self.name,
+                self.position,
+            )
+        if failed is not None:
+            raise results[failed]  # type: ignore[misc]
         return len(notifications)
 
-    def _route_all(self, notifications: Sequence[Notification]) -> list[Outbound]:
-        messages: list[Outbound] = []
+    def _route_all(self, notifications: Sequence[Notification]) -> list[tuple[int, Outbound]]:
+        messages: list[tuple[int, Outbound]] = []
         for notification in notifications:
             event = self.app.to_event(notification)
             position = (HEADER_NOTIFICATION_ID, str(notification.id).encode())
             messages.extend(
-                replace(m, headers=(*m.headers, position)) for m in self.route(event, notification)
+                (notification.id, replace(m, headers=(*m.headers, position)))
+                for m in self.route(event, notification)
             )
         return messages
 

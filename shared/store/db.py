@@ -37,7 +37,10 @@ async def create_pool(dsn: str, schema: str, min_size: int = 1, max_size: int = 
         dsn,
         min_size=min_size,
         max_size=max_size,
-        server_settings={"search_path": f"{schema},public", "application_name": f"dealstream-{schema}"},
+        server_settings={
+            "search_path": f"{schema},public",
+            "application_name": f"dealstream-{schema}",
+        },
     )
     assert pool is not None
     return pool

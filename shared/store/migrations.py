@@ -24,7 +24,9 @@ async def migrate(conn: asyncpg.Connection, schema: str, steps: Sequence[Migrati
             f'CREATE TABLE IF NOT EXISTS "{schema}".schema_version ('
             " version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
         )
-        current = await conn.fetchval(f'SELECT coalesce(max(version), 0) FROM "{schema}".schema_version')
+        current = await conn.fetchval(
+            f'SELECT coalesce(max(version), 0) FROM "{schema}".schema_version'
+        )
         known = max((v for v, _ in steps), default=0)
         if current > known:
             raise SchemaTooNew(f"schema {schema} is at version {current}; this code knows {known}")
@@ -33,7 +35,9 @@ async def migrate(conn: asyncpg.Connection, schema: str, steps: Sequence[Migrati
                 continue
             await conn.execute(f'SET LOCAL search_path TO "{schema}"')
             await conn.execute(sql)
-            await conn.execute(f'INSERT INTO "{schema}".schema_version (version) VALUES ($1)', version)
+            await conn.execute(
+                f'INSERT INTO "{schema}".schema_version (version) VALUES ($1)', version
+            )
             current = version
         return int(current)
 

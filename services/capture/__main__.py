@@ -1,0 +1,35 @@
+"""Wiring of the capture service: `python -m services.capture` or `dealstream capture`."""
+
+from __future__ import annotations
+
+import asyncio
+
+from services.capture.api import create_api
+from services.capture.app import MIGRATIONS, SCHEMA, CaptureApp
+from services.capture.bus import partner_intake, route
+from services.capture.partners import PartnerSecrets
+from shared.bus.relay import OutboxRelay
+from shared.clock import SystemClock
+from shared.logs import setup_logging
+from shared.runtime import Readiness, open_schema, serve
+from shared.settings import Settings
+
+
+async def main(settings: Settings) -> None:
+    setup_logging("capture", settings.log_level)
+    pool = await open_schema(settings, SCHEMA, MIGRATIONS)
+    app = await asyncio.to_thread(CaptureApp, settings.dsn(), SCHEMA)
+    clock = SystemClock()
+    relay = OutboxRelay("capture", app, route, settings, pool)
+    intake = partner_intake(app, settings, PartnerSecrets(pool), clock)
+    readiness = Readiness(settings, pool, [intake], relay)
+    api = create_api(app, clock, lambda: readiness)
+    try:
+        await serve(api, settings.capture_port, [relay.run, intake.run], settings.http_host)
+    finally:
+        app.close()
+        await pool.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(Settings()))

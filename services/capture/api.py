@@ -1,0 +1,87 @@
+"""Capture's HTTP API: the public web-form intake `POST /v1/leads` (JSON or form-encoded)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import parse_qsl
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
+
+from services.capture.app import CaptureApp
+from services.capture.domain import field_errors
+from shared.clock import Clock
+from shared.contracts.partner import FieldError, WebFormLead
+from shared.runtime import Readiness, health_router
+
+MAX_BODY = 64 * 1024
+
+
+class LeadAccepted(BaseModel):
+    lead_id: uuid.UUID
+
+
+class FieldErrors(BaseModel):
+    detail: str
+    errors: list[FieldError]
+
+
+def _nest(pairs: list[tuple[str, str]]) -> dict[str, Any]:
+    """`company.name=X` form fields into `{"company": {"name": "X"}}`; empty values dropped."""
+    nested: dict[str, Any] = {}
+    for key, value in pairs:
+        if value == "":
+            continue
+        node = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                child = node[part] = {}
+            node = child
+        node[leaf] = value
+    return nested
+
+
+def _invalid(errors: list[FieldError], status: int = 422) -> JSONResponse:
+    body = FieldErrors(detail="invalid lead", errors=errors)
+    return JSONResponse(body.model_dump(mode="json"), status_code=status)
+
+
+def create_api(app: CaptureApp, clock: Clock, readiness: Callable[[], Readiness | None]) -> FastAPI:
+    api = FastAPI(title="DealStream capture", version="1")
+    api.include_router(health_router(readiness))
+
+    @api.post(
+        "/v1/leads",
+        status_code=202,
+        response_model=LeadAccepted,
+        responses={422: {"model": FieldErrors}, 413: {"model": FieldErrors}},
+    )
+    async def post_lead(request: Request) -> JSONResponse:
+        body = await request.body()
+        if len(body) > MAX_BODY:
+            error = FieldError(field="body", code="too_large", message=f"over {MAX_BODY} bytes")
+            return _invalid([error], status=413)
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        try:
+            if content_type == "application/x-www-form-urlencoded":
+                raw: Any = _nest(parse_qsl(body.decode("utf-8"), keep_blank_values=True))
+            else:
+                raw = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            return _invalid([FieldError(field="body", code="invalid_json", message=str(exc))])
+        try:
+            form = WebFormLead.model_validate(raw)
+        except ValidationError as exc:
+            return _invalid(field_errors(exc))
+        correlation = request.headers.get("x-request-id") or str(uuid.uuid4())
+        lead_id = await asyncio.to_thread(app.capture_web_lead, form, clock.now(), correlation)
+        return JSONResponse({"lead_id": str(lead_id)}, status_code=202)
+
+    return api

@@ -1,0 +1,228 @@
+"""Capture's rules and aggregates, free of I/O: signature checks, the partner-message verdict,
+and the Lead and PartnerMessage aggregates whose events the relay publishes."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, ClassVar
+
+from eventsourcing.domain import Aggregate
+from pydantic import ValidationError
+
+from shared.contracts.common import Contract
+from shared.contracts.events import LeadCaptured
+from shared.contracts.partner import (
+    HEADER_MESSAGE_ID,
+    HEADER_PARTNER_ID,
+    HEADER_SIGNATURE,
+    FieldError,
+    LeadDetails,
+    PartnerLeadMessage,
+    PartnerReply,
+    ReplyStatus,
+    WebFormLead,
+)
+
+LEAD_NAMESPACE = uuid.UUID("a4b7c0e2-6a1f-4c55-8d0e-3c9f5f2a7b10")
+
+
+def partner_lead_id(partner_id: str, message_id: str) -> uuid.UUID:
+    """A partner's message id names one lead: the same message twice finds the same lead."""
+    return uuid.uuid5(LEAD_NAMESPACE, f"{partner_id}\x1f{message_id}")
+
+
+def sign(secret: str, value: bytes) -> str:
+    """The `x-signature` header value: `sha256=<hex>` HMAC of the raw value bytes."""
+    return "sha256=" + hmac.new(secret.encode(), value, hashlib.sha256).hexdigest()
+
+
+def signature_valid(secrets: list[str], value: bytes, signature: str | None) -> bool:
+    if not signature:
+        return False
+    return any(hmac.compare_digest(sign(s, value), signature.strip()) for s in secrets)
+
+
+def field_errors(exc: ValidationError) -> list[FieldError]:
+    errors = []
+    for error in exc.errors():
+        field = ".".join(str(p) for p in error["loc"]) or "value"
+        errors.append(FieldError(field=field, code=error["type"], message=error["msg"]))
+    return errors
+
+
+class Lead(Aggregate):
+    class Captured(Aggregate.Created):
+        public_name: ClassVar[str] = "LeadCaptured"
+        payload: dict[str, Any]
+        correlation_id: str
+        causation_id: str
+
+    def __init__(self, payload: dict[str, Any], correlation_id: str, causation_id: str) -> None:
+        self.details = payload
+        self.correlation_id = correlation_id
+
+    @classmethod
+    def capture(
+        cls,
+        lead_id: uuid.UUID,
+        details: LeadDetails,
+        source: str,
+        captured_at: datetime,
+        correlation_id: str,
+        causation_id: str,
+        partner_id: str | None = None,
+        message_id: str | None = None,
+        channel: str | None = None,
+    ) -> Lead:
+        contract = LeadCaptured(
+            **details.model_dump(exclude={"message_id", "partner_id", "submitted_at", "channel"}),
+            lead_id=lead_id,
+            source=source,
+            channel=channel,
+            partner_id=partner_id,
+            message_id=message_id,
+            captured_at=captured_at,
+        )
+        return cls._create(
+            cls.Captured,
+            id=lead_id,
+            payload=contract.model_dump(mode="json"),
+            correlation_id=correlation_id,
+            causation_id=causation_id,
+        )
+
+
+class PartnerMessage(Aggregate):
+    """One message taken from `partner.leads.v1`, and what was answered: the reply to the
+    partner, a dead letter, or both. The relay publishes both from the one stored event."""
+
+    class Handled(Aggregate.Created):
+        public_name: ClassVar[str] = "PartnerMessageHandled"
+        partner_id: str | None
+        reply: dict[str, Any] | None
+        dead_letter: dict[str, Any] | None
+        correlation_id: str
+        causation_id: str
+
+    def __init__(
+        self,
+        partner_id: str | None,
+        reply: dict[str, Any] | None,
+        dead_letter: dict[str, Any] | None,
+        correlation_id: str,
+        causation_id: str,
+    ) -> None:
+        self.partner_id = partner_id
+        self.reply = reply
+        self.dead_letter = dead_letter
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """A raw partner message as the consumer saw it."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    headers: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What to do with one partner message."""
+
+    partner_id: str | None
+    message_id: str | None
+    reply: PartnerReply | None
+    dead_letter_reason: str | None = None
+    errors: tuple[FieldError, ...] = ()
+    lead: PartnerLeadMessage | None = None
+    lead_id: uuid.UUID | None = None
+
+
+def judge(
+    incoming: Incoming,
+    secrets_of: Mapping[str, list[str]],
+    max_bytes: int,
+) -> Verdict:
+    """Check one partner message: who sent it, whether they signed it, whether it is a valid
+    lead. The lead itself (new or duplicate) is decided by the caller against the store."""
+    partner_id = incoming.headers.get(HEADER_PARTNER_ID) or (
+        incoming.key.decode("utf-8", "replace") if incoming.key else None
+    )
+    message_id = incoming.headers.get(HEADER_MESSAGE_ID)
+    if not partner_id or partner_id not in secrets_of:
+        return Verdict(partner_id, message_id, None, dead_letter_reason="unknown_partner")
+
+    def rejected(code: str, field: str, message: str, dead: str | None = None) -> Verdict:
+        error = FieldError(field=field, code=code, message=message)
+        reply = PartnerReply(
+            message_id=message_id or "", status=ReplyStatus.rejected, errors=[error]
+        )
+        return Verdict(partner_id, message_id, reply, dead_letter_reason=dead, errors=(error,))
+
+    if not signature_valid(
+        secrets_of[partner_id], incoming.value, incoming.headers.get(HEADER_SIGNATURE)
+    ):
+        return rejected(
+            "bad_signature",
+            HEADER_SIGNATURE,
+            "signature does not match the partner's secret",
+            dead="bad_signature",
+        )
+    if not message_id:
+        return rejected("missing", HEADER_MESSAGE_ID, "the x-message-id header is required")
+    if len(incoming.value) > max_bytes:
+        return rejected("too_large", "value", f"message is larger than {max_bytes} bytes")
+    try:
+        raw = json.loads(incoming.value)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return rejected("invalid_json", "value", f"value is not JSON: {exc}")
+    try:
+        lead = PartnerLeadMessage.model_validate(raw)
+    except ValidationError as exc:
+        errors = field_errors(exc)
+        reply = PartnerReply(message_id=message_id, status=ReplyStatus.rejected, errors=errors)
+        return Verdict(partner_id, message_id, reply, errors=tuple(errors))
+    mismatch = [
+        FieldError(field=name, code="header_mismatch", message=f"must equal the {header} header")
+        for name, header, value in (
+            ("partner_id", HEADER_PARTNER_ID, partner_id),
+            ("message_id", HEADER_MESSAGE_ID, message_id),
+        )
+        if getattr(lead, name) != value
+    ]
+    if mismatch:
+        reply = PartnerReply(message_id=message_id, status=ReplyStatus.rejected, errors=mismatch)
+        return Verdict(partner_id, message_id, reply, errors=tuple(mismatch))
+    return Verdict(
+        partner_id, message_id, None, lead=lead, lead_id=partner_lead_id(partner_id, message_id)
+    )
+
+
+def web_form_lead_id() -> uuid.UUID:
+    return uuid.uuid4()
+
+
+def as_contract_dict(model: Contract) -> dict[str, Any]:
+    return model.model_dump(mode="json", exclude_none=True)
+
+
+__all__ = [
+    "Incoming",
+    "Lead",
+    "PartnerMessage",
+    "Verdict",
+    "WebFormLead",
+    "judge",
+    "partner_lead_id",
+    "sign",
+]

@@ -1,0 +1,248 @@
+"""The `dealstream` command (SPEC §7)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+from shared.settings import Settings
+
+SERVICES = ("capture", "pipeline", "notify", "reporting")
+
+
+def _port(settings: Settings, service: str) -> int:
+    return int(getattr(settings, f"{service}_port"))
+
+
+def cmd_service(args: argparse.Namespace) -> int:
+    import importlib
+
+    module = importlib.import_module(f"services.{args.command}.__main__")
+    asyncio.run(module.main(Settings()))
+    return 0
+
+
+async def _migrate_all(settings: Settings) -> dict[str, int]:
+    from services.capture.app import MIGRATIONS as CAPTURE
+    from services.capture.app import CaptureApp
+    from services.notify.timers import MIGRATIONS as NOTIFY
+    from services.pipeline.app import MIGRATIONS as PIPELINE
+    from services.pipeline.app import PipelineApp
+    from services.reporting.projection import MIGRATIONS as REPORTING
+    from shared.runtime import open_schema
+
+    versions = {}
+    for schema, steps in (
+        ("capture", CAPTURE),
+        ("pipeline", PIPELINE),
+        ("notify", NOTIFY),
+        ("reporting", REPORTING),
+    ):
+        pool = await open_schema(settings, schema, steps)
+        versions[schema] = int(await pool.fetchval("SELECT max(version) FROM schema_version"))
+        await pool.close()
+    for app_class, schema in ((CaptureApp, "capture"), (PipelineApp, "pipeline")):
+        app = await asyncio.to_thread(app_class, settings.dsn(), schema, 1)  # creates event tables
+        app.close()
+    return versions
+
+
+def cmd_migrate(_: argparse.Namespace) -> int:
+    for schema, version in asyncio.run(_migrate_all(Settings())).items():
+        print(f"{schema}: schema version {version}")
+    return 0
+
+
+async def _partner(args: argparse.Namespace) -> int:
+    from services.capture.app import MIGRATIONS, SCHEMA
+    from services.capture.partners import PartnerExists, add_partner, list_partners, rotate_partner
+    from shared.bus.kafka import ensure_topics, make_admin
+    from shared.clock import SystemClock
+    from shared.contracts.topics import partner_replies
+    from shared.runtime import open_schema
+
+    settings = Settings()
+    pool = await open_schema(settings, SCHEMA, MIGRATIONS)
+    try:
+        if args.action == "add":
+            topic = partner_replies(args.partner_id)
+            try:
+                secret = await add_partner(pool, args.partner_id, args.secret)
+            except PartnerExists as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
+            admin = make_admin(settings)
+            await admin.start()
+            try:
+                await ensure_topics(admin, settings, [topic])
+            finally:
+                await admin.close()
+            print(f"partner {args.partner_id} added; replies on {topic}")
+            print(f"secret: {secret}")
+        elif args.action == "rotate":
+            try:
+                secret = await rotate_partner(pool, args.partner_id, SystemClock().now())
+            except KeyError:
+                print(f"error: no partner {args.partner_id}", file=sys.stderr)
+                return 1
+            print(f"partner {args.partner_id}: new secret (the old one stays valid 7 days)")
+            print(f"secret: {secret}")
+        else:
+            for row in await list_partners(pool):
+                print(f"{row['partner_id']}\tadded {row['created_at']:%Y-%m-%d}")
+        return 0
+    finally:
+        await pool.close()
+
+
+def cmd_partner(args: argparse.Namespace) -> int:
+    return asyncio.run(_partner(args))
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from shared.auth import Principal, Role, issue_token
+    from shared.clock import SystemClock
+
+    settings = Settings()
+    principal = Principal(role=Role(args.role), user=args.user, team=args.team)
+    token = issue_token(
+        principal, settings.secret_for_tokens(), SystemClock().now(), timedelta(days=args.ttl_days)
+    )
+    print(token)
+    return 0
+
+
+def _wait_ready(port: int, deadline: float) -> bool:
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as answer:
+                if answer.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.25)
+    return False
+
+
+def cmd_dev(_: argparse.Namespace) -> int:
+    from shared.devstack import DevStack, PortInUse
+
+    settings = Settings()
+    started = time.monotonic()
+    for service in SERVICES:
+        from shared.devstack import port_is_free
+
+        if not port_is_free(_port(settings, service)):
+            print(
+                f"error: port {_port(settings, service)} for {service} is taken "
+                f"(set DEALSTREAM_{service.upper()}_PORT)",
+                file=sys.stderr,
+            )
+            return 2
+    stack = DevStack(settings)
+    try:
+        stack.start()
+    except PortInUse as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    env = {**os.environ, **stack.env()}
+    env.setdefault("DEALSTREAM_CONSUMER_SESSION_TIMEOUT_MS", "4000")
+    children: dict[str, subprocess.Popen[bytes]] = {}
+    stopping = False
+
+    def stop(*_: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        print(f"postgres: {stack.database_url}\nkafka:    {stack.kafka}", flush=True)
+        asyncio.run(_migrate_all(stack.child_settings()))
+        for service in SERVICES:
+            children[service] = _spawn(service, env)
+        deadline = time.monotonic() + 90
+        for service in SERVICES:
+            port = _port(settings, service)
+            if not _wait_ready(port, deadline):
+                print(f"error: {service} did not become ready on port {port}", file=sys.stderr)
+                return 1
+            print(f"{service:<10} http://127.0.0.1:{port}  ready", flush=True)
+        print(
+            f"DealStream is up in {time.monotonic() - started:.1f}s. "
+            "Add a partner: `dealstream partner add acme`. Ctrl-C stops everything.",
+            flush=True,
+        )
+        while not stopping:
+            time.sleep(0.5)
+            for service, child in list(children.items()):
+                if child.poll() is not None and not stopping:
+                    print(f"{service} exited ({child.returncode}); restarting", file=sys.stderr)
+                    children[service] = _spawn(service, env)
+        return 0
+    finally:
+        for child in children.values():
+            if child.poll() is None:
+                child.terminate()
+        for child in children.values():
+            try:
+                child.wait(15)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        stack.stop()
+        print("stopped", flush=True)
+
+
+def _spawn(service: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", f"services.{service}"], env=env)
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="dealstream", description="DealStream operations")
+    commands = root.add_subparsers(dest="command", required=True)
+    commands.add_parser(
+        "dev", help="start embedded PostgreSQL, broker and all services"
+    ).set_defaults(run=cmd_dev)
+    for service in SERVICES:
+        commands.add_parser(service, help=f"run the {service} service").set_defaults(
+            run=cmd_service
+        )
+    commands.add_parser("migrate", help="apply schema migrations").set_defaults(run=cmd_migrate)
+
+    partner = commands.add_parser("partner", help="manage channel partners")
+    actions = partner.add_subparsers(dest="action", required=True)
+    add = actions.add_parser("add", help="register a partner and print its secret")
+    add.add_argument("partner_id")
+    add.add_argument("--secret", help="use this secret instead of a generated one")
+    actions.add_parser("list", help="list partners")
+    rotate = actions.add_parser("rotate", help="issue a new secret; the old one stays valid 7 days")
+    rotate.add_argument("partner_id")
+    partner.set_defaults(run=cmd_partner)
+
+    token = commands.add_parser("token", help="bearer tokens for the HTTP APIs")
+    token_actions = token.add_subparsers(dest="action", required=True)
+    issue = token_actions.add_parser("issue", help="print a bearer token")
+    issue.add_argument("--role", required=True, choices=["rep", "manager", "ops", "admin"])
+    issue.add_argument("--user", required=True)
+    issue.add_argument("--team")
+    issue.add_argument("--ttl-days", type=int, default=30)
+    token.set_defaults(run=cmd_token)
+    return root
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return int(args.run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

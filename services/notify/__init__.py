@@ -1,0 +1,2 @@
+"""notify: reminders, escalations, digests and recycling notices derived from opportunity events
+and time."""

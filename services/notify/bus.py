@@ -1,0 +1,21 @@
+"""Notify on the bus: the consumer of `opportunity.events.v1` into durable timers."""
+
+from __future__ import annotations
+
+import asyncpg
+from aiokafka.structs import TopicPartition
+
+from services.notify.timers import timer_projector
+from shared.bus.consumer import BatchConsumer, Record, apply_read_model
+from shared.bus.envelopes import decode_records
+from shared.contracts.topics import OPPORTUNITY_EVENTS
+from shared.settings import Settings
+
+
+def opportunity_events(pool: asyncpg.Pool, settings: Settings) -> BatchConsumer:
+    project = timer_projector(settings.rules())
+
+    async def handle(_: TopicPartition, records: list[Record]) -> None:
+        await apply_read_model(pool, [e for _, e in decode_records(records)], project)
+
+    return BatchConsumer("opportunity-events", settings, "notify", [OPPORTUNITY_EVENTS], handle)

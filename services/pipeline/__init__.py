@@ -1,0 +1,1 @@
+"""pipeline: each opportunity as an event-sourced aggregate moving through stages A–F."""

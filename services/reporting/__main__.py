@@ -1,0 +1,28 @@
+"""Wiring of the reporting service: `python -m services.reporting` or `dealstream reporting`."""
+
+from __future__ import annotations
+
+import asyncio
+
+from services.reporting.api import create_api
+from services.reporting.bus import opportunity_events
+from services.reporting.projection import MIGRATIONS, SCHEMA
+from shared.logs import setup_logging
+from shared.runtime import Readiness, open_schema, serve
+from shared.settings import Settings
+
+
+async def main(settings: Settings) -> None:
+    setup_logging("reporting", settings.log_level)
+    pool = await open_schema(settings, SCHEMA, MIGRATIONS)
+    events = opportunity_events(pool, settings)
+    readiness = Readiness(settings, pool, [events])
+    api = create_api(settings, pool, lambda: readiness)
+    try:
+        await serve(api, settings.reporting_port, [events.run], settings.http_host)
+    finally:
+        await pool.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(Settings()))

@@ -1,0 +1,19 @@
+"""Reporting on the bus: the consumer of `opportunity.events.v1` into the read models."""
+
+from __future__ import annotations
+
+import asyncpg
+from aiokafka.structs import TopicPartition
+
+from services.reporting.projection import project
+from shared.bus.consumer import BatchConsumer, Record, apply_read_model
+from shared.bus.envelopes import decode_records
+from shared.contracts.topics import OPPORTUNITY_EVENTS
+from shared.settings import Settings
+
+
+def opportunity_events(pool: asyncpg.Pool, settings: Settings) -> BatchConsumer:
+    async def handle(_: TopicPartition, records: list[Record]) -> None:
+        await apply_read_model(pool, [e for _, e in decode_records(records)], project)
+
+    return BatchConsumer("opportunity-events", settings, "reporting", [OPPORTUNITY_EVENTS], handle)

@@ -1,0 +1,123 @@
+"""Running a service process: its HTTP API under uvicorn and its background loops (relay,
+consumers, schedulers) side by side on one event loop, stopped together on SIGINT/SIGTERM; and
+the `/healthz` and `/readyz` routes every service answers the same way."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+
+import asyncpg
+import uvicorn
+from fastapi import APIRouter, FastAPI
+from fastapi.responses import JSONResponse
+
+from shared.bus.consumer import BatchConsumer
+from shared.bus.kafka import cluster_id, make_admin
+from shared.bus.relay import OutboxRelay
+from shared.settings import Settings
+from shared.store.db import create_pool
+from shared.store.migrations import Migration, migrate
+
+log = logging.getLogger(__name__)
+
+Loop = Callable[[asyncio.Event], Awaitable[None]]
+
+
+class Readiness:
+    """What `/readyz` checks: the database, the broker, and that each loop runs and keeps up."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        pool: asyncpg.Pool,
+        consumers: Sequence[BatchConsumer] = (),
+        relay: OutboxRelay | None = None,
+        max_relay_lag: int = 10_000,
+    ) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.consumers = consumers
+        self.relay = relay
+        self.max_relay_lag = max_relay_lag
+
+    async def check(self) -> dict[str, object]:
+        checks: dict[str, object] = {}
+        try:
+            await asyncio.wait_for(self.pool.fetchval("SELECT 1"), 2)
+            checks["database"] = "ok"
+        except Exception as exc:
+            checks["database"] = f"unreachable: {type(exc).__name__}"
+        admin = make_admin(self.settings)
+        try:
+            await asyncio.wait_for(admin.start(), 3)
+            checks["broker"] = {"cluster_id": await asyncio.wait_for(cluster_id(admin), 3)}
+        except Exception as exc:
+            checks["broker"] = f"unreachable: {type(exc).__name__}"
+        finally:
+            with contextlib.suppress(Exception):
+                await admin.close()
+        for consumer in self.consumers:
+            checks[f"consumer:{consumer.name}"] = "ok" if consumer.running else "not running"
+        if self.relay is not None and checks["database"] == "ok":
+            lag = await self.relay.lag()
+            checks["relay_lag"] = lag
+            if lag > self.max_relay_lag:
+                checks["relay"] = f"behind by {lag}"
+        return checks
+
+    @staticmethod
+    def ready(checks: dict[str, object]) -> bool:
+        return all(
+            not (isinstance(v, str) and v != "ok") for k, v in checks.items() if k != "relay_lag"
+        )
+
+
+def health_router(readiness: Callable[[], Readiness | None]) -> APIRouter:
+    router = APIRouter(tags=["health"])
+
+    @router.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @router.get("/readyz")
+    async def readyz() -> JSONResponse:
+        probe = readiness()
+        if probe is None:
+            return JSONResponse({"status": "starting"}, status_code=503)
+        checks = await probe.check()
+        ok = Readiness.ready(checks)
+        return JSONResponse(
+            {"status": "ready" if ok else "not ready", "checks": checks},
+            status_code=200 if ok else 503,
+        )
+
+    return router
+
+
+async def serve(app: FastAPI, port: int, loops: Sequence[Loop], host: str = "127.0.0.1") -> None:
+    """Serve `app` and run `loops` until a signal stops uvicorn; then stop the loops."""
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(loop(stop)) for loop in loops]
+    config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False)
+    server = uvicorn.Server(config)
+    try:
+        await server.serve()
+    finally:
+        stop.set()
+        done, pending = await asyncio.wait(tasks, timeout=10)
+        for task in pending:
+            task.cancel()
+        for task in done:
+            if task.exception() is not None:
+                log.error("loop ended with %r", task.exception())
+
+
+async def open_schema(settings: Settings, schema: str, steps: Sequence[Migration]) -> asyncpg.Pool:
+    """A pool on the service's own schema, migrated to the steps this code knows."""
+    pool = await create_pool(settings.dsn(), schema)
+    async with pool.acquire() as conn:
+        await migrate(conn, schema, steps)
+    return pool
