@@ -26,8 +26,10 @@ def _port(settings: Settings, service: str) -> int:
 def cmd_service(args: argparse.Namespace) -> int:
     import importlib
 
+    from shared.runtime import run_service
+
     module = importlib.import_module(f"services.{args.command}.__main__")
-    asyncio.run(module.main(Settings()))
+    run_service(module.main(Settings()))
     return 0
 
 
@@ -203,7 +205,10 @@ def cmd_dev(_: argparse.Namespace) -> int:
 
 
 def _spawn(service: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", f"services.{service}"], env=env)
+    # A session of its own: a terminal's Ctrl-C reaches `dev`, which stops the services in order.
+    return subprocess.Popen(
+        [sys.executable, "-m", f"services.{service}"], env=env, start_new_session=True
+    )
 
 
 def parser() -> argparse.ArgumentParser:

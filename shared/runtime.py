@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any
 
 import asyncpg
 import uvicorn
@@ -121,3 +122,9 @@ async def open_schema(settings: Settings, schema: str, steps: Sequence[Migration
     async with pool.acquire() as conn:
         await migrate(conn, schema, steps)
     return pool
+
+
+def run_service(main: Coroutine[Any, Any, None]) -> None:
+    """Run a service's main coroutine; a signal ends it quietly (uvicorn re-raises SIGINT)."""
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main)

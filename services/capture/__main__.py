@@ -11,7 +11,7 @@ from services.capture.partners import PartnerSecrets
 from shared.bus.relay import OutboxRelay
 from shared.clock import SystemClock
 from shared.logs import setup_logging
-from shared.runtime import Readiness, open_schema, serve
+from shared.runtime import Readiness, open_schema, run_service, serve
 from shared.settings import Settings
 
 
@@ -32,4 +32,4 @@ async def main(settings: Settings) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(Settings()))
+    run_service(main(Settings()))

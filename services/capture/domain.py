@@ -45,7 +45,8 @@ def sign(secret: str, value: bytes) -> str:
 def signature_valid(secrets: list[str], value: bytes, signature: str | None) -> bool:
     if not signature:
         return False
-    return any(hmac.compare_digest(sign(s, value), signature.strip()) for s in secrets)
+    given = signature.strip().encode("utf-8", "replace")
+    return any(hmac.compare_digest(sign(s, value).encode(), given) for s in secrets)
 
 
 def field_errors(exc: ValidationError) -> list[FieldError]:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from services.notify.api import create_api
 from services.notify.bus import opportunity_events
 from services.notify.timers import MIGRATIONS, SCHEMA
 from shared.logs import setup_logging
-from shared.runtime import Readiness, open_schema, serve
+from shared.runtime import Readiness, open_schema, run_service, serve
 from shared.settings import Settings
 
 
@@ -25,4 +23,4 @@ async def main(settings: Settings) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(Settings()))
+    run_service(main(Settings()))

@@ -10,7 +10,7 @@ from services.pipeline.app import MIGRATIONS, SCHEMA, PipelineApp
 from services.pipeline.bus import lead_events, route
 from shared.bus.relay import OutboxRelay
 from shared.logs import setup_logging
-from shared.runtime import Readiness, health_router, open_schema, serve
+from shared.runtime import Readiness, health_router, open_schema, run_service, serve
 from shared.settings import Settings
 
 
@@ -31,4 +31,4 @@ async def main(settings: Settings) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(Settings()))
+    run_service(main(Settings()))

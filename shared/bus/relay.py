@@ -86,7 +86,7 @@ class OutboxRelay:
                 backoff = min(backoff * 2, 5.0)
 
     async def _lead(self, stop: asyncio.Event) -> None:
-        lock_key = zlib.crc32(f"dealstream-relay-{self.name}".encode())
+        lock_key = zlib.crc32(f"dealstream-relay-{self.app.schema}-{self.name}".encode())
         async with self.pool.acquire() as conn:
             if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock_key):
                 await _sleep_or_stop(stop, 1.0)

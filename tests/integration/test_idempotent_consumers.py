@@ -1,0 +1,185 @@
+"""The two idempotent consumers of ARCHITECTURE decision 2 on real PostgreSQL: upstream
+notification ids tracked atomically with new events, and stream versions tracked atomically with
+read-model rows. Redelivery, republishing, concurrent replicas and gaps."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+from services.pipeline.app import MIGRATIONS as PIPELINE_MIGRATIONS
+from services.pipeline.app import PipelineApp
+from services.pipeline.domain import opportunity_id_for
+from services.reporting.projection import MIGRATIONS as REPORTING_MIGRATIONS
+from services.reporting.projection import project
+from services.reporting.queries import funnel
+from shared.bus.consumer import apply_read_model
+from shared.contracts.envelope import Envelope, event_id_for
+from shared.settings import Rules, Settings
+
+NOW = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
+
+
+def lead_captured(lead_id: uuid.UUID) -> Envelope:
+    return Envelope(
+        event_id=event_id_for(lead_id, 1),
+        event_type="LeadCaptured",
+        schema_version=1,
+        stream_id=lead_id,
+        stream_version=1,
+        occurred_at=NOW,
+        correlation_id="m-1",
+        causation_id="partner.leads.v1/0/1",
+        data={
+            "lead_id": str(lead_id),
+            "source": "partner",
+            "partner_id": "acme",
+            "message_id": f"acme-{lead_id.hex[:6]}",
+            "captured_at": "2026-11-22T10:00:00Z",
+            "company": {"name": "Northwind", "region": "CN-SN"},
+            "contact": {"name": "Li Wei"},
+            "budget": {"amount": "350000.00", "currency": "CNY"},
+        },
+    )
+
+
+def opportunity_event(stream: uuid.UUID, version: int, event_type: str, data: dict) -> Envelope:  # type: ignore[type-arg]
+    return Envelope(
+        event_id=event_id_for(stream, version),
+        event_type=event_type,
+        schema_version=1,
+        stream_id=stream,
+        stream_version=version,
+        occurred_at=NOW + timedelta(minutes=version),
+        correlation_id="c",
+        causation_id="x",
+        data=data,
+    )
+
+
+def opened(stream: uuid.UUID, amount: str) -> Envelope:
+    return opportunity_event(
+        stream,
+        1,
+        "OpportunityOpened",
+        {
+            "opportunity_id": str(stream),
+            "lead_id": str(uuid.uuid4()),
+            "title": "t",
+            "stage": "A",
+            "probability": 10,
+            "amount": {"amount": amount, "currency": "CNY"},
+            "source": "partner",
+            "partner_id": "acme",
+            "company": "Northwind",
+            "region": "CN-SN",
+            "opened_at": "2026-11-22T10:00:00Z",
+        },
+    )
+
+
+def moved(
+    stream: uuid.UUID, version: int, from_stage: str, to_stage: str, probability: int
+) -> Envelope:
+    return opportunity_event(
+        stream,
+        version,
+        "OpportunityStageChanged",
+        {
+            "opportunity_id": str(stream),
+            "from_stage": from_stage,
+            "to_stage": to_stage,
+            "probability": probability,
+            "actor": "rep1",
+            "changed_at": "2026-11-22T11:00:00Z",
+        },
+    )
+
+
+async def test_tracked_consumer_applies_each_upstream_event_once(
+    settings: Settings,
+    schema: str,
+    open_pool,  # type: ignore[no-untyped-def]
+) -> None:
+    await open_pool(schema, PIPELINE_MIGRATIONS)
+    app = await asyncio.to_thread(PipelineApp, settings.dsn(), schema)
+    leads = [uuid.uuid4() for _ in range(4)]
+    first = [
+        (10, lead_captured(leads[0])),
+        (12, lead_captured(leads[1])),
+        (15, lead_captured(leads[2])),
+    ]
+    assert await asyncio.to_thread(app.apply_lead_events, "capture:p0", first, Rules()) == 3
+    # The same batch again (a redelivery), then a republish that repeats it before a new one.
+    assert await asyncio.to_thread(app.apply_lead_events, "capture:p0", first, Rules()) == 0
+    republished = [*first, (16, lead_captured(leads[3]))]
+    assert await asyncio.to_thread(app.apply_lead_events, "capture:p0", republished, Rules()) == 1
+    assert app.tracked_position("capture:p0") == 16
+    opened_ids = {opportunity_id_for(lead) for lead in leads}
+    assert app.existing_ids(list(opened_ids)) == opened_ids
+    for lead in leads:
+        opportunity = app.repository.get(opportunity_id_for(lead))
+        assert opportunity.version == 1 and opportunity.stage == "A"
+    app.close()
+
+
+async def test_two_replicas_racing_on_one_partition_store_it_once(
+    settings: Settings,
+    schema: str,
+    open_pool,  # type: ignore[no-untyped-def]
+) -> None:
+    await open_pool(schema, PIPELINE_MIGRATIONS)
+    apps = [await asyncio.to_thread(PipelineApp, settings.dsn(), schema) for _ in range(2)]
+    items = [(n, lead_captured(uuid.uuid4())) for n in range(1, 201)]
+    applied = await asyncio.gather(
+        *(asyncio.to_thread(a.apply_lead_events, "capture:p3", items, Rules()) for a in apps)
+    )
+    assert sorted(applied) == [0, 200]
+    opened_ids = [opportunity_id_for(uuid.UUID(e.data["lead_id"])) for _, e in items]
+    assert len(apps[0].existing_ids(opened_ids)) == 200
+    for a in apps:
+        a.close()
+
+
+async def test_read_model_skips_what_it_applied_and_records_gaps(
+    settings: Settings,
+    schema: str,
+    open_pool,  # type: ignore[no-untyped-def]
+) -> None:
+    pool = await open_pool(schema, REPORTING_MIGRATIONS)
+    a, b, c = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    batch = [opened(a, "100000.00"), opened(b, "20000.00"), moved(a, 2, "A", "B", 25)]
+    assert len(await apply_read_model(pool, batch, project)) == 3
+    # Delivered twice, and out of order across streams: nothing changes.
+    assert await apply_read_model(pool, list(reversed(batch)), project) == []
+    assert (
+        await apply_read_model(pool, [moved(a, 2, "A", "B", 25), opened(b, "20000.00")], project)
+        == []
+    )
+    # A gap: version 4 of c before its 1..3 is not applied, and is recorded.
+    assert await apply_read_model(pool, [moved(c, 4, "B", "C", 50)], project) == []
+    gap = await pool.fetchrow(
+        "SELECT expected_version, received_version FROM stream_gap WHERE stream_id = $1", c
+    )
+    assert (gap["expected_version"], gap["received_version"]) == (1, 4)
+    report = await funnel(pool, Rules())
+    counts = {s.stage: s.count for s in report.stages}
+    assert counts == {"A": 1, "B": 1, "C": 0, "D": 0, "E": 0, "F": 0}
+    stage_b = next(s for s in report.stages if s.stage == "B")
+    assert stage_b.amount[0].amount == Decimal("100000.00")
+    assert stage_b.weighted[0].amount == Decimal("25000.00")
+
+
+async def test_read_model_replicas_racing_apply_a_new_stream_once(
+    settings: Settings,
+    schema: str,
+    open_pool,  # type: ignore[no-untyped-def]
+) -> None:
+    pool = await open_pool(schema, REPORTING_MIGRATIONS)
+    streams = [uuid.uuid4() for _ in range(50)]
+    batch = [opened(s, "1000.00") for s in streams]
+    results = await asyncio.gather(*(apply_read_model(pool, batch, project) for _ in range(3)))
+    assert sorted(len(r) for r in results) == [0, 0, 50]
+    assert await pool.fetchval("SELECT count(*) FROM opportunity") == 50

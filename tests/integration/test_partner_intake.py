@@ -1,0 +1,118 @@
+"""Partner intake on the real broker: every message answered once on the partner's replies topic,
+bad signatures and unknown partners dead-lettered, poison messages never stop the consumer
+(SPEC §3)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+from services.capture.app import MIGRATIONS, CaptureApp
+from services.capture.bus import partner_intake, route
+from services.capture.domain import partner_lead_id
+from services.capture.partners import PartnerSecrets, add_partner
+from shared.bus.kafka import ensure_topics, make_admin
+from shared.bus.relay import OutboxRelay
+from shared.clock import SystemClock
+from shared.contracts.topics import partner_replies
+from shared.settings import Settings
+from tests.support import lead_value, read_topic, send_partner_messages, signed_headers
+
+
+async def test_every_partner_message_gets_one_answer_and_poison_does_not_stop_intake(
+    settings: Settings,
+    schema: str,
+    open_pool,
+    background,  # type: ignore[no-untyped-def]
+) -> None:
+    pool = await open_pool(schema, MIGRATIONS)
+    app = await asyncio.to_thread(CaptureApp, settings.dsn(), schema)
+    partner = f"p{uuid.uuid4().hex[:8]}"
+    secret = await add_partner(pool, partner)
+    admin = make_admin(settings)
+    await admin.start()
+    await ensure_topics(admin, settings, [partner_replies(partner)])
+    await admin.close()
+    tagged = settings.model_copy(update={"consumer_session_timeout_ms": 3000})
+    intake = partner_intake(app, tagged, PartnerSecrets(pool), SystemClock())
+    intake.group_id = f"capture-{schema}"
+    background(OutboxRelay("capture", app, route, settings, pool).run)
+    background(intake.run)
+
+    def m(mid: str) -> str:
+        return f"{partner}-{mid}"
+
+    good = lead_value(partner, m("1"))
+    bad_schema = json.loads(lead_value(partner, m("5")))
+    bad_schema["contact"]["email"] = "nope"
+    stranger = f"x{uuid.uuid4().hex[:8]}"
+    stranger_value = lead_value(stranger, f"{stranger}-1")
+    messages = [
+        (partner, good, signed_headers(partner, m("1"), secret, good)),
+        (partner, good, signed_headers(partner, m("1"), secret, good)),  # the same message again
+        (partner, good, signed_headers(partner, m("3"), "wrong-secret", good)),
+        (partner, b"\x00not json", signed_headers(partner, m("4"), secret, b"\x00not json")),
+        (
+            partner,
+            json.dumps(bad_schema).encode(),
+            signed_headers(partner, m("5"), secret, json.dumps(bad_schema).encode()),
+        ),
+        (stranger, stranger_value, signed_headers(stranger, f"{stranger}-1", "s", stranger_value)),
+    ]
+    late = lead_value(partner, m("6"))
+    messages.append((partner, late, signed_headers(partner, m("6"), secret, late)))
+    await send_partner_messages(settings.bootstrap_servers(), messages)
+
+    replies = await read_topic(
+        settings.bootstrap_servers(), partner_replies(partner), lambda r: len(r) >= 6
+    )
+    answers = [json.loads(r.value) for r in replies]
+    assert [r.key.decode() for r in replies] == [a["message_id"] for a in answers]
+    by_id: dict[str, list[dict]] = {}  # type: ignore[type-arg]
+    for answer in answers:
+        by_id.setdefault(answer["message_id"], []).append(answer)
+    lead_id = str(partner_lead_id(partner, m("1")))
+    assert [a["status"] for a in by_id[m("1")]] == ["accepted", "duplicate"]
+    assert {a["lead_id"] for a in by_id[m("1")]} == {lead_id}
+    assert by_id[m("3")] == [
+        {
+            "message_id": m("3"),
+            "status": "rejected",
+            "errors": [
+                {
+                    "field": "x-signature",
+                    "code": "bad_signature",
+                    "message": "signature does not match the partner's secret",
+                }
+            ],
+        }
+    ]
+    assert by_id[m("4")][0]["status"] == "rejected"
+    assert by_id[m("4")][0]["errors"][0]["code"] == "invalid_json"
+    assert by_id[m("5")][0]["errors"][0]["field"] == "contact.email"
+    assert by_id[m("6")][0]["status"] == "accepted"  # after the poison, intake goes on
+    assert len(answers) == 6
+
+    def ours(records: list) -> list:  # type: ignore[type-arg]
+        return [
+            json.loads(r.value)
+            for r in records
+            if json.loads(r.value).get("partner_id") in (partner, stranger)
+        ]
+
+    dead = ours(
+        await read_topic(
+            settings.bootstrap_servers(), "dead-letter.v1", lambda r: len(ours(r)) >= 2
+        )
+    )
+    assert sorted((d["partner_id"], d["reason"]) for d in dead) == sorted(
+        [(partner, "bad_signature"), (stranger, "unknown_partner")]
+    )
+    assert all(d["source_topic"] == "partner.leads.v1" and d["value_b64"] for d in dead)
+    # Only the two good messages became leads.
+    assert app.existing_ids([partner_lead_id(partner, m(n)) for n in "13456"]) == {
+        partner_lead_id(partner, m("1")),
+        partner_lead_id(partner, m("6")),
+    }
+    app.close()

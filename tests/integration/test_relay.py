@@ -1,0 +1,109 @@
+"""The outbox relay on real PostgreSQL and the real broker: stored events are published once in
+order with their envelope; a lost position republishes the same events; a fresh, empty broker
+gets everything again (ARCHITECTURE decisions 1 and 2)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from datetime import UTC, datetime
+
+from services.capture.app import MIGRATIONS, CaptureApp
+from services.capture.bus import route
+from shared.bus.relay import OutboxRelay
+from shared.contracts.envelope import Envelope
+from shared.contracts.partner import WebFormLead
+from shared.devstack import DevStack
+from shared.settings import Settings
+from tests.support import read_topic
+
+NOW = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
+
+
+def web_lead(n: int) -> WebFormLead:
+    return WebFormLead.model_validate(
+        {
+            "company": {"name": f"Relay Co {n}", "region": "CN-BJ"},
+            "contact": {"name": "Zhao"},
+            "budget": {"amount": f"{1000 * (n + 1)}.00", "currency": "CNY"},
+        }
+    )
+
+
+def mine(lead_ids: set[uuid.UUID]):  # type: ignore[no-untyped-def]
+    def pick(records: list) -> list:  # type: ignore[type-arg]
+        return [r for r in records if uuid.UUID(r.key.decode()) in lead_ids]
+
+    return pick
+
+
+async def test_relay_publishes_once_republishes_on_lost_position_and_on_a_fresh_broker(
+    settings: Settings,
+    stack: DevStack,
+    schema: str,
+    open_pool,
+    background,  # type: ignore[no-untyped-def]
+) -> None:
+    pool = await open_pool(schema, MIGRATIONS)
+    app = await asyncio.to_thread(CaptureApp, settings.dsn(), schema)
+    lead_ids = {
+        await asyncio.to_thread(app.capture_web_lead, web_lead(n), NOW, f"req-{n}")
+        for n in range(5)
+    }
+    pick = mine(lead_ids)
+    relay = OutboxRelay("capture", app, route, settings, pool)
+    stop = background(relay.run)
+
+    records = pick(
+        await read_topic(
+            settings.bootstrap_servers(), "lead.events.v1", lambda r: len(pick(r)) >= 5
+        )
+    )
+    assert len(records) == 5
+    envelopes = [Envelope.model_validate(json.loads(r.value)) for r in records]
+    assert {e.stream_id for e in envelopes} == lead_ids
+    for record, envelope in zip(records, envelopes, strict=True):
+        headers = dict(record.headers)
+        assert record.key == str(envelope.stream_id).encode()
+        assert (
+            headers["event-type"] == b"LeadCaptured"
+            and headers["content-type"] == b"application/json"
+        )
+        assert int(headers["x-notification-id"]) >= 1
+        assert envelope.stream_version == 1 and envelope.event_type == "LeadCaptured"
+        assert envelope.data["lead_id"] == str(envelope.stream_id)
+    first_ids = {e.stream_id: e.event_id for e in envelopes}
+
+    # A relay that lost its position publishes everything again, with the same event ids.
+    stop.set()
+    await asyncio.sleep(1)
+    await pool.execute("UPDATE relay_position SET position = 0 WHERE relay = 'capture'")
+    background(relay.run)
+    again = pick(
+        await read_topic(
+            settings.bootstrap_servers(), "lead.events.v1", lambda r: len(pick(r)) >= 10
+        )
+    )
+    assert len(again) == 10
+    for record in again:
+        envelope = Envelope.model_validate(json.loads(record.value))
+        assert first_ids[envelope.stream_id] == envelope.event_id
+
+    # A fresh, empty broker: the relay notices the new cluster id and republishes from the start;
+    # events stored afterwards follow once.
+    await asyncio.to_thread(stack.restart_broker)
+    late = await asyncio.to_thread(app.capture_web_lead, web_lead(9), NOW, "req-9")
+    lead_ids.add(late)
+    after = pick(
+        await read_topic(
+            settings.bootstrap_servers(), "lead.events.v1", lambda r: len(pick(r)) >= 6
+        )
+    )
+    assert sorted(str(uuid.UUID(r.key.decode())) for r in after) == sorted(str(i) for i in lead_ids)
+    for partition in {r.partition for r in after}:  # in store order within each partition
+        positions = [
+            int(dict(r.headers)["x-notification-id"]) for r in after if r.partition == partition
+        ]
+        assert positions == sorted(positions)
+    app.close()

@@ -1,0 +1,99 @@
+"""Test helpers that talk to the system the way its users do: partner messages signed with
+plain hmac, produced and read with plain aiokafka."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+T = TypeVar("T")
+
+
+def lead_value(partner_id: str, message_id: str, company: str | None = None, **extra: Any) -> bytes:
+    body: dict[str, Any] = {
+        "message_id": message_id,
+        "partner_id": partner_id,
+        "submitted_at": "2026-11-22T09:00:00Z",
+        "company": {
+            "name": company or f"Northwind {uuid.uuid4().hex[:8]}",
+            "industry": "logistics",
+            "region": "CN-SN",
+            "size": "200-999",
+        },
+        "contact": {"name": "Li Wei", "email": "li.wei@example.cn", "phone": "+86 138 0000 0000"},
+        "need": "dedicated line for 12 branches",
+        "budget": {"amount": "350000.00", "currency": "CNY"},
+        "authority": "decision_maker",
+        "timeline": "this_quarter",
+        "expected_close": "2027-01-31",
+    }
+    body.update(extra)
+    return json.dumps(body).encode()
+
+
+def signed_headers(
+    partner_id: str, message_id: str, secret: str, value: bytes
+) -> list[tuple[str, bytes]]:
+    signature = "sha256=" + hmac.new(secret.encode(), value, hashlib.sha256).hexdigest()
+    return [
+        ("x-partner-id", partner_id.encode()),
+        ("x-message-id", message_id.encode()),
+        ("x-signature", signature.encode()),
+    ]
+
+
+async def send_partner_messages(
+    bootstrap: str, messages: list[tuple[str, bytes, list[tuple[str, bytes]]]]
+) -> None:
+    """(partner_id, value, headers) each, key = partner_id, with a plain aiokafka producer."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+    await producer.start()
+    try:
+        acks = [
+            await producer.send("partner.leads.v1", value, key=partner.encode(), headers=headers)
+            for partner, value, headers in messages
+        ]
+        await asyncio.gather(*acks)
+    finally:
+        await producer.stop()
+
+
+async def read_topic(
+    bootstrap: str, topic: str, until: Callable[[list[Any]], bool], within: float = 30.0
+) -> list[Any]:
+    """Read a topic from the start with a plain consumer (no group) until `until(records)`."""
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None
+    )
+    await consumer.start()
+    records: list[Any] = []
+    deadline = time.monotonic() + within
+    try:
+        while time.monotonic() < deadline:
+            for batch in (await consumer.getmany(timeout_ms=300)).values():
+                records.extend(batch)
+            if until(records):
+                return records
+        return records
+    finally:
+        await consumer.stop()
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[T]], ok: Callable[[T], bool], within: float = 30.0
+) -> T:
+    """Poll `probe` until `ok(result)`; return the last result either way (the test asserts)."""
+    deadline = time.monotonic() + within
+    result = await probe()
+    while not ok(result) and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+        result = await probe()
+    return result

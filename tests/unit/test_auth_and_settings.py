@@ -1,0 +1,50 @@
+"""Tokens (SPEC §8), rules from dealstream.toml, and the consumer's republish filter."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from services.notify.domain import follow_up_due
+from shared.auth import InvalidToken, Principal, Role, issue_token, verify_token
+from shared.bus.consumer import _fresh
+from shared.settings import Rules, load_rules
+
+NOW = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
+
+
+def test_tokens_carry_role_user_and_team_and_expire() -> None:
+    token = issue_token(
+        Principal(role=Role.manager, user="wang", team="xian"), "k" * 32, NOW, timedelta(hours=1)
+    )
+    assert verify_token(token, "k" * 32, NOW) == Principal(
+        role=Role.manager, user="wang", team="xian"
+    )
+    with pytest.raises(InvalidToken):
+        verify_token(token, "other-secret", NOW)
+    with pytest.raises(InvalidToken):
+        verify_token(token, "k" * 32, NOW + timedelta(hours=2))
+    with pytest.raises(InvalidToken):
+        verify_token("garbage", "k" * 32, NOW)
+
+
+def test_rules_default_to_the_spec_and_load_from_toml(tmp_path: Path) -> None:
+    assert Rules().probability("D") == 75
+    assert load_rules(tmp_path / "missing.toml") == Rules()
+    config = tmp_path / "dealstream.toml"
+    config.write_text(
+        '[rules]\nregistration_days = 30\n[rules.stages.A]\nname = "understand"\n'
+        'name_zh = "了解商机"\nprobability = 5\nfollow_up_days = 2\n'
+    )
+    rules = load_rules(config)
+    assert rules.registration_days == 30 and rules.probability("A") == 5
+    assert follow_up_due("A", NOW, rules) == NOW + timedelta(days=2)
+    assert follow_up_due("F", NOW, Rules()) is None
+
+
+def test_republished_ids_are_applied_once_in_order() -> None:
+    items = [(5, "e5"), (6, "e6"), (7, "e7"), (5, "e5"), (6, "e6"), (7, "e7"), (8, "e8")]
+    assert _fresh(items, 5) == [(6, "e6"), (7, "e7"), (8, "e8")]
+    assert _fresh(items, 8) == []

@@ -1,0 +1,119 @@
+"""Capture's verdict on partner messages: every input gets a reply or a dead letter, never an
+exception (SPEC §3)."""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from services.capture.domain import Incoming, judge, partner_lead_id, sign
+from shared.contracts.partner import ReplyStatus
+from tests.support import lead_value
+
+SECRETS = {"acme": ["s3cret"], "globex": ["new", "old"]}
+MAX = 64 * 1024
+
+
+def message(value: bytes, headers: dict[str, str], key: bytes | None = b"acme") -> Incoming:
+    return Incoming("partner.leads.v1", 0, 7, key, value, headers)
+
+
+def signed(partner: str, message_id: str, value: bytes, secret: str = "s3cret") -> Incoming:
+    return message(
+        value,
+        {"x-partner-id": partner, "x-message-id": message_id, "x-signature": sign(secret, value)},
+        partner.encode(),
+    )
+
+
+def test_a_valid_signed_message_is_a_lead_with_an_id_from_its_message_id() -> None:
+    verdict = judge(signed("acme", "acme-1", lead_value("acme", "acme-1")), SECRETS, MAX)
+    assert verdict.lead is not None and verdict.reply is None
+    assert verdict.lead_id == partner_lead_id("acme", "acme-1")
+    assert partner_lead_id("acme", "acme-1") != partner_lead_id("globex", "acme-1")
+
+
+def test_either_secret_of_a_rotated_partner_is_accepted() -> None:
+    value = lead_value("globex", "g-1")
+    assert judge(signed("globex", "g-1", value, "old"), SECRETS, MAX).lead is not None
+    assert judge(signed("globex", "g-1", value, "new"), SECRETS, MAX).lead is not None
+
+
+def test_bad_signature_is_rejected_and_dead_lettered() -> None:
+    verdict = judge(signed("acme", "acme-2", lead_value("acme", "acme-2"), "wrong"), SECRETS, MAX)
+    assert verdict.lead is None
+    assert verdict.reply is not None and verdict.reply.status is ReplyStatus.rejected
+    assert verdict.reply.errors and verdict.reply.errors[0].code == "bad_signature"
+    assert verdict.dead_letter_reason == "bad_signature"
+
+
+def test_unknown_partner_gets_a_dead_letter_and_no_reply() -> None:
+    verdict = judge(signed("initech", "i-1", lead_value("initech", "i-1")), SECRETS, MAX)
+    assert verdict.reply is None and verdict.dead_letter_reason == "unknown_partner"
+
+
+def test_non_json_and_oversized_are_rejected_with_the_field() -> None:
+    not_json = judge(signed("acme", "acme-3", b"\xff{not json"), SECRETS, MAX)
+    assert not_json.reply is not None and not_json.reply.errors
+    assert not_json.reply.errors[0].code == "invalid_json"
+    big = lead_value("acme", "acme-4", need="x" * (MAX + 1))
+    oversized = judge(signed("acme", "acme-4", big), SECRETS, MAX)
+    assert oversized.reply is not None and oversized.reply.errors
+    assert oversized.reply.errors[0].code == "too_large"
+
+
+def test_schema_errors_are_reported_field_by_field() -> None:
+    body = json.loads(lead_value("acme", "acme-5"))
+    body["contact"]["email"] = "not-an-email"
+    body["budget"] = {"amount": 12.5, "currency": "yuan"}
+    verdict = judge(signed("acme", "acme-5", json.dumps(body).encode()), SECRETS, MAX)
+    assert verdict.reply is not None and verdict.reply.status is ReplyStatus.rejected
+    fields = {e.field for e in verdict.reply.errors or []}
+    assert {"contact.email", "budget.currency"} <= fields
+
+
+def test_a_partner_cannot_submit_in_another_partners_name() -> None:
+    value = lead_value("globex", "acme-6")  # body says globex, signed and sent by acme
+    verdict = judge(signed("acme", "acme-6", value), SECRETS, MAX)
+    assert verdict.lead is None and verdict.reply is not None
+    assert [e.field for e in verdict.reply.errors or []] == ["partner_id"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    value=st.binary(max_size=2048),
+    partner=st.sampled_from(["acme", "globex", "nobody", ""]),
+    message_id=st.text(max_size=20),
+    signature=st.one_of(st.none(), st.text(max_size=80)),
+    key=st.one_of(st.none(), st.binary(max_size=20)),
+)
+def test_hostile_input_always_gets_an_answer(
+    value: bytes, partner: str, message_id: str, signature: str | None, key: bytes | None
+) -> None:
+    headers = {"x-partner-id": partner, "x-message-id": message_id}
+    if signature is not None:
+        headers["x-signature"] = signature
+    verdict = judge(message(value, headers, key), SECRETS, MAX)
+    assert (
+        (verdict.reply is not None)
+        or (verdict.dead_letter_reason is not None)
+        or (verdict.lead is not None)
+    )
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    body=st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(max_size=30),
+        lambda inner: (
+            st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
+        ),
+        max_leaves=20,
+    )
+)
+def test_any_signed_json_gets_an_answer(body: object) -> None:
+    value = json.dumps(body).encode()
+    verdict = judge(signed("acme", "acme-h", value), SECRETS, MAX)
+    assert verdict.reply is not None or verdict.lead is not None

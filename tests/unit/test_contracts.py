@@ -1,0 +1,115 @@
+"""The public contracts: envelope, money, partner message and replies (SPEC §2, §3)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import pytest
+from pydantic import ValidationError
+
+from shared.contracts import Envelope, Money, PartnerLeadMessage, PartnerReply, event_id_for
+from shared.contracts.topics import CORE_TOPICS, partner_replies
+
+
+def test_money_is_a_decimal_string_never_a_float() -> None:
+    money = Money(amount=Decimal("120000"), currency="CNY")
+    assert money.model_dump(mode="json") == {"amount": "120000.00", "currency": "CNY"}
+    with pytest.raises(ValidationError):
+        Money(amount=Decimal("1.005"), currency="CNY")
+    with pytest.raises(ValidationError):
+        Money(amount=Decimal("-1"), currency="CNY")
+    with pytest.raises(ValidationError):
+        Money.model_validate({"amount": "NaN", "currency": "CNY"})
+
+
+def test_envelope_times_are_utc_with_z_and_event_ids_are_stable() -> None:
+    stream = uuid.uuid4()
+    envelope = Envelope(
+        event_id=event_id_for(stream, 4),
+        event_type="OpportunityStageChanged",
+        schema_version=1,
+        stream_id=stream,
+        stream_version=4,
+        occurred_at=datetime(2026, 11, 22, 18, 0, tzinfo=UTC),
+        correlation_id="c",
+        causation_id="x",
+        data={},
+    )
+    dumped = envelope.model_dump(mode="json")
+    assert dumped["occurred_at"] == "2026-11-22T18:00:00Z"
+    assert event_id_for(stream, 4) == envelope.event_id != event_id_for(stream, 5)
+    with pytest.raises(ValidationError):
+        Envelope.model_validate({**dumped, "occurred_at": "2026-11-22T18:00:00"})
+    with pytest.raises(ValidationError):
+        Envelope.model_validate({**dumped, "stream_version": 0})
+
+
+def test_partner_message_of_the_spec_parses() -> None:
+    message = PartnerLeadMessage.model_validate(
+        {
+            "message_id": "acme-000123",
+            "partner_id": "acme",
+            "submitted_at": "2026-11-22T09:00:00Z",
+            "company": {
+                "name": "Shaanxi Northwind Logistics",
+                "industry": "logistics",
+                "region": "CN-SN",
+                "size": "200-999",
+            },
+            "contact": {
+                "name": "Li Wei",
+                "email": "li.wei@example.cn",
+                "phone": "+86 138 0000 0000",
+                "title": "CIO",
+            },
+            "need": "dedicated line for 12 branches",
+            "budget": {"amount": "350000.00", "currency": "CNY"},
+            "authority": "decision_maker",
+            "timeline": "this_quarter",
+            "expected_close": "2027-01-31",
+            "source_detail": "trade show Xi'an 2026",
+        }
+    )
+    assert message.budget is not None and message.budget.amount == Decimal("350000.00")
+
+
+def test_unknown_fields_are_refused_in_partner_messages() -> None:
+    with pytest.raises(ValidationError) as error:
+        PartnerLeadMessage.model_validate(
+            {
+                "message_id": "m",
+                "partner_id": "acme",
+                "submitted_at": "2026-11-22T09:00:00Z",
+                "company": {"name": "X"},
+                "contact": {"name": "Y"},
+                "surprise": 1,
+            }
+        )
+    assert error.value.errors()[0]["loc"] == ("surprise",)
+
+
+def test_reply_shapes_of_the_spec() -> None:
+    lead = uuid.uuid4()
+    reply = PartnerReply.model_validate(
+        {"message_id": "acme-1", "status": "duplicate", "lead_id": str(lead)}
+    )
+    assert reply.model_dump(mode="json", exclude_none=True) == {
+        "message_id": "acme-1",
+        "status": "duplicate",
+        "lead_id": str(lead),
+    }
+
+
+def test_topic_names() -> None:
+    assert set(CORE_TOPICS) == {
+        "partner.leads.v1",
+        "lead.events.v1",
+        "opportunity.events.v1",
+        "notification.events.v1",
+        "dead-letter.v1",
+    }
+    assert partner_replies("acme") == "partner.acme.replies.v1"
+    with pytest.raises(ValueError):
+        partner_replies("../evil")
