@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import asyncpg
+from aiokafka import ConsumerRebalanceListener
 from aiokafka.structs import ConsumerRecord, TopicPartition
 from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import IntegrityError, Tracking
@@ -83,12 +84,12 @@ class BatchConsumer:
         consumer = make_consumer(
             self.settings,
             self.group_id,
-            *self.topics,
             session_timeout_ms=self.settings.consumer_session_timeout_ms,
         )
         try:
             self.cluster = await cluster_id(admin)
             await ensure_core_topics(admin, self.settings)
+            consumer.subscribe(self.topics, listener=_LogRebalance(self.name))
             await consumer.start()
             self.running = True
             while not stop.is_set():
@@ -134,6 +135,17 @@ class BatchConsumer:
                 await consumer.stop()
             with contextlib.suppress(Exception):
                 await admin.close()
+
+
+class _LogRebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        log.info("consumer %s: revoked %s", self.name, sorted(p.partition for p in revoked))
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        log.info("consumer %s: assigned %s", self.name, sorted(p.partition for p in assigned))
 
 
 def _fresh(items: Sequence[tuple[int, T]], position: int) -> list[tuple[int, T]]:

@@ -29,6 +29,7 @@ def eventsourcing_env(dsn: str, schema: str, pool_size: int = 5) -> dict[str, st
         "POSTGRES_LOCK_TIMEOUT": "10",
         "SINGLE_ROW_TRACKING": "y",
         "CREATE_TABLE": "y",
+        "PROCESS_RECORDER_TOPIC": "shared.store.recorder:BatchProcessRecorder",
     }
 
 

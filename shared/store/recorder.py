@@ -1,0 +1,28 @@
+"""The process recorder the event stores use: the library's PostgreSQL process recorder, writing
+without psycopg's pipeline mode.
+
+Why: with pipeline mode, psycopg 3.3 hangs for good when one transaction carries a large batch
+(reproduced here: ~400 leads of 1 KB in one save never return; the server waits in ClientRead,
+the client in Pipeline.sync). The same statements, sent one after another in one transaction,
+commit at once. Tracking, table lock and notification ids are unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from eventsourcing.persistence import StoredEvent
+from eventsourcing.postgres import PostgresProcessRecorder
+
+
+class BatchProcessRecorder(PostgresProcessRecorder):
+    def insert_events(
+        self, stored_events: Sequence[StoredEvent], **kwargs: Any
+    ) -> Sequence[int] | None:
+        with self.datastore.get_connection() as conn, conn.transaction(), conn.cursor() as curs:
+            self._insert_events(curs, stored_events, **kwargs)  # tracking, if any
+            if not stored_events:
+                return []
+            self._insert_stored_events(curs, stored_events, **kwargs)
+            return self._fetch_ids_after_insert_events(curs, stored_events, **kwargs)

@@ -1,0 +1,110 @@
+"""End-to-end fixtures: the four services as real processes (the way `dealstream dev` and a
+production deployment run them) against a stack of their own."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from shared.devstack import DevStack, free_port
+from tests.conftest import stack_settings
+
+SERVICES = ("capture", "pipeline", "notify", "reporting")
+
+
+class Services:
+    """The four services as processes; each can be killed and restarted."""
+
+    def __init__(self, stack: DevStack, logs: Path) -> None:
+        self.stack = stack
+        self.logs = logs
+        self.ports = {name: free_port() for name in SERVICES}
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.env = {
+            **os.environ,
+            **stack.env(),
+            "DEALSTREAM_DATA_DIR": str(stack.settings.data_dir),
+            "DEALSTREAM_CONSUMER_SESSION_TIMEOUT_MS": "3000",
+            **{f"DEALSTREAM_{n.upper()}_PORT": str(p) for n, p in self.ports.items()},
+        }
+
+    def url(self, service: str) -> str:
+        return f"http://127.0.0.1:{self.ports[service]}"
+
+    def start(self, service: str) -> None:
+        log = (self.logs / f"{service}.log").open("ab")
+        self.processes[service] = subprocess.Popen(
+            [sys.executable, "-m", f"services.{service}"], env=self.env, stdout=log, stderr=log
+        )
+
+    def kill(self, service: str) -> None:
+        process = self.processes.pop(service)
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+
+    def wait_ready(self, *services: str, within: float = 60) -> None:
+        deadline = time.monotonic() + within
+        for service in services or SERVICES:
+            while True:
+                try:
+                    if httpx.get(f"{self.url(service)}/readyz", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"{service} not ready; see {self.logs / service}.log")
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            process.terminate()
+        for process in self.processes.values():
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        self.processes.clear()
+
+
+def cli(env: dict[str, str], *args: str) -> str:
+    """Run the `dealstream` command as a subprocess, the way an operator does."""
+    done = subprocess.run(
+        [sys.executable, "-m", "services.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def e2e_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]:
+    devstack = DevStack(stack_settings(tmp_path_factory.mktemp("e2e")))
+    devstack.start()
+    try:
+        yield devstack
+    finally:
+        devstack.stop()
+
+
+@pytest.fixture(scope="module")
+def services(e2e_stack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
+    running = Services(e2e_stack, tmp_path_factory.mktemp("logs"))
+    cli(running.env, "migrate")
+    for service in SERVICES:
+        running.start(service)
+    running.wait_ready()
+    try:
+        yield running
+    finally:
+        running.stop()

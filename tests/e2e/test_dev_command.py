@@ -1,0 +1,95 @@
+"""`dealstream dev` (what `make run` runs) from a user's seat: start it, register a partner with
+the CLI, send a signed lead with a plain aiokafka producer, read the `accepted` reply, and see the
+lead counted in the funnel; a web-form lead shows up the same way."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+
+from shared.devstack import free_port
+from tests.e2e.conftest import cli
+from tests.support import eventually, lead_value, read_topic, send_partner_messages, signed_headers
+
+
+async def test_make_run_path_from_partner_message_and_web_form_to_funnel(tmp_path: Path) -> None:
+    ports = {name: free_port() for name in ("kafka", "capture", "pipeline", "notify", "reporting")}
+    env = {
+        **os.environ,
+        "DEALSTREAM_DATA_DIR": str(tmp_path / ".dealstream"),
+        **{f"DEALSTREAM_{name.upper()}_PORT": str(port) for name, port in ports.items()},
+    }
+    env.pop("DEALSTREAM_KAFKA", None)
+    env.pop("DEALSTREAM_DATABASE_URL", None)
+    log = (tmp_path / "dev.log").open("wb")
+    started = time.monotonic()
+    dev = subprocess.Popen(
+        [sys.executable, "-m", "services.cli", "dev"], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    try:
+        up_in = None
+        while time.monotonic() - started < 90 and up_in is None:
+            if "DealStream is up" in (tmp_path / "dev.log").read_text():
+                up_in = time.monotonic() - started
+            assert dev.poll() is None, (tmp_path / "dev.log").read_text()[-3000:]
+            time.sleep(0.2)
+        assert up_in is not None, "dev did not come up within 90s"
+        print(f"dealstream dev up in {up_in:.1f}s")
+
+        bootstrap = f"127.0.0.1:{ports['kafka']}"
+        out = cli(env, "partner", "add", "acme")
+        secret = out.split("secret: ")[1].strip()
+        token = cli(env, "token", "issue", "--role", "ops", "--user", "ops1").strip()
+        funnel_url = f"http://127.0.0.1:{ports['reporting']}/v1/reports/funnel"
+        auth = {"Authorization": f"Bearer {token}"}
+        assert httpx.get(funnel_url).status_code == 401
+
+        message_id = f"acme-{uuid.uuid4().hex[:6]}"
+        value = lead_value("acme", message_id)
+        await send_partner_messages(
+            bootstrap, [("acme", value, signed_headers("acme", message_id, secret, value))]
+        )
+        replies = await read_topic(bootstrap, "partner.acme.replies.v1", lambda r: len(r) >= 1)
+        reply = json.loads(replies[0].value)
+        assert reply["status"] == "accepted" and reply["message_id"] == message_id
+        assert replies[0].key == message_id.encode()
+
+        async def stage_a() -> int:
+            body = httpx.get(funnel_url, headers=auth).json()
+            return int(body["stages"][0]["count"])
+
+        assert await eventually(stage_a, lambda n: n == 1) == 1
+
+        posted = httpx.post(
+            f"http://127.0.0.1:{ports['capture']}/v1/leads",
+            data={
+                "company.name": "Web Form Co",
+                "company.region": "CN-BJ",
+                "contact.name": "Wang",
+                "contact.email": "wang@example.cn",
+                "channel": "web_form",
+            },
+        )
+        assert posted.status_code == 202 and uuid.UUID(posted.json()["lead_id"])
+        refused = httpx.post(
+            f"http://127.0.0.1:{ports['capture']}/v1/leads",
+            json={"company": {"name": ""}, "contact": {"name": "Wang"}},
+        )
+        assert refused.status_code == 422
+        assert refused.json()["errors"][0]["field"] == "company.name"
+        assert await eventually(stage_a, lambda n: n == 2) == 2
+        for port in (ports["capture"], ports["pipeline"], ports["notify"], ports["reporting"]):
+            assert httpx.get(f"http://127.0.0.1:{port}/healthz").json() == {"status": "alive"}
+    finally:
+        dev.send_signal(signal.SIGINT)
+        dev.wait(60)
+    assert dev.returncode == 0
+    assert "stopped" in (tmp_path / "dev.log").read_text()
