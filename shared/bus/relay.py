@@ -162,7 +162,7 @@ class OutboxRelay:
                 self.position,
             )
         if failed is not None:
-            raise results[failed]  # type: ignore[misc]
+            raise results[failed]
         return len(notifications)
 
     def _route_all(self, notifications: Sequence[Notification]) -> list[tuple[int, Outbound]]:

@@ -4,6 +4,7 @@ lead counted in the funnel; a web-form lead shows up the same way."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -40,7 +41,7 @@ async def test_make_run_path_from_partner_message_and_web_form_to_funnel(tmp_pat
             if "DealStream is up" in (tmp_path / "dev.log").read_text():
                 up_in = time.monotonic() - started
             assert dev.poll() is None, (tmp_path / "dev.log").read_text()[-3000:]
-            time.sleep(0.2)
+            await asyncio.sleep(0.2)
         assert up_in is not None, "dev did not come up within 90s"
         print(f"dealstream dev up in {up_in:.1f}s")
 
@@ -50,7 +51,8 @@ async def test_make_run_path_from_partner_message_and_web_form_to_funnel(tmp_pat
         token = cli(env, "token", "issue", "--role", "ops", "--user", "ops1").strip()
         funnel_url = f"http://127.0.0.1:{ports['reporting']}/v1/reports/funnel"
         auth = {"Authorization": f"Bearer {token}"}
-        assert httpx.get(funnel_url).status_code == 401
+        http = httpx.AsyncClient(timeout=10)
+        assert (await http.get(funnel_url)).status_code == 401
 
         message_id = f"acme-{uuid.uuid4().hex[:6]}"
         value = lead_value("acme", message_id)
@@ -63,12 +65,12 @@ async def test_make_run_path_from_partner_message_and_web_form_to_funnel(tmp_pat
         assert replies[0].key == message_id.encode()
 
         async def stage_a() -> int:
-            body = httpx.get(funnel_url, headers=auth).json()
+            body = (await http.get(funnel_url, headers=auth)).json()
             return int(body["stages"][0]["count"])
 
         assert await eventually(stage_a, lambda n: n == 1) == 1
 
-        posted = httpx.post(
+        posted = await http.post(
             f"http://127.0.0.1:{ports['capture']}/v1/leads",
             data={
                 "company.name": "Web Form Co",
@@ -79,7 +81,7 @@ async def test_make_run_path_from_partner_message_and_web_form_to_funnel(tmp_pat
             },
         )
         assert posted.status_code == 202 and uuid.UUID(posted.json()["lead_id"])
-        refused = httpx.post(
+        refused = await http.post(
             f"http://127.0.0.1:{ports['capture']}/v1/leads",
             json={"company": {"name": ""}, "contact": {"name": "Wang"}},
         )
@@ -87,7 +89,9 @@ async def test_make_run_path_from_partner_message_and_web_form_to_funnel(tmp_pat
         assert refused.json()["errors"][0]["field"] == "company.name"
         assert await eventually(stage_a, lambda n: n == 2) == 2
         for port in (ports["capture"], ports["pipeline"], ports["notify"], ports["reporting"]):
-            assert httpx.get(f"http://127.0.0.1:{port}/healthz").json() == {"status": "alive"}
+            alive = await http.get(f"http://127.0.0.1:{port}/healthz")
+            assert alive.json() == {"status": "alive"}
+        await http.aclose()
     finally:
         dev.send_signal(signal.SIGINT)
         dev.wait(60)
