@@ -23,7 +23,7 @@ def test_tokens_carry_role_user_and_team_and_expire() -> None:
         role=Role.manager, user="wang", team="xian"
     )
     with pytest.raises(InvalidToken):
-        verify_token(token, "other-secret", NOW)
+        verify_token(token, "other-secret" * 4, NOW)
     with pytest.raises(InvalidToken):
         verify_token(token, "k" * 32, NOW + timedelta(hours=2))
     with pytest.raises(InvalidToken):

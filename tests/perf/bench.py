@@ -1,0 +1,225 @@
+"""Foundation benchmarks (`make bench`): each mechanism measured side by side with its naive
+baseline or the raw rate in the same run, on the same embedded PostgreSQL and broker. Prints a
+table and writes bench-results.json. Never a timing assertion."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import platform
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from services.pipeline.app import MIGRATIONS as PIPELINE_MIGRATIONS
+from services.pipeline.app import PipelineApp
+from services.pipeline.bus import route as pipeline_route
+from services.reporting.projection import MIGRATIONS as REPORTING_MIGRATIONS
+from services.reporting.projection import project
+from shared.bus.consumer import apply_read_model
+from shared.bus.kafka import make_admin, make_producer
+from shared.bus.relay import OutboxRelay
+from shared.contracts.envelope import Envelope, event_id_for
+from shared.devstack import DevStack, free_port
+from shared.runtime import open_schema
+from shared.settings import Rules, Settings
+
+N = 5000
+BATCH = 500
+NOW = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
+
+
+def lead_envelope(n: int) -> tuple[int, Envelope]:
+    lead = uuid.uuid4()
+    return n, Envelope(
+        event_id=event_id_for(lead, 1),
+        event_type="LeadCaptured",
+        schema_version=1,
+        stream_id=lead,
+        stream_version=1,
+        occurred_at=NOW,
+        correlation_id=f"m-{n}",
+        causation_id=f"partner.leads.v1/0/{n}",
+        data={
+            "lead_id": str(lead),
+            "source": "partner",
+            "partner_id": "acme",
+            "message_id": f"acme-{n}",
+            "captured_at": "2026-11-22T10:00:00Z",
+            "company": {"name": f"Northwind {n}", "region": "CN-SN", "industry": "logistics"},
+            "contact": {"name": "Li Wei", "email": "li.wei@example.cn"},
+            "need": "dedicated line for 12 branches",
+            "budget": {"amount": "350000.00", "currency": "CNY"},
+        },
+    )
+
+
+def opened_envelope() -> Envelope:
+    stream = uuid.uuid4()
+    return Envelope(
+        event_id=event_id_for(stream, 1),
+        event_type="OpportunityOpened",
+        schema_version=1,
+        stream_id=stream,
+        stream_version=1,
+        occurred_at=NOW,
+        correlation_id="c",
+        causation_id="x",
+        data={
+            "opportunity_id": str(stream),
+            "lead_id": str(uuid.uuid4()),
+            "title": "t",
+            "stage": "A",
+            "probability": 10,
+            "amount": {"amount": "1000.00", "currency": "CNY"},
+            "source": "partner",
+            "company": "Northwind",
+            "opened_at": "2026-11-22T10:00:00Z",
+        },
+    )
+
+
+def chunks(items: list[Any], size: int) -> list[list[Any]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+async def timed(work: Callable[[], Any]) -> float:
+    started = time.perf_counter()
+    await work()
+    return time.perf_counter() - started
+
+
+async def bench_tracked_consumer(settings: Settings) -> dict[str, Any]:
+    """Opening opportunities from lead events with tracking: a batch per transaction (ours) vs a
+    transaction per event (naive)."""
+    results = {}
+    for label, size in (("batched", BATCH), ("naive", 1)):
+        schema = f"bench_tc_{label}"
+        pool = await open_schema(settings, schema, PIPELINE_MIGRATIONS)
+        await pool.close()
+        app = await asyncio.to_thread(PipelineApp, settings.dsn(), schema)
+        items = [lead_envelope(n) for n in range(1, N + 1)]
+
+        async def run(app: PipelineApp = app, items: list[Any] = items, size: int = size) -> None:
+            for chunk in chunks(items, size):
+                await asyncio.to_thread(app.apply_lead_events, "capture:p0", chunk, Rules())
+
+        seconds = await timed(run)
+        results[label] = N / seconds
+        app.close()
+    return {
+        "name": "tracked consumer: lead events -> opportunities (events/s)",
+        "ours": results["batched"],
+        "baseline": results["naive"],
+        "baseline_name": "one transaction per event",
+    }
+
+
+async def bench_read_model(settings: Settings) -> dict[str, Any]:
+    """Read-model rows with stream-version tracking: a batch per transaction vs one per event."""
+    results = {}
+    for label, size in (("batched", BATCH), ("naive", 1)):
+        pool = await open_schema(settings, f"bench_rm_{label}", REPORTING_MIGRATIONS)
+        envelopes = [opened_envelope() for _ in range(N)]
+
+        async def run(
+            pool: Any = pool, envelopes: list[Envelope] = envelopes, size: int = size
+        ) -> None:
+            for chunk in chunks(envelopes, size):
+                await apply_read_model(pool, chunk, project)
+
+        results[label] = N / await timed(run)
+        await pool.close()
+    return {
+        "name": "read-model consumer: opportunity events -> funnel rows (events/s)",
+        "ours": results["batched"],
+        "baseline": results["naive"],
+        "baseline_name": "one transaction per event",
+    }
+
+
+async def bench_relay(settings: Settings) -> dict[str, Any]:
+    """The outbox relay (read the notification log, build envelopes, publish, record the
+    position) vs the raw aiokafka produce rate of the same bytes."""
+    schema = "bench_relay"
+    pool = await open_schema(settings, schema, PIPELINE_MIGRATIONS)
+    app = await asyncio.to_thread(PipelineApp, settings.dsn(), schema)
+    items = [lead_envelope(n) for n in range(1, N + 1)]
+    for chunk in chunks(items, BATCH):
+        await asyncio.to_thread(app.apply_lead_events, "capture:p0", chunk, Rules())
+    relay = OutboxRelay("bench", app, pipeline_route, settings, pool)
+    producer = make_producer(settings)
+    admin = make_admin(settings)
+    await producer.start()
+    await admin.start()
+
+    async def relay_all() -> None:
+        while relay.position < N:
+            await relay.publish_batch(producer, admin)
+
+    relay_seconds = await timed(relay_all)
+    notifications = await asyncio.to_thread(app.notifications_after, 0, N)
+    messages = relay._route_all(notifications)
+
+    async def raw() -> None:
+        acks = [
+            await producer.send(m.topic, m.value, key=m.key, headers=list(m.headers))
+            for _, m in messages
+        ]
+        await asyncio.gather(*acks)
+
+    raw_seconds = await timed(raw)
+    await producer.stop()
+    await admin.close()
+    await pool.close()
+    app.close()
+    return {
+        "name": "outbox relay: stored events -> Kafka (events/s)",
+        "ours": N / relay_seconds,
+        "baseline": N / raw_seconds,
+        "baseline_name": "raw aiokafka produce of the same messages",
+    }
+
+
+async def main() -> int:
+    data_dir = Path(tempfile.mkdtemp(prefix="dealstream-bench-"))
+    stack = DevStack(Settings(data_dir=data_dir, kafka_port=free_port()))
+    await asyncio.to_thread(stack.start)
+    settings = stack.child_settings()
+    try:
+        rows = [
+            await bench_tracked_consumer(settings),
+            await bench_read_model(settings),
+            await bench_relay(settings),
+        ]
+    finally:
+        await asyncio.to_thread(stack.stop)
+    for row in rows:
+        row["ratio"] = row["ours"] / row["baseline"]
+    width = max(len(r["name"]) for r in rows)
+    print(f"\n{'benchmark':<{width}}  {'ours':>9}  {'baseline':>9}  {'ratio':>6}  baseline is")
+    for r in rows:
+        numbers = f"{r['ours']:>9.0f}  {r['baseline']:>9.0f}  {r['ratio']:>5.2f}x"
+        print(f"{r['name']:<{width}}  {numbers}  {r['baseline_name']}")
+    report = json.dumps(
+        {
+            "measured_at": datetime.now(UTC).isoformat(),
+            "machine": {"python": sys.version.split()[0], "platform": platform.platform()},
+            "events_per_run": N,
+            "batch": BATCH,
+            "results": rows,
+        },
+        indent=2,
+    )
+    await asyncio.to_thread(Path("bench-results.json").write_text, report)
+    print("\nwrote bench-results.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
