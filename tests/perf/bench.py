@@ -24,10 +24,11 @@ from services.reporting.projection import project
 from shared.bus.consumer import apply_read_model
 from shared.bus.kafka import make_admin, make_producer
 from shared.bus.relay import OutboxRelay
-from shared.contracts.envelope import Envelope, event_id_for
+from shared.contracts.envelope import Envelope
 from shared.devstack import DevStack, free_port
 from shared.runtime import open_schema
 from shared.settings import Rules, Settings
+from tests.factories import lead_captured, opened
 
 N = 5000
 BATCH = 500
@@ -35,53 +36,11 @@ NOW = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
 
 
 def lead_envelope(n: int) -> tuple[int, Envelope]:
-    lead = uuid.uuid4()
-    return n, Envelope(
-        event_id=event_id_for(lead, 1),
-        event_type="LeadCaptured",
-        schema_version=1,
-        stream_id=lead,
-        stream_version=1,
-        occurred_at=NOW,
-        correlation_id=f"m-{n}",
-        causation_id=f"partner.leads.v1/0/{n}",
-        data={
-            "lead_id": str(lead),
-            "source": "partner",
-            "partner_id": "acme",
-            "message_id": f"acme-{n}",
-            "captured_at": "2026-11-22T10:00:00Z",
-            "company": {"name": f"Northwind {n}", "region": "CN-SN", "industry": "logistics"},
-            "contact": {"name": "Li Wei", "email": "li.wei@example.cn"},
-            "need": "dedicated line for 12 branches",
-            "budget": {"amount": "350000.00", "currency": "CNY"},
-        },
-    )
+    return n, lead_captured(uuid.uuid4())
 
 
 def opened_envelope() -> Envelope:
-    stream = uuid.uuid4()
-    return Envelope(
-        event_id=event_id_for(stream, 1),
-        event_type="OpportunityOpened",
-        schema_version=1,
-        stream_id=stream,
-        stream_version=1,
-        occurred_at=NOW,
-        correlation_id="c",
-        causation_id="x",
-        data={
-            "opportunity_id": str(stream),
-            "lead_id": str(uuid.uuid4()),
-            "title": "t",
-            "stage": "A",
-            "probability": 10,
-            "amount": {"amount": "1000.00", "currency": "CNY"},
-            "source": "partner",
-            "company": "Northwind",
-            "opened_at": "2026-11-22T10:00:00Z",
-        },
-    )
+    return opened(uuid.uuid4(), "1000.00")
 
 
 def chunks(items: list[Any], size: int) -> list[list[Any]]:
