@@ -31,7 +31,7 @@ bench: install
 lint: install
 	$(VENV)/bin/ruff check shared services tests
 	$(VENV)/bin/ruff format --check shared services tests
-	$(VENV)/bin/mypy shared services/capture/domain.py services/pipeline/domain.py services/notify/domain.py
+	$(VENV)/bin/mypy shared services/*/domain.py services/pipeline/rules.py
 
 clean:
 	rm -rf $(VENV) .dealstream test-artifacts bench-results.json

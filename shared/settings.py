@@ -9,7 +9,7 @@ import tomllib
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -43,11 +43,79 @@ class Tiers(BaseModel):
     important_below: Decimal = Decimal("200000")
 
 
+Criterion = Literal["budget", "decision_maker", "proposal_amount"]
+LOSS_REASONS = (
+    "price",
+    "competitor",
+    "no_budget",
+    "no_decision",
+    "timing",
+    "product_fit",
+    "unresponsive",
+    "other",
+)
+
+
+class User(BaseModel):
+    id: str = Field(pattern=r"^[A-Za-z0-9_.@-]{1,64}$")
+    name: str = ""
+    team: str | None = None
+    role: Literal["rep", "manager", "branch_manager", "ops", "admin"] = "rep"
+    email: str | None = None
+    locale: Literal["en", "zh-CN"] = "zh-CN"
+    timezone: str = "Asia/Shanghai"
+
+
+class Team(BaseModel):
+    id: str
+    name: str = ""
+    manager: str | None = None
+    branch_manager: str | None = None
+    timezone: str = "Asia/Shanghai"
+
+
+class RoutingRule(BaseModel):
+    """Leads matching every given field go to `team` (first matching rule wins)."""
+
+    team: str
+    region: str | None = None
+    industry: str | None = None
+    partner: str | None = None
+
+
+class Routing(BaseModel):
+    rules: list[RoutingRule] = Field(default_factory=list)
+    default_team: str | None = None
+    load_cap: int = Field(default=50, ge=1)
+
+
+class Directory(BaseModel):
+    users: list[User] = Field(default_factory=list)
+    teams: list[Team] = Field(default_factory=list)
+
+    def user(self, user_id: str | None) -> User | None:
+        return next((u for u in self.users if u.id == user_id), None)
+
+    def team(self, team_id: str | None) -> Team | None:
+        return next((t for t in self.teams if t.id == team_id), None)
+
+    def reps(self, team_id: str) -> list[User]:
+        return [u for u in self.users if u.team == team_id and u.role == "rep"]
+
+
+def _default_exit_criteria() -> dict[str, list[Criterion]]:
+    return {"B": ["budget", "decision_maker"], "D": ["proposal_amount"]}
+
+
 class Rules(BaseModel):
     """Business rules: the SPEC defaults, overridable in `dealstream.toml`."""
 
     stages: dict[str, StageRule] = Field(default_factory=_default_stages)
     tiers: Tiers = Field(default_factory=Tiers)
+    exit_criteria: dict[str, list[Criterion]] = Field(default_factory=_default_exit_criteria)
+    loss_reasons: list[str] = Field(default_factory=lambda: list(LOSS_REASONS))
+    directory: Directory = Field(default_factory=Directory)
+    routing: Routing = Field(default_factory=Routing)
     registration_days: int = Field(default=90, ge=1)
     stale_days: int = Field(default=30, ge=1)
     recycle_days: int = Field(default=60, ge=1)
@@ -121,7 +189,11 @@ class Settings(BaseSettings):
 @lru_cache(maxsize=8)
 def _load_rules_cached(path: str, mtime: float) -> Rules:
     data: dict[str, Any] = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    return Rules.model_validate(data.get("rules", {}))
+    rules = dict(data.get("rules", {}))
+    for section in ("directory", "routing"):
+        if section in data:
+            rules[section] = data[section]
+    return Rules.model_validate(rules)
 
 
 def load_rules(path: Path) -> Rules:

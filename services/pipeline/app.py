@@ -1,52 +1,257 @@
-"""Pipeline's use cases over its event store: opening opportunities from captured leads, exactly
-once per upstream event."""
+"""Pipeline's use cases over its event store: opportunities opened from lead events exactly once,
+commands with optimistic concurrency, history and time travel, recycling of idle deals. The
+opportunity index (for lists, scoping and routing load) is written in the same transaction as the
+events it reflects."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
+from typing import Any
 
 from eventsourcing.domain import Aggregate
+from eventsourcing.persistence import IntegrityError
+from psycopg.sql import SQL
 
-from services.pipeline.domain import Opportunity, opportunity_id_for
+from services.pipeline.domain import Opportunity, Refused, opportunity_id_for
+from services.pipeline.rules import route
 from shared.bus.consumer import record_tracked
 from shared.contracts.envelope import Envelope
-from shared.contracts.events import LeadCaptured
+from shared.contracts.events import LeadCaptured, LeadMerged
 from shared.settings import Rules
 from shared.store.eventstore import EventStoreApp
 from shared.store.migrations import BUS_TABLES, Migration
+from shared.store.recorder import SideWrite
 
 SCHEMA = "pipeline"
-MIGRATIONS: list[Migration] = [BUS_TABLES]
+MIGRATIONS: list[Migration] = [
+    BUS_TABLES,
+    (
+        2,
+        """
+        CREATE TABLE opportunity_index (
+            opportunity_id uuid PRIMARY KEY,
+            lead_id uuid NOT NULL,
+            version integer NOT NULL,
+            status text NOT NULL,
+            stage char(1) NOT NULL,
+            probability integer NOT NULL,
+            owner text,
+            team text,
+            region text,
+            industry text,
+            partner_id text,
+            source text NOT NULL,
+            tier text NOT NULL,
+            grade char(1) NOT NULL,
+            amount numeric(18, 2),
+            currency char(3),
+            title text NOT NULL,
+            opened_at timestamptz NOT NULL,
+            last_activity_at timestamptz NOT NULL
+        );
+        CREATE INDEX opportunity_index_owner ON opportunity_index (owner, status);
+        CREATE INDEX opportunity_index_team ON opportunity_index (team, status);
+        CREATE INDEX opportunity_index_idle ON opportunity_index (status, last_activity_at);
+        CREATE TABLE opportunity_lead (
+            lead_id uuid PRIMARY KEY,
+            opportunity_id uuid NOT NULL
+        );
+        CREATE TABLE refused_command (
+            id bigserial PRIMARY KEY,
+            opportunity_id uuid NOT NULL,
+            command text NOT NULL,
+            code text NOT NULL,
+            actor text NOT NULL,
+            detail jsonb NOT NULL DEFAULT '{}',
+            refused_at timestamptz NOT NULL
+        );
+        CREATE INDEX refused_command_opportunity ON refused_command (opportunity_id);
+        """,
+    ),
+]
+
+INDEX_COLUMNS = (
+    "opportunity_id", "lead_id", "version", "status", "stage", "probability", "owner", "team",
+    "region", "industry", "partner_id", "source", "tier", "grade", "amount", "currency", "title",
+    "opened_at", "last_activity_at",
+)  # fmt: skip
+
+
+class StaleVersion(Exception):
+    def __init__(self, current: int) -> None:
+        super().__init__(f"stale expected_version; current version is {current}")
+        self.current = current
+
+
+class NotFound(Exception):
+    pass
+
+
+def index_row(o: Opportunity) -> tuple[Any, ...]:
+    return (
+        o.id, o.lead_id, o.version, o.status, o.stage, o.probability, o.owner, o.team, o.region,
+        o.industry, o.partner_id, o.source, o.tier, o.grade,
+        o.amount.amount if o.amount else None, o.amount.currency if o.amount else None,
+        o.title, o.opened_at, o.last_activity_at,
+    )  # fmt: skip
 
 
 class PipelineApp(EventStoreApp):
     name = "Pipeline"
 
+    def index_writes(self, opportunities: Sequence[Aggregate]) -> list[SideWrite]:
+        """The index rows of these opportunities, for the transaction that stores their events."""
+        opportunities = [o for o in opportunities if isinstance(o, Opportunity)]
+        columns = ", ".join(INDEX_COLUMNS)
+        updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in INDEX_COLUMNS[2:])
+        upsert = SQL(
+            "INSERT INTO {table} ("
+            + columns
+            + ") VALUES ("
+            + ", ".join(["%s"] * len(INDEX_COLUMNS))
+            + ") ON CONFLICT (opportunity_id) DO UPDATE SET "
+            + updates
+            + " WHERE {table}.version < EXCLUDED.version"
+        ).format(table=self.table("opportunity_index"))
+        leads = SQL(
+            "INSERT INTO {table} (lead_id, opportunity_id) VALUES (%s, %s) ON CONFLICT DO NOTHING"
+        ).format(table=self.table("opportunity_lead"))
+        return [
+            (upsert, [index_row(o) for o in opportunities]),
+            (leads, [(lead, o.id) for o in opportunities for lead in o.lead_ids]),
+        ]
+
+    def save(self, opportunities: Sequence[Opportunity], **tracking: Any) -> None:
+        self.record(opportunities, side_writes=self.index_writes(opportunities), **tracking)
+
+    def owner_loads(self) -> dict[str, int]:
+        rows = self.query(
+            SQL(
+                "SELECT owner, count(*) AS n FROM {} WHERE status = 'open' AND owner IS NOT NULL"
+                " GROUP BY owner"
+            ).format(self.table("opportunity_index"))
+        )
+        return {row["owner"]: int(row["n"]) for row in rows}
+
     def apply_lead_events(
         self, tracking_name: str, items: Sequence[tuple[int, Envelope]], rules: Rules
     ) -> int:
-        """Open an opportunity for each captured lead not seen before (tracked upstream ids)."""
+        """Open an opportunity per captured lead (scored, tiered, routed); attach merged leads
+        to the opportunity of the lead they were merged into. Exactly once per upstream event."""
 
         def decide(envelopes: list[Envelope]) -> list[Aggregate]:
-            leads = [
-                LeadCaptured.model_validate(e.data)
+            captured = [
+                (e, LeadCaptured.model_validate(e.data))
                 for e in envelopes
                 if e.event_type == "LeadCaptured"
             ]
-            ids = [opportunity_id_for(lead.lead_id) for lead in leads]
-            known = self.existing_ids(ids)
-            opened: list[Aggregate] = []
-            for envelope, lead in zip(
-                (e for e in envelopes if e.event_type == "LeadCaptured"), leads, strict=True
-            ):
-                if opportunity_id_for(lead.lead_id) in known:
-                    continue
-                known.add(opportunity_id_for(lead.lead_id))
-                opened.append(
-                    Opportunity.open_from_lead(
-                        lead, rules, str(envelope.event_id), envelope.correlation_id
+            known = self.existing_ids([opportunity_id_for(lead.lead_id) for _, lead in captured])
+            loads = self.owner_loads() if captured else {}
+            changed: dict[uuid.UUID, Opportunity] = {}
+            for envelope in envelopes:
+                if envelope.event_type == "LeadCaptured":
+                    lead = LeadCaptured.model_validate(envelope.data)
+                    opportunity_id = opportunity_id_for(lead.lead_id)
+                    if opportunity_id in known:
+                        continue
+                    known.add(opportunity_id)
+                    assignment = route(lead, rules.directory, rules.routing, loads)
+                    if assignment.owner:
+                        loads[assignment.owner] = loads.get(assignment.owner, 0) + 1
+                    changed[opportunity_id] = Opportunity.open_from_lead(
+                        lead, rules, assignment, str(envelope.event_id), envelope.correlation_id
                     )
-                )
-            return opened
+                elif envelope.event_type == "LeadMerged":
+                    merged = LeadMerged.model_validate(envelope.data)
+                    target_id = self.opportunity_of_lead(merged.into_lead_id)
+                    if target_id is None:
+                        continue  # the lead it joins never opened one: nothing to attach to
+                    target = changed.get(target_id) or self.repository.get(target_id)
+                    target.attach_lead(
+                        merged.lead_id, merged.rule, merged.merged_at,
+                        envelope.correlation_id, str(envelope.event_id),
+                    )  # fmt: skip
+                    changed[target_id] = target
+            return list(changed.values())
 
-        return record_tracked(self, tracking_name, items, decide)
+        return record_tracked(self, tracking_name, items, decide, self.index_writes)
+
+    def opportunity_of_lead(self, lead_id: uuid.UUID) -> uuid.UUID | None:
+        rows = self.query(
+            SQL("SELECT opportunity_id FROM {} WHERE lead_id = %s").format(
+                self.table("opportunity_lead")
+            ),
+            [lead_id],
+        )
+        if rows:
+            return uuid.UUID(str(rows[0]["opportunity_id"]))
+        candidate = opportunity_id_for(lead_id)
+        return candidate if self.existing_ids([candidate]) else None
+
+    def get(self, opportunity_id: uuid.UUID, as_of: datetime | None = None) -> Opportunity:
+        """The opportunity now, or as it was at `as_of` (rebuilt from its stream)."""
+        try:
+            if as_of is None:
+                return self.repository.get(opportunity_id)
+            version = 0
+            for event in self.events.get(opportunity_id):
+                if event.timestamp > as_of:
+                    break
+                version = event.originator_version
+            if version == 0:
+                raise NotFound(f"opportunity {opportunity_id} did not exist at {as_of}")
+            return self.repository.get(opportunity_id, version=version)
+        except NotFound:
+            raise
+        except Exception as exc:
+            if type(exc).__name__ == "AggregateNotFoundError":
+                raise NotFound(f"no opportunity {opportunity_id}") from exc
+            raise
+
+    def history(self, opportunity_id: uuid.UUID) -> list[Any]:
+        events = list(self.events.get(opportunity_id))
+        if not events:
+            raise NotFound(f"no opportunity {opportunity_id}")
+        return events
+
+    def command(
+        self,
+        opportunity_id: uuid.UUID,
+        expected_version: int,
+        change: Callable[[Opportunity], None],
+    ) -> Opportunity:
+        """Apply one command with optimistic concurrency: a stale `expected_version`, or a writer
+        who got there first, is StaleVersion with the current version; refusals are Refused."""
+        opportunity = self.get(opportunity_id)
+        if opportunity.version != expected_version:
+            raise StaleVersion(opportunity.version)
+        change(opportunity)
+        try:
+            self.save([opportunity])
+        except IntegrityError:
+            raise StaleVersion(self.get(opportunity_id).version) from None
+        return opportunity
+
+    def recycle_idle(self, now: datetime, rules: Rules, limit: int = 500) -> list[uuid.UUID]:
+        """Recycle open opportunities idle for `recycle_days` as of `now`; returns their ids."""
+        cutoff = now - timedelta(days=rules.recycle_days)
+        rows = self.query(
+            SQL(
+                "SELECT opportunity_id FROM {} WHERE status = 'open' AND last_activity_at <= %s"
+                " ORDER BY last_activity_at LIMIT %s"
+            ).format(self.table("opportunity_index")),
+            [cutoff, limit],
+        )
+        recycled: list[Opportunity] = []
+        for row in rows:
+            opportunity = self.repository.get(row["opportunity_id"])
+            try:
+                opportunity.recycle(now, rules, correlation_id=f"tick:{now.isoformat()}")
+            except Refused:
+                continue  # the index lagged: it is active after all
+            recycled.append(opportunity)
+        if recycled:
+            self.save(recycled)
+        return [o.id for o in recycled]

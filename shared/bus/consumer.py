@@ -35,6 +35,7 @@ from shared.bus.kafka import cluster_id, ensure_core_topics, make_admin, make_co
 from shared.contracts.envelope import Envelope
 from shared.settings import Settings
 from shared.store.eventstore import EventStoreApp
+from shared.store.recorder import SideWrite
 
 log = logging.getLogger(__name__)
 
@@ -163,17 +164,20 @@ def record_tracked(
     name: str,
     items: Sequence[tuple[int, T]],
     decide: Callable[[list[T]], Sequence[Aggregate]],
+    side_writes: Callable[[Sequence[Aggregate]], Sequence[SideWrite]] | None = None,
 ) -> int:
     """Apply the items not yet tracked under `name`: `decide` turns them into aggregates with
-    pending events, stored with the new position in one transaction. Blocking: run it in a
-    worker thread. Returns how many items were applied."""
+    pending events, stored with the new position (and the service's `side_writes` for those
+    aggregates) in one transaction. Blocking: run it in a worker thread. Returns how many items
+    were applied."""
     for _attempt in range(3):
         fresh = _fresh(items, app.tracked_position(name))
         if not fresh:
             return 0
         aggregates = decide([item for _, item in fresh])
+        extra = side_writes(aggregates) if side_writes else ()
         try:
-            app.record(aggregates, Tracking(name, fresh[-1][0]))
+            app.record(aggregates, Tracking(name, fresh[-1][0]), extra)
             return len(fresh)
         except IntegrityError:
             # Another replica applied them first (a rebalance): read the position again.

@@ -7,7 +7,7 @@ these and consumers validate through them. Old versions are upcast, never edited
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
@@ -24,11 +24,24 @@ class LeadCaptured(LeadDetails):
     captured_at: UtcTime
 
 
+class LeadMerged(Contract):
+    """Capture's dedupe: `lead_id` is the same customer as `into_lead_id`, by `rule`."""
+
+    lead_id: uuid.UUID
+    into_lead_id: uuid.UUID
+    rule: str
+    merged_at: UtcTime
+
+
+Stage = Annotated[str, Field(pattern=r"^[A-F]$")]
+Tier = Literal["small", "normal", "important", "major"]
+
+
 class OpportunityOpened(Contract):
     opportunity_id: uuid.UUID
     lead_id: uuid.UUID
     title: str
-    stage: str = Field(pattern=r"^[A-F]$")
+    stage: Stage
     probability: int = Field(ge=0, le=100)
     amount: Money | None = None
     source: str
@@ -36,24 +49,151 @@ class OpportunityOpened(Contract):
     company: str
     region: str | None = None
     industry: str | None = None
+    authority: str = "unknown"
     expected_close: str | None = None
     opened_at: UtcTime
 
 
+class OpportunityScored(Contract):
+    opportunity_id: uuid.UUID
+    score: int = Field(ge=0, le=100)
+    grade: Literal["A", "B", "C", "D"]
+    budget: int
+    authority: int
+    need: int
+    timeline: int
+    tier: Tier
+
+
+class OpportunityAssigned(Contract):
+    opportunity_id: uuid.UUID
+    owner: str | None
+    team: str | None
+    previous_owner: str | None = None
+    rule: str
+    actor: str
+    assigned_at: UtcTime
+
+
 class OpportunityStageChanged(Contract):
     opportunity_id: uuid.UUID
-    from_stage: str = Field(pattern=r"^[A-F]$")
-    to_stage: str = Field(pattern=r"^[A-F]$")
+    from_stage: Stage
+    to_stage: Stage
     probability: int = Field(ge=0, le=100)
     actor: str
     note: str | None = None
     changed_at: UtcTime
 
 
+class OpportunityProbabilityOverridden(Contract):
+    opportunity_id: uuid.UUID
+    stage: Stage
+    probability: int = Field(ge=0, le=100)
+    previous: int = Field(ge=0, le=100)
+    actor: str
+    note: str | None = None
+    overridden_at: UtcTime
+
+
+class FollowUpLogged(Contract):
+    opportunity_id: uuid.UUID
+    channel: Literal["call", "visit", "email", "meeting", "wechat", "other"]
+    summary: str
+    next_follow_up_at: UtcTime | None = None
+    stage: Stage
+    actor: str
+    logged_at: UtcTime
+
+
+class OpportunityAmountChanged(Contract):
+    opportunity_id: uuid.UUID
+    kind: Literal["expected", "proposal"]
+    amount: Money
+    previous: Money | None = None
+    tier: Tier
+    actor: str
+    changed_at: UtcTime
+
+
+class OpportunityWon(Contract):
+    opportunity_id: uuid.UUID
+    contract_amount: Money
+    from_stage: Stage
+    actor: str
+    won_at: UtcTime
+
+
+class PaymentReceived(Contract):
+    opportunity_id: uuid.UUID
+    amount: Money
+    total_received: Money
+    actor: str
+    received_at: UtcTime
+
+
+class OpportunityLost(Contract):
+    opportunity_id: uuid.UUID
+    reason_code: str
+    note: str | None = None
+    competitor: str | None = None
+    stage: Stage
+    actor: str
+    lost_at: UtcTime
+
+
+class OpportunityReopened(Contract):
+    opportunity_id: uuid.UUID
+    stage: Stage
+    probability: int = Field(ge=0, le=100)
+    actor: str
+    note: str | None = None
+    reopened_at: UtcTime
+
+
+class OpportunityRecycled(Contract):
+    opportunity_id: uuid.UUID
+    previous_owner: str | None
+    team: str | None
+    idle_since: UtcTime
+    idle_days: int
+    actor: str
+    recycled_at: UtcTime
+
+
+class OpportunityReactivated(Contract):
+    opportunity_id: uuid.UUID
+    owner: str | None
+    team: str | None
+    actor: str
+    reactivated_at: UtcTime
+
+
+class LeadAttached(Contract):
+    """A lead merged by capture's dedupe joins the opportunity of the lead it was merged into."""
+
+    opportunity_id: uuid.UUID
+    lead_id: uuid.UUID
+    rule: str
+    attached_at: UtcTime
+
+
 EVENT_TYPES: dict[str, tuple[type[Contract], int]] = {
     "LeadCaptured": (LeadCaptured, 1),
+    "LeadMerged": (LeadMerged, 1),
     "OpportunityOpened": (OpportunityOpened, 1),
+    "OpportunityScored": (OpportunityScored, 1),
+    "OpportunityAssigned": (OpportunityAssigned, 1),
     "OpportunityStageChanged": (OpportunityStageChanged, 1),
+    "OpportunityProbabilityOverridden": (OpportunityProbabilityOverridden, 1),
+    "FollowUpLogged": (FollowUpLogged, 1),
+    "OpportunityAmountChanged": (OpportunityAmountChanged, 1),
+    "OpportunityWon": (OpportunityWon, 1),
+    "PaymentReceived": (PaymentReceived, 1),
+    "OpportunityLost": (OpportunityLost, 1),
+    "OpportunityReopened": (OpportunityReopened, 1),
+    "OpportunityRecycled": (OpportunityRecycled, 1),
+    "OpportunityReactivated": (OpportunityReactivated, 1),
+    "LeadAttached": (LeadAttached, 1),
 }
 
 

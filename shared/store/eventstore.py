@@ -11,9 +11,10 @@ from typing import Any
 from eventsourcing.application import Application, ProcessingEvent
 from eventsourcing.domain import Aggregate, DomainEventProtocol
 from eventsourcing.persistence import Notification, ProcessRecorder, Recording, Tracking
-from psycopg.sql import SQL, Identifier
+from psycopg.sql import SQL, Composable, Composed, Identifier
 
 from shared.store.db import eventsourcing_env
+from shared.store.recorder import SideWrite
 
 
 class EventStoreApp(Application[uuid.UUID]):
@@ -33,12 +34,16 @@ class EventStoreApp(Application[uuid.UUID]):
         return recorder
 
     def record(
-        self, aggregates: Iterable[Aggregate], tracking: Tracking | None = None
+        self,
+        aggregates: Iterable[Aggregate],
+        tracking: Tracking | None = None,
+        side_writes: Sequence[SideWrite] = (),
     ) -> list[Recording[uuid.UUID]]:
-        """Store the pending events of all given aggregates, and the tracking position if any,
-        in one transaction. A repeated or lower tracking id raises IntegrityError."""
+        """Store the pending events of all given aggregates, the tracking position if any, and
+        the service's index rows, in one transaction. A repeated or lower tracking id, or an
+        aggregate version someone else stored first, raises IntegrityError."""
         processing = ProcessingEvent[uuid.UUID](tracking)
-        processing.collect_events(*aggregates)
+        processing.collect_events(*aggregates, side_writes=side_writes)
         if not processing.events and tracking is None:
             return []
         return self._record(processing)
@@ -58,10 +63,20 @@ class EventStoreApp(Application[uuid.UUID]):
         """Which of these aggregates already have events: one query for a whole batch."""
         if not ids:
             return set()
-        datastore: Any = getattr(self.recorder, "datastore")  # noqa: B009
         statement = SQL(
             "SELECT DISTINCT originator_id FROM {schema}.{table} WHERE originator_id = ANY(%s)"
         ).format(schema=Identifier(self.schema), table=Identifier(f"{self.name.lower()}_events"))
+        return {row["originator_id"] for row in self.query(statement, [list(ids)])}
+
+    def query(
+        self, statement: Composable | str, params: Sequence[Any] = ()
+    ) -> list[dict[str, Any]]:
+        """Read the service's own tables through the store's connection pool."""
+        datastore: Any = getattr(self.recorder, "datastore")  # noqa: B009
         with datastore.transaction(commit=False) as cursor:
-            cursor.execute(statement, [list(ids)])
-            return {row["originator_id"] for row in cursor.fetchall()}
+            cursor.execute(statement, params)
+            return list(cursor.fetchall())
+
+    def table(self, name: str) -> Composed:
+        """A table of the service's schema, quoted for psycopg statements."""
+        return SQL("{}.{}").format(Identifier(self.schema), Identifier(name))

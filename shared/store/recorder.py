@@ -1,5 +1,6 @@
 """The process recorder the event stores use: the library's PostgreSQL process recorder, writing
-without psycopg's pipeline mode.
+without psycopg's pipeline mode, and able to write a service's own index rows in the same
+transaction as the events (`side_writes`: statements with their rows, for `executemany`).
 
 Why: with pipeline mode, psycopg 3.3 hangs for good when one transaction carries a large batch
 (reproduced here: ~400 leads of 1 KB in one save never return; the server waits in ClientRead,
@@ -14,6 +15,10 @@ from typing import Any
 
 from eventsourcing.persistence import StoredEvent
 from eventsourcing.postgres import PostgresProcessRecorder
+from psycopg.sql import SQL, Composed
+
+# A statement (psycopg placeholders) and the rows to run it with.
+SideWrite = tuple[Composed | SQL, Sequence[Sequence[Any]]]
 
 
 class BatchProcessRecorder(PostgresProcessRecorder):
@@ -25,4 +30,9 @@ class BatchProcessRecorder(PostgresProcessRecorder):
             if not stored_events:
                 return []
             self._insert_stored_events(curs, stored_events, **kwargs)
-            return self._fetch_ids_after_insert_events(curs, stored_events, **kwargs)
+            ids = self._fetch_ids_after_insert_events(curs, stored_events, **kwargs)
+            side_writes: Sequence[SideWrite] = kwargs.get("side_writes", ())
+            for statement, rows in side_writes:
+                if rows:
+                    curs.executemany(statement, rows)
+            return ids

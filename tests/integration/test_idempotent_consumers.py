@@ -42,7 +42,7 @@ async def test_tracked_consumer_applies_each_upstream_event_once(
     assert app.existing_ids(list(opened_ids)) == opened_ids
     for lead in leads:
         opportunity = app.repository.get(opportunity_id_for(lead))
-        assert opportunity.version == 1 and opportunity.stage == "A"
+        assert opportunity.version == 3 and opportunity.stage == "A"  # opened, scored, assigned
     app.close()
 
 

@@ -1,56 +1,225 @@
-"""Opening opportunities from leads and moving stages (SPEC §4)."""
+"""The Opportunity aggregate (SPEC §4): stages, exit criteria, terminal outcomes, scoring, tiers
+and routing; and, with hypothesis, invariants that hold for any sequence of commands."""
 
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from services.pipeline.domain import Opportunity, StageRefused, opportunity_id_for
+from services.pipeline.domain import Opportunity, Refused, opportunity_id_for
+from services.pipeline.rules import Route, bant, route, tier
+from shared.contracts.common import Money
 from shared.contracts.events import LeadCaptured
-from shared.settings import Rules
+from shared.settings import STAGES, Directory, Routing, RoutingRule, Rules, Tiers, User
 
 NOW = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
+RULES = Rules()
+CNY = "CNY"
 
 
-def lead() -> LeadCaptured:
-    return LeadCaptured.model_validate(
-        {
-            "lead_id": str(uuid.uuid4()),
-            "source": "partner",
-            "partner_id": "acme",
-            "message_id": "acme-1",
-            "captured_at": "2026-11-22T09:00:00Z",
-            "company": {"name": "Northwind", "region": "CN-SN"},
-            "contact": {"name": "Li Wei"},
-            "budget": {"amount": "350000.00", "currency": "CNY"},
-        }
+def lead(**overrides: object) -> LeadCaptured:
+    body: dict[str, object] = {
+        "lead_id": str(uuid.uuid4()),
+        "source": "partner",
+        "partner_id": "acme",
+        "message_id": "acme-1",
+        "captured_at": "2026-11-22T09:00:00Z",
+        "company": {"name": "Northwind", "region": "CN-SN", "industry": "logistics"},
+        "contact": {"name": "Li Wei"},
+        "need": "12 branches",
+        "budget": {"amount": "350000.00", "currency": CNY},
+        "authority": "decision_maker",
+        "timeline": "this_quarter",
+    }
+    body.update(overrides)
+    return LeadCaptured.model_validate(body)
+
+
+def opened(**overrides: object) -> Opportunity:
+    return Opportunity.open_from_lead(
+        lead(**overrides), RULES, Route("rep1", "xian", "r1"), "e", "c"
     )
 
 
-def test_a_lead_opens_one_opportunity_in_stage_a_with_its_probability() -> None:
+def money(amount: str) -> Money:
+    return Money(amount=Decimal(amount), currency=CNY)
+
+
+def test_a_lead_opens_one_opportunity_scored_tiered_and_assigned() -> None:
     captured = lead()
-    opportunity = Opportunity.open_from_lead(captured, Rules(), "event-1", "corr-1")
+    opportunity = Opportunity.open_from_lead(captured, RULES, Route("rep1", "xian", "r1"), "e", "c")
     assert opportunity.id == opportunity_id_for(captured.lead_id)
-    assert (opportunity.stage, opportunity.probability) == ("A", 10)
-    [opened] = opportunity.collect_events()
-    assert opened.payload["amount"] == {"amount": "350000.00", "currency": "CNY"}
-    assert opened.causation_id == "event-1" and opened.correlation_id == "corr-1"
-
-
-def test_forward_one_stage_at_a_time_and_back_only_with_a_note() -> None:
-    opportunity = Opportunity.open_from_lead(lead(), Rules(), "e", "c")
-    opportunity.change_stage("B", "rep1", NOW, Rules())
-    assert (opportunity.stage, opportunity.probability) == ("B", 25)
-    with pytest.raises(StageRefused) as skip:
-        opportunity.change_stage("D", "rep1", NOW, Rules())
-    assert skip.value.code == "stage_skip"
-    with pytest.raises(StageRefused) as back:
-        opportunity.change_stage("A", "rep1", NOW, Rules())
-    assert back.value.code == "note_required"
-    opportunity.change_stage("A", "rep1", NOW, Rules(), note="budget withdrawn")
-    assert opportunity.stage == "A"
+    assert (opportunity.stage, opportunity.probability, opportunity.status) == ("A", 10, "open")
+    assert (opportunity.score, opportunity.grade, opportunity.tier) == (95, "A", "major")
+    assert (opportunity.owner, opportunity.team) == ("rep1", "xian")
     events = opportunity.collect_events()
-    assert [type(e).__name__ for e in events] == ["Opened", "StageChanged", "StageChanged"]
-    assert events[1].payload["from_stage"] == "A" and events[1].payload["to_stage"] == "B"
+    assert [e.public_name for e in events] == [
+        "OpportunityOpened",
+        "OpportunityScored",
+        "OpportunityAssigned",
+    ]
+    assert [e.originator_version for e in events] == [1, 2, 3]
+    assert all(e.timestamp == captured.captured_at for e in events)
+
+
+def test_forward_one_stage_at_a_time_back_with_a_note_and_exit_criteria() -> None:
+    o = opened()
+    o.change_stage("B", "rep1", NOW, RULES)
+    assert (o.stage, o.probability) == ("B", 25)
+    with pytest.raises(Refused) as skip:
+        o.change_stage("D", "rep1", NOW, RULES)
+    assert skip.value.code == "stage_skip"
+    with pytest.raises(Refused) as back:
+        o.change_stage("A", "rep1", NOW, RULES)
+    assert back.value.code == "note_required"
+    o.change_stage("C", "rep1", NOW, RULES)
+    o.change_stage("D", "rep1", NOW, RULES)
+    with pytest.raises(Refused) as criteria:
+        o.change_stage("E", "rep1", NOW, RULES)  # D needs a proposal amount
+    assert criteria.value.code == "exit_criteria_unmet"
+    assert criteria.value.detail["missing"] == ["proposal_amount"]
+    o.change_amount("proposal", money("300000.00"), "rep1", NOW, RULES)
+    o.change_stage("E", "rep1", NOW, RULES)
+    with pytest.raises(Refused) as to_f:
+        o.change_stage("F", "rep1", NOW, RULES)
+    assert to_f.value.code == "use_win"
+
+
+def test_b_needs_budget_and_decision_maker() -> None:
+    o = opened(budget=None, authority="influencer")
+    o.change_stage("B", "rep1", NOW, RULES)
+    with pytest.raises(Refused) as unmet:
+        o.change_stage("C", "rep1", NOW, RULES)
+    assert unmet.value.detail["missing"] == ["budget", "decision_maker"]
+
+
+def test_win_payments_loss_reopen_recycle_reactivate() -> None:
+    o = opened()
+    with pytest.raises(Refused) as early:
+        o.win(money("1.00"), "rep1", NOW)
+    assert early.value.code == "not_closing"
+    for stage in "BCD":
+        o.change_stage(stage, "rep1", NOW, RULES)
+    o.change_amount("proposal", money("320000.00"), "rep1", NOW, RULES)
+    o.change_stage("E", "rep1", NOW, RULES)
+    o.win(money("310000.00"), "rep1", NOW)
+    assert (o.status, o.stage, o.probability) == ("won", "F", 100)
+    o.receive_payment(money("100000.00"), "ops1", NOW)
+    o.receive_payment(money("50000.00"), "ops1", NOW)
+    assert o.received == money("150000.00")
+    with pytest.raises(Refused) as terminal:
+        o.change_stage("E", "rep1", NOW, RULES, note="no")
+    assert terminal.value.code == "not_open"
+
+    lost = opened()
+    lost.change_stage("B", "rep1", NOW, RULES)
+    lost.change_stage("C", "rep1", NOW, RULES)
+    with pytest.raises(Refused) as unknown:
+        lost.lose("bad_luck", "rep1", NOW, RULES)
+    assert unknown.value.code == "unknown_reason"
+    lost.lose("competitor", "rep1", NOW, RULES, note="cheaper", competitor="Globex")
+    assert (lost.status, lost.lost_stage) == ("lost", "C")
+    lost.reopen("mgr1", NOW, RULES, note="budget back")
+    assert (lost.status, lost.stage, lost.probability) == ("open", "C", 50)
+
+    idle = opened()
+    with pytest.raises(Refused) as busy:
+        idle.recycle(NOW, RULES)
+    assert busy.value.code == "not_idle"
+    idle.recycle(NOW + timedelta(days=61), RULES)
+    assert (idle.status, idle.owner) == ("recycled", None)
+    idle.reactivate("rep2", "xian", "mgr1", NOW + timedelta(days=62))
+    assert (idle.status, idle.owner) == ("open", "rep2")
+
+
+def test_probability_override_ends_at_the_next_stage_change() -> None:
+    o = opened()
+    o.override_probability(30, "rep1", NOW)
+    assert o.probability == 30
+    o.change_stage("B", "rep1", NOW, RULES)
+    assert o.probability == 25
+
+
+def test_bant_tiers_and_routing() -> None:
+    assert bant(lead(budget=None, authority="unknown", need=None, timeline="unknown")).total == 0
+    assert bant(lead()).grade == "A"
+    tiers = Tiers()
+    assert [tier(money(a), tiers) for a in ("19999.99", "20000", "49999", "50000", "200000")] == [
+        "small",
+        "normal",
+        "normal",
+        "important",
+        "major",
+    ]
+    directory = Directory(
+        users=[
+            User(id="r1", team="xian"),
+            User(id="r2", team="xian"),
+            User(id="m1", team="xian", role="manager"),
+        ]
+    )
+    routing = Routing(rules=[RoutingRule(team="xian", region="CN-SN")], load_cap=2)
+    assert route(lead(), directory, routing, {}) == Route("r1", "xian", "routing_rule_1")
+    assert route(lead(), directory, routing, {"r1": 1}).owner == "r2"
+    assert route(lead(), directory, routing, {"r1": 2, "r2": 2}).owner is None
+    other = lead(company={"name": "X", "region": "CN-BJ"})
+    assert route(other, directory, routing, {}) == Route(None, None, "no_rule")
+
+
+COMMANDS = st.lists(
+    st.one_of(
+        st.tuples(st.just("stage"), st.sampled_from(STAGES), st.booleans()),
+        st.tuples(st.just("proposal"), st.just(""), st.booleans()),
+        st.tuples(st.just("win"), st.just(""), st.booleans()),
+        st.tuples(st.just("lose"), st.sampled_from(["price", "nope"]), st.booleans()),
+        st.tuples(st.just("reopen"), st.just(""), st.booleans()),
+        st.tuples(st.just("override"), st.just(""), st.booleans()),
+        st.tuples(st.just("pay"), st.just(""), st.booleans()),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(commands=COMMANDS)
+def test_any_sequence_of_commands_keeps_the_invariants(
+    commands: list[tuple[str, str, bool]],
+) -> None:
+    o = opened(budget={"amount": "100000.00", "currency": CNY})
+    versions = [e.originator_version for e in o.collect_events()]
+    for number, (command, argument, flag) in enumerate(commands):
+        at = NOW + timedelta(hours=number)
+        before = (o.stage, o.status)
+        try:
+            if command == "stage":
+                o.change_stage(argument, "rep1", at, RULES, note="why" if flag else None)
+            elif command == "proposal":
+                o.change_amount("proposal", money("90000.00"), "rep1", at, RULES)
+            elif command == "win":
+                o.win(money("90000.00"), "rep1", at)
+            elif command == "lose":
+                o.lose(argument, "rep1", at, RULES)
+            elif command == "reopen":
+                o.reopen("rep1", at, RULES)
+            elif command == "override":
+                o.override_probability(42, "rep1", at)
+            else:
+                o.receive_payment(money("10.00"), "ops", at)
+        except Refused:
+            assert (o.stage, o.status) == before  # a refusal changes nothing
+            continue
+        new = o.collect_events()
+        versions += [e.originator_version for e in new]
+        if before[1] in ("won", "lost") and command not in ("reopen", "pay"):
+            pytest.fail(f"{command} changed a {before[1]} opportunity")
+        if o.stage != before[0] and before[1] == "open" and o.status == "open":
+            assert STAGES.index(o.stage) - STAGES.index(before[0]) <= 1  # no skip forward
+        if not o.probability_overridden:
+            assert o.probability == RULES.probability(o.stage)
+    assert versions == list(range(1, len(versions) + 1))  # gap-free
+    assert o.version == len(versions)
