@@ -11,7 +11,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from shared.settings import Settings
@@ -21,6 +21,37 @@ SERVICES = ("capture", "pipeline", "notify", "reporting")
 
 def _port(settings: Settings, service: str) -> int:
     return int(getattr(settings, f"{service}_port"))
+
+
+def _aware_time(text: str) -> datetime:
+    at = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if at.tzinfo is None:
+        raise argparse.ArgumentTypeError("give a time zone, e.g. 2027-01-31T09:00:00Z")
+    return at
+
+
+def cmd_pipeline_tick(args: argparse.Namespace) -> int:
+    from services.pipeline.app import MIGRATIONS, SCHEMA, PipelineApp
+    from shared.runtime import open_schema
+
+    settings = Settings()
+
+    async def migrated() -> None:
+        pool = await open_schema(settings, SCHEMA, MIGRATIONS)
+        await pool.close()
+
+    asyncio.run(migrated())
+    app = PipelineApp(settings.dsn(), SCHEMA, 2)
+    try:
+        total = 0
+        while batch := app.recycle_idle(args.now, settings.rules()):
+            total += len(batch)
+            for opportunity_id in batch:
+                print(f"recycled {opportunity_id}")
+        print(f"{total} opportunities recycled as of {args.now.isoformat()}")
+    finally:
+        app.close()
+    return 0
 
 
 def cmd_service(args: argparse.Namespace) -> int:
@@ -218,9 +249,13 @@ def parser() -> argparse.ArgumentParser:
         "dev", help="start embedded PostgreSQL, broker and all services"
     ).set_defaults(run=cmd_dev)
     for service in SERVICES:
-        commands.add_parser(service, help=f"run the {service} service").set_defaults(
-            run=cmd_service
-        )
+        runner = commands.add_parser(service, help=f"run the {service} service")
+        runner.set_defaults(run=cmd_service)
+        if service == "pipeline":
+            actions = runner.add_subparsers(dest="action")
+            tick = actions.add_parser("tick", help="recycle opportunities idle as of --now")
+            tick.add_argument("--now", required=True, type=_aware_time, help="ISO-8601 time")
+            tick.set_defaults(run=cmd_pipeline_tick)
     commands.add_parser("migrate", help="apply schema migrations").set_defaults(run=cmd_migrate)
 
     partner = commands.add_parser("partner", help="manage channel partners")

@@ -204,12 +204,23 @@ class DevStack:
 
     def child_settings(self) -> Settings:
         return self.settings.model_copy(
-            update={"kafka": self.kafka, "database_url": self.database_url}
+            update={
+                "kafka": self.kafka,
+                "database_url": self.database_url,
+                "kafka_idempotence": self.idempotence(),
+            }
         )
+
+    def idempotence(self) -> bool:
+        return self.broker is None and self.settings.idempotent_producer()
 
     def env(self) -> dict[str, str]:
         """Environment for service processes that use this stack."""
-        return {"DEALSTREAM_KAFKA": self.kafka, "DEALSTREAM_DATABASE_URL": self.database_url}
+        return {
+            "DEALSTREAM_KAFKA": self.kafka,
+            "DEALSTREAM_DATABASE_URL": self.database_url,
+            "DEALSTREAM_KAFKA_IDEMPOTENCE": str(self.idempotence()).lower(),
+        }
 
     def stop(self) -> None:
         if self.broker is not None:

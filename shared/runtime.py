@@ -12,6 +12,7 @@ from typing import Any
 
 import asyncpg
 import uvicorn
+from aiokafka.admin import AIOKafkaAdminClient
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse
 
@@ -43,6 +44,7 @@ class Readiness:
         self.consumers = consumers
         self.relay = relay
         self.max_relay_lag = max_relay_lag
+        self._admin: AIOKafkaAdminClient | None = None  # one client for all probes
 
     async def check(self) -> dict[str, object]:
         checks: dict[str, object] = {}
@@ -51,21 +53,24 @@ class Readiness:
             checks["database"] = "ok"
         except Exception as exc:
             checks["database"] = f"unreachable: {type(exc).__name__}"
-        admin = make_admin(self.settings)
         try:
-            await asyncio.wait_for(admin.start(), 3)
-            checks["broker"] = {"cluster_id": await asyncio.wait_for(cluster_id(admin), 3)}
+            if self._admin is None:
+                admin = make_admin(self.settings)
+                await asyncio.wait_for(admin.start(), 3)
+                self._admin = admin
+            checks["broker"] = {"cluster_id": await asyncio.wait_for(cluster_id(self._admin), 3)}
         except Exception as exc:
             checks["broker"] = f"unreachable: {type(exc).__name__}"
-        finally:
-            with contextlib.suppress(Exception):
-                await admin.close()
+            if self._admin is not None:
+                with contextlib.suppress(Exception):
+                    await self._admin.close()
+                self._admin = None
         for consumer in self.consumers:
             checks[f"consumer:{consumer.name}"] = "ok" if consumer.running else "not running"
         if self.relay is not None and checks["database"] == "ok":
             lag = await self.relay.lag()
-            checks["relay_lag"] = lag
-            if lag > self.max_relay_lag:
+            checks["relay_lag"] = "standby" if lag is None else lag
+            if lag is not None and lag > self.max_relay_lag:
                 checks["relay"] = f"behind by {lag}"
         return checks
 

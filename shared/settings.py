@@ -141,7 +141,9 @@ class Settings(BaseSettings):
     notify_port: int = 8003
     reporting_port: int = 8004
     token_secret: str | None = None
-    kafka_idempotence: bool = False
+    # Idempotent producers keep order within a partition across retries. On by default with a
+    # configured (real) Kafka; the embedded Tansu broker refuses it (InitProducerId fails).
+    kafka_idempotence: bool | None = None
     topic_partitions: int = 6
     topic_replication: int = 1
     relay_batch: int = 500
@@ -151,6 +153,7 @@ class Settings(BaseSettings):
     consumer_session_timeout_ms: int = 10000
     log_level: str = "INFO"
     http_host: str = "127.0.0.1"
+    recycle_tick_seconds: float = 600.0
 
     def stack_file(self) -> Path:
         return self.data_dir / "stack.json"
@@ -159,6 +162,11 @@ class Settings(BaseSettings):
         if self.kafka:
             return self.kafka
         return f"127.0.0.1:{self.kafka_port}"
+
+    def idempotent_producer(self) -> bool:
+        if self.kafka_idempotence is not None:
+            return self.kafka_idempotence
+        return self.kafka is not None
 
     def dsn(self) -> str:
         """The PostgreSQL URL: the configured one, or the one the running dev stack wrote."""

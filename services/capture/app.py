@@ -4,6 +4,7 @@ judged, deduped by message id, stored and answered in one transaction with their
 from __future__ import annotations
 
 import base64
+import hashlib
 import uuid
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -17,6 +18,8 @@ from shared.store.eventstore import EventStoreApp
 from shared.store.migrations import BUS_TABLES, Migration
 
 SCHEMA = "capture"
+PARTNER_MESSAGE_NAMESPACE = uuid.UUID("0d7a3c61-52e4-4b8f-a0a3-9f1b6e2c8d47")
+DEAD_LETTER_KEEP = 8 * 1024  # bytes of the raw value kept in a dead letter (with size and hash)
 
 MIGRATIONS: list[Migration] = [
     BUS_TABLES,
@@ -91,7 +94,7 @@ class CaptureApp(EventStoreApp):
                     reply = PartnerReply(
                         message_id=verdict.lead.message_id, status=status, lead_id=verdict.lead_id
                     )
-                out.append(_answer(message, verdict, reply, now))
+                out.append(_answer(tracking_name, message, verdict, reply, now))
             return out
 
         positioned = [(m.offset + 1, m) for m in messages]
@@ -103,7 +106,11 @@ def _position(message: Incoming) -> str:
 
 
 def _answer(
-    message: Incoming, verdict: Verdict, reply: PartnerReply | None, now: datetime
+    tracking_name: str,
+    message: Incoming,
+    verdict: Verdict,
+    reply: PartnerReply | None,
+    now: datetime,
 ) -> PartnerMessage:
     dead_letter = None
     if verdict.dead_letter_reason is not None:
@@ -116,12 +123,16 @@ def _answer(
             message_id=verdict.message_id,
             errors=list(verdict.errors),
             received_at=now,
-            value_b64=base64.b64encode(message.value).decode(),
+            value_bytes=len(message.value),
+            value_sha256=hashlib.sha256(message.value).hexdigest(),
+            value_b64=base64.b64encode(message.value[:DEAD_LETTER_KEEP]).decode(),
         ).model_dump(mode="json")
     correlation = verdict.message_id or _position(message)
     return PartnerMessage._create(
         PartnerMessage.Handled,
-        id=uuid.uuid4(),
+        # One answer per message: a replica replaying the same offsets collides here.
+        id=uuid.uuid5(PARTNER_MESSAGE_NAMESPACE, f"{tracking_name}/{message.offset}"),
+        timestamp=now,
         partner_id=verdict.partner_id if reply is not None else None,
         reply=None if reply is None else reply.model_dump(mode="json", exclude_none=True),
         dead_letter=dead_letter,

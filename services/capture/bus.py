@@ -58,7 +58,7 @@ def route(event: DomainEventProtocol[uuid.UUID], _: Notification) -> Sequence[Ou
 def incoming(record: Record) -> Incoming:
     headers: dict[str, str] = {}
     for key, value in record.headers or ():
-        headers[key.lower()] = bytes(value).decode("utf-8", "replace")
+        headers[key.lower()] = bytes(value or b"").decode("utf-8", "replace")
     return Incoming(
         topic=record.topic,
         partition=record.partition,

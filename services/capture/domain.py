@@ -51,9 +51,9 @@ def signature_valid(secrets: list[str], value: bytes, signature: str | None) -> 
 
 def field_errors(exc: ValidationError) -> list[FieldError]:
     errors = []
-    for error in exc.errors():
-        field = ".".join(str(p) for p in error["loc"]) or "value"
-        errors.append(FieldError(field=field, code=error["type"], message=error["msg"]))
+    for error in exc.errors()[:50]:
+        field = ".".join(str(p) for p in error["loc"])[:200] or "value"
+        errors.append(FieldError(field=field, code=error["type"], message=error["msg"][:300]))
     return errors
 
 
@@ -96,6 +96,7 @@ class Lead(Aggregate):
             payload=contract.model_dump(mode="json"),
             correlation_id=correlation_id,
             causation_id=causation_id,
+            timestamp=captured_at,
         )
 
 
@@ -160,6 +161,16 @@ def judge(
         incoming.key.decode("utf-8", "replace") if incoming.key else None
     )
     message_id = incoming.headers.get(HEADER_MESSAGE_ID)
+    if len(incoming.value) > max_bytes:
+        error = FieldError(field="value", code="too_large", message=f"over {max_bytes} bytes")
+        known = partner_id is not None and partner_id in secrets_of
+        reply = (
+            PartnerReply(message_id=message_id or "", status=ReplyStatus.rejected, errors=[error])
+            if known
+            else None
+        )
+        return Verdict(partner_id, message_id, reply, dead_letter_reason="too_large",
+                       errors=(error,))  # fmt: skip
     if not partner_id or partner_id not in secrets_of:
         return Verdict(partner_id, message_id, None, dead_letter_reason="unknown_partner")
 
@@ -181,18 +192,18 @@ def judge(
         )
     if not message_id:
         return rejected("missing", HEADER_MESSAGE_ID, "the x-message-id header is required")
-    if len(incoming.value) > max_bytes:
-        return rejected("too_large", "value", f"message is larger than {max_bytes} bytes")
     try:
         raw = json.loads(incoming.value)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return rejected("invalid_json", "value", f"value is not JSON: {exc}")
+    except (ValueError, RecursionError) as exc:  # bad UTF-8, bad JSON, absurd nesting or digits
+        return rejected("invalid_json", "value", f"value is not JSON: {str(exc)[:200]}")
     try:
         lead = PartnerLeadMessage.model_validate(raw)
     except ValidationError as exc:
         errors = field_errors(exc)
         reply = PartnerReply(message_id=message_id, status=ReplyStatus.rejected, errors=errors)
         return Verdict(partner_id, message_id, reply, errors=tuple(errors))
+    except (ArithmeticError, ValueError, RecursionError) as exc:  # what slips past pydantic
+        return rejected("invalid_value", "value", str(exc)[:200])
     mismatch = [
         FieldError(field=name, code="header_mismatch", message=f"must equal the {header} header")
         for name, header, value in (

@@ -20,7 +20,7 @@ from shared.settings import Settings
 
 
 def route(event: DomainEventProtocol[uuid.UUID], _: Notification) -> Sequence[Outbound]:
-    if isinstance(event, Opportunity.Opened | Opportunity.StageChanged):
+    if isinstance(event, Opportunity.Opened | Opportunity.Changed):
         return [envelope_message(OPPORTUNITY_EVENTS, event, "pipeline")]
     return []
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from decimal import Decimal
-from itertools import groupby
 from typing import Any
 
 import asyncpg
@@ -74,19 +73,23 @@ def _stage_row(envelope: Envelope) -> tuple[Any, ...]:
 
 
 async def project(conn: asyncpg.Connection, envelopes: Sequence[Envelope]) -> None:
-    """Apply envelopes in order; consecutive events of one type go in one `executemany`."""
-    for event_type, run in groupby(envelopes, key=lambda e: e.event_type):
-        batch = list(run)
-        if event_type == "OpportunityOpened":
-            await conn.executemany(
-                "INSERT INTO opportunity (opportunity_id, lead_id, stage, probability, amount,"
-                " currency, source, partner_id, region, industry, opened_at, updated_at)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-                [_opened_row(e) for e in batch],
-            )
-        elif event_type == "OpportunityStageChanged":
-            await conn.executemany(
-                "UPDATE opportunity SET stage = $2, probability = $3, status = $4, updated_at = $5"
-                " WHERE opportunity_id = $1",
-                [_stage_row(e) for e in batch],
-            )
+    """One `executemany` per kind per batch: every opening first (version 1 precedes all else in
+    its stream), then each opportunity's last stage change (each one sets the whole stage)."""
+    opened = [_opened_row(e) for e in envelopes if e.event_type == "OpportunityOpened"]
+    if opened:
+        await conn.executemany(
+            "INSERT INTO opportunity (opportunity_id, lead_id, stage, probability, amount,"
+            " currency, source, partner_id, region, industry, opened_at, updated_at)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+            opened,
+        )
+    staged = {
+        row[0]: row
+        for row in (_stage_row(e) for e in envelopes if e.event_type == "OpportunityStageChanged")
+    }
+    if staged:
+        await conn.executemany(
+            "UPDATE opportunity SET stage = $2, probability = $3, status = $4, updated_at = $5"
+            " WHERE opportunity_id = $1",
+            list(staged.values()),
+        )

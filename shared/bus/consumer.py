@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
-from aiokafka import ConsumerRebalanceListener
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
 from aiokafka.structs import ConsumerRecord, TopicPartition
 from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import IntegrityError, Tracking
@@ -87,16 +87,20 @@ class BatchConsumer:
             self.group_id,
             session_timeout_ms=self.settings.consumer_session_timeout_ms,
         )
+        failures: dict[TopicPartition, int] = {}
         try:
             self.cluster = await cluster_id(admin)
             await ensure_core_topics(admin, self.settings)
-            consumer.subscribe(self.topics, listener=_LogRebalance(self.name))
+            consumer.subscribe(self.topics, listener=_Rebalance(self, consumer))
             await consumer.start()
-            self.running = True
             while not stop.is_set():
-                batch = await consumer.getmany(
-                    timeout_ms=200, max_records=self.settings.consumer_batch
-                )
+                try:
+                    batch = await consumer.getmany(
+                        timeout_ms=200, max_records=self.settings.consumer_batch
+                    )
+                except UnicodeDecodeError:
+                    await self._skip_undecodable(consumer)
+                    continue
                 if not batch:
                     continue
                 # Checked after the fetch: if the id is still ours, the records came from it.
@@ -114,22 +118,30 @@ class BatchConsumer:
                     if partitions:
                         await consumer.seek_to_beginning(*partitions)
                     continue
+                done: dict[TopicPartition, tuple[int, str]] = {}
                 for partition, records in batch.items():
                     try:
                         await self.handle(partition, records)
                         self.processed += len(records)
+                        failures.pop(partition, None)
+                        done[partition] = (records[-1].offset + 1, self.cluster)
                     except Exception:
                         self.errors += 1
+                        failures[partition] = failures.get(partition, 0) + 1
                         log.exception(
-                            "consumer %s: batch on %s failed; it will be read again",
+                            "consumer %s: batch on %s failed (%d in a row); reading it again",
                             self.name,
                             partition,
+                            failures[partition],
                         )
-                        consumer.seek(partition, records[0].offset)
-                        await asyncio.sleep(0.5)
+                        with contextlib.suppress(Exception):  # revoked meanwhile: nothing to do
+                            consumer.seek(partition, records[0].offset)
+                        await asyncio.sleep(min(0.5 * 2 ** failures[partition], 10.0))
                 self.last_batch_at = time.monotonic()
-                with contextlib.suppress(Exception):
-                    await consumer.commit()  # a hint for lag dashboards only
+                if done:
+                    with contextlib.suppress(Exception):
+                        # A hint for lag dashboards, tagged with the broker it belongs to.
+                        await consumer.commit(done)
         finally:
             self.running = False
             with contextlib.suppress(Exception):
@@ -137,16 +149,49 @@ class BatchConsumer:
             with contextlib.suppress(Exception):
                 await admin.close()
 
+    async def _skip_undecodable(self, consumer: AIOKafkaConsumer) -> None:
+        """A record the client cannot even parse (say, a header name that is not UTF-8) must not
+        stop the partition: find it, log it, and step over it."""
+        for partition in consumer.assignment():
+            try:
+                await consumer.getmany(partition, timeout_ms=100, max_records=1)
+            except UnicodeDecodeError:
+                offset = await consumer.position(partition)
+                log.error(
+                    "consumer %s: undecodable record at %s offset %d skipped",
+                    self.name,
+                    partition,
+                    offset,
+                )
+                self.errors += 1
+                consumer.seek(partition, offset + 1)
 
-class _LogRebalance(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, name: str) -> None:
-        self.name = name
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Logs assignments, marks the consumer running once it has partitions, and reads from the
+    start any partition whose committed offset belongs to another broker (a fresh broker would
+    otherwise start it past records it never delivered)."""
+
+    def __init__(self, owner: BatchConsumer, consumer: AIOKafkaConsumer) -> None:
+        self.owner = owner
+        self.consumer = consumer
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        log.info("consumer %s: revoked %s", self.name, sorted(p.partition for p in revoked))
+        log.info("consumer %s: revoked %s", self.owner.name, sorted(p.partition for p in revoked))
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        log.info("consumer %s: assigned %s", self.name, sorted(p.partition for p in assigned))
+        log.info("consumer %s: assigned %s", self.owner.name, sorted(p.partition for p in assigned))
+        self.owner.running = True
+        if not assigned:
+            return
+        committed = await self.consumer._coordinator.fetch_committed_offsets(assigned)
+        foreign = [
+            tp
+            for tp, position in committed.items()
+            if position.offset >= 0 and position.metadata != self.owner.cluster
+        ]
+        if foreign:
+            await self.consumer.seek_to_beginning(*foreign)
 
 
 def _fresh(items: Sequence[tuple[int, T]], position: int) -> list[tuple[int, T]]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 from collections.abc import Sequence
@@ -72,7 +71,7 @@ class BadEnvelope(ValueError):
 def header(record: ConsumerRecord[Any, Any], name: str) -> str | None:
     for key, value in record.headers or ():
         if key == name:
-            return bytes(value).decode("utf-8", "replace")
+            return bytes(value or b"").decode("utf-8", "replace")
     return None
 
 
@@ -86,11 +85,11 @@ def notification_id_of(record: ConsumerRecord[Any, Any]) -> int:
 def decode_envelope(record: ConsumerRecord[Any, Any]) -> Envelope:
     """Parse and validate an envelope and its payload; BadEnvelope says why not."""
     try:
-        envelope = Envelope.model_validate(json.loads(record.value))
+        envelope = Envelope.model_validate_json(record.value or b"")
         if envelope.event_type in EVENT_TYPES:  # newer types pass through unvalidated
             parse_event_data(envelope.event_type, envelope.data)
-    except (ValueError, ValidationError, TypeError) as exc:
-        raise BadEnvelope(str(exc)) from exc
+    except (ValueError, ValidationError, TypeError, RecursionError) as exc:
+        raise BadEnvelope(str(exc)[:500]) from exc
     return envelope
 
 

@@ -53,7 +53,7 @@ def make_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
         "linger_ms": 5,
         "max_batch_size": 256 * 1024,
         "request_timeout_ms": 15000,
-        "enable_idempotence": settings.kafka_idempotence,
+        "enable_idempotence": settings.idempotent_producer(),
     }
     options.update(overrides)
     return AIOKafkaProducer(**options)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -36,6 +37,7 @@ from shared.settings import Settings
 from shared.store.eventstore import EventStoreApp
 
 log = logging.getLogger(__name__)
+IDLE_CLUSTER_CHECK = 2.0  # seconds between cluster checks while there is nothing to publish
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,7 @@ class OutboxRelay:
         self.cluster: str | None = None
         self._known_topics: set[str] = set()
         self._wake = asyncio.Event()
+        self._checked_at = 0.0
         self.leading = False
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -101,9 +104,13 @@ class OutboxRelay:
                 await admin.start()
                 await producer.start()
                 while not stop.is_set():
+                    if conn.is_closed():
+                        raise ConnectionError("lost the relay lock's connection: stepping down")
+                    self._wake.clear()  # before the batch, so a commit during it wakes the next
                     count = await self.publish_batch(producer, admin)
+                    if count == 0:
+                        await conn.fetchval("SELECT 1")  # still holding the lock's session?
                     if count < self.settings.relay_batch:
-                        self._wake.clear()
                         with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(self._wake.wait(), 0.5 if count == 0 else 0.01)
             finally:
@@ -127,6 +134,11 @@ class OutboxRelay:
             self.app.notifications_after, self.position, self.settings.relay_batch
         )
         if not notifications:
+            # Idle: still notice a fresh broker, so history and reply topics come back.
+            if time.monotonic() - self._checked_at > IDLE_CLUSTER_CHECK:
+                self._checked_at = time.monotonic()
+                if await cluster_id(admin) != self.cluster:
+                    self.cluster = None
             return 0
         before = await cluster_id(admin)
         if before != self.cluster:
@@ -205,8 +217,11 @@ class OutboxRelay:
             )
         self.cluster = current
 
-    async def lag(self) -> int:
-        """How many stored events are not yet published (for /readyz and /metrics)."""
+    async def lag(self) -> int | None:
+        """How many stored events are not yet published (for /readyz and /metrics); None on a
+        standby replica, whose relay waits for the lock."""
+        if not self.leading:
+            return None
         latest = await asyncio.to_thread(self.app.process_recorder.max_notification_id)
         return max(0, (latest or 0) - self.position)
 

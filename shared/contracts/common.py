@@ -14,10 +14,16 @@ from shared.clock import utc_iso
 def _utc(value: datetime) -> datetime:
     if value.tzinfo is None:
         raise ValueError("time must carry a zone (UTC with Z)")
-    return value.astimezone(UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("time is out of range") from None
 
 
 UtcTime = Annotated[datetime, AfterValidator(_utc), PlainSerializer(utc_iso, return_type=str)]
+
+
+MAX_AMOUNT = Decimal(10) ** 15  # fits numeric(18, 2)
 
 
 def _money_amount(value: Decimal) -> Decimal:
@@ -27,6 +33,8 @@ def _money_amount(value: Decimal) -> Decimal:
         raise ValueError("amount must not be negative")
     if value.as_tuple().exponent < -2:  # type: ignore[operator]
         raise ValueError("amount has more than 2 decimal places")
+    if value >= MAX_AMOUNT:
+        raise ValueError(f"amount must be below {MAX_AMOUNT:,}")
     return value.quantize(Decimal("0.01"))
 
 

@@ -124,5 +124,7 @@ class DeadLetter(Contract):
     message_id: str | None = None
     errors: list[FieldError] = Field(default_factory=list)
     received_at: UtcTime
-    value_b64: str | None = None
+    value_bytes: int | None = None
+    value_sha256: str | None = None
+    value_b64: str | None = None  # the first 8 KiB of the raw value
     kind: Literal["dead_letter"] = "dead_letter"

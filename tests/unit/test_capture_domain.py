@@ -117,3 +117,49 @@ def test_any_signed_json_gets_an_answer(body: object) -> None:
     value = json.dumps(body).encode()
     verdict = judge(signed("acme", "acme-h", value), SECRETS, MAX)
     assert verdict.reply is not None or verdict.lead is not None
+
+
+def test_inputs_that_slip_past_parsers_are_rejected_not_raised() -> None:
+    deep = signed("acme", "acme-d", b"[" * 3000)
+    assert judge(deep, SECRETS, MAX).reply.errors[0].code == "invalid_json"  # type: ignore[union-attr]
+    digits = signed("acme", "acme-n", b"1" * 5000)
+    assert judge(digits, SECRETS, MAX).reply.errors[0].code == "invalid_json"  # type: ignore[union-attr]
+    for field, value in (
+        ("budget", {"amount": "1e30", "currency": "CNY"}),
+        ("submitted_at", "9999-12-31T23:59:59-01:00"),
+    ):
+        body = json.loads(lead_value("acme", "acme-x"))
+        body[field] = value
+        verdict = judge(signed("acme", "acme-x", json.dumps(body).encode()), SECRETS, MAX)
+        assert verdict.reply is not None and verdict.reply.status is ReplyStatus.rejected
+        assert verdict.reply.errors and verdict.reply.errors[0].field.startswith(field)
+
+
+def test_oversized_is_checked_before_anything_else() -> None:
+    huge = b"x" * (MAX + 1)
+    stranger = message(huge, {"x-partner-id": "initech", "x-message-id": "i-9"}, b"initech")
+    verdict = judge(stranger, SECRETS, MAX)
+    assert verdict.reply is None and verdict.dead_letter_reason == "too_large"
+
+
+def test_header_without_a_value_does_not_break_intake() -> None:
+    from aiokafka.structs import ConsumerRecord
+
+    from services.capture.bus import incoming
+
+    record = ConsumerRecord(
+        "partner.leads.v1",
+        0,
+        5,
+        0,
+        0,
+        b"acme",
+        b"{}",
+        None,
+        2,
+        2,
+        [("x-partner-id", None), ("x-message-id", b"m")],
+    )
+    seen = incoming(record)  # type: ignore[arg-type]
+    assert seen.headers == {"x-partner-id": "", "x-message-id": "m"}
+    assert judge(seen, SECRETS, MAX).reply is not None  # known by key, unsigned: rejected

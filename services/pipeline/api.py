@@ -1,0 +1,304 @@
+"""Pipeline's HTTP API (SPEC §4): commands with `expected_version`, queries, and the access
+rules of SPEC §8 — a rep sees and changes only their own opportunities, a manager the team's,
+ops reads everything, admin does everything; what a caller may not see does not exist (404)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+from fastapi import Depends, FastAPI, HTTPException, Query
+from fastapi.responses import JSONResponse
+
+from services.pipeline import views as v
+from services.pipeline.app import NotFound, PipelineApp, StaleVersion
+from services.pipeline.domain import Opportunity, Refused
+from shared.auth import Principal, Role
+from shared.clock import Clock
+from shared.http_auth import bearer
+from shared.runtime import Readiness, health_router
+from shared.settings import Settings
+
+# Refusals about the request itself; the others are conflicts with the opportunity's state.
+UNPROCESSABLE = {"unknown_reason", "unknown_stage", "invalid_probability", "currency_mismatch"}
+
+
+class Hidden(Exception):
+    """The caller may not see this opportunity: answered exactly like a missing one."""
+
+
+class Forbidden(Exception):
+    pass
+
+
+def visible(principal: Principal, owner: str | None, team: str | None) -> bool:
+    if principal.role in (Role.admin, Role.ops):
+        return True
+    if principal.role is Role.manager:
+        return team is not None and team == principal.team
+    return owner is not None and owner == principal.user
+
+
+def check_change(principal: Principal, o: Opportunity, command: str) -> None:
+    if not visible(principal, o.owner, o.team):
+        raise Hidden
+    if principal.role is Role.ops:
+        raise Forbidden("ops reads, it does not change opportunities")
+    if command in ("assign", "reactivate") and principal.role is Role.rep:
+        raise Forbidden("reps do not assign; their manager does")
+
+
+def create_api(
+    app: PipelineApp,
+    settings: Settings,
+    pool: asyncpg.Pool,
+    clock: Clock,
+    readiness: Callable[[], Readiness | None],
+) -> FastAPI:
+    api = FastAPI(title="DealStream pipeline", version="1")
+    api.include_router(health_router(readiness))
+    authenticated = bearer(settings, clock)
+    rules = settings.rules
+
+    async def audit(opportunity_id: uuid.UUID, command: str, code: str, actor: str,
+                    detail: dict[str, Any]) -> None:  # fmt: skip
+        await pool.execute(
+            "INSERT INTO refused_command (opportunity_id, command, code, actor, detail, refused_at)"
+            " VALUES ($1, $2, $3, $4, $5::jsonb, $6)",
+            opportunity_id, command, code, actor, json.dumps(detail, default=str), clock.now(),
+        )  # fmt: skip
+
+    async def run(
+        opportunity_id: uuid.UUID,
+        command: str,
+        body: v.Command,
+        principal: Principal,
+        change: Callable[[Opportunity, datetime], None],
+    ) -> JSONResponse:
+        now = clock.now()
+
+        def guarded(o: Opportunity) -> None:
+            check_change(principal, o, command)
+            change(o, now)
+
+        try:
+            saved = await asyncio.to_thread(app.command, opportunity_id, body.expected_version,
+                                            guarded)  # fmt: skip
+        except (NotFound, Hidden):
+            raise HTTPException(404, "no such opportunity") from None
+        except Forbidden as exc:
+            raise HTTPException(403, str(exc)) from None
+        except StaleVersion as exc:
+            await audit(
+                opportunity_id,
+                command,
+                "stale_version",
+                principal.user,
+                {"expected_version": body.expected_version, "current": exc.current},
+            )
+            refusal = v.Refusal(code="stale_version", message=str(exc),
+                                current_version=exc.current)  # fmt: skip
+            return JSONResponse(refusal.model_dump(), status_code=409)
+        except Refused as exc:
+            await audit(
+                opportunity_id,
+                command,
+                exc.code,
+                principal.user,
+                {**exc.detail, "body": body.model_dump(mode="json")},
+            )
+            status = 422 if exc.code in UNPROCESSABLE else 409
+            refusal = v.Refusal(code=exc.code, message=str(exc), detail=exc.detail)
+            return JSONResponse(refusal.model_dump(mode="json"), status_code=status)
+        return JSONResponse(v.OpportunityView.of(saved).model_dump(mode="json"))
+
+    base = "/v1/opportunities/{opportunity_id}"
+    refusals: dict[int | str, dict[str, Any]] = {
+        404: {"description": "no such opportunity (or not yours)"},
+        409: {"model": v.Refusal}, 422: {"model": v.Refusal},
+    }  # fmt: skip
+
+    @api.post(f"{base}/stage", response_model=v.OpportunityView, responses=refusals)
+    async def stage(opportunity_id: uuid.UUID, body: v.StageCommand,
+                    p: Principal = Depends(authenticated)) -> JSONResponse:  # fmt: skip
+        return await run(
+            opportunity_id,
+            "stage",
+            body,
+            p,
+            lambda o, now: o.change_stage(
+                body.to_stage, p.user, now, rules(), note=body.note, correlation_id=p.user
+            ),
+        )
+
+    @api.post(f"{base}/follow-ups", response_model=v.OpportunityView, responses=refusals)
+    async def follow_up(opportunity_id: uuid.UUID, body: v.FollowUpCommand,
+                        p: Principal = Depends(authenticated)) -> JSONResponse:  # fmt: skip
+        return await run(
+            opportunity_id,
+            "follow-ups",
+            body,
+            p,
+            lambda o, now: o.log_follow_up(
+                body.channel, body.summary, p.user, now, body.next_follow_up_at
+            ),
+        )
+
+    @api.post(f"{base}/win", response_model=v.OpportunityView, responses=refusals)
+    async def win(opportunity_id: uuid.UUID, body: v.WinCommand,
+                  p: Principal = Depends(authenticated)) -> JSONResponse:  # fmt: skip
+        return await run(
+            opportunity_id, "win", body, p, lambda o, now: o.win(body.contract_amount, p.user, now)
+        )
+
+    @api.post(f"{base}/lose", response_model=v.OpportunityView, responses=refusals)
+    async def lose(opportunity_id: uuid.UUID, body: v.LoseCommand,
+                   p: Principal = Depends(authenticated)) -> JSONResponse:  # fmt: skip
+        return await run(
+            opportunity_id,
+            "lose",
+            body,
+            p,
+            lambda o, now: o.lose(
+                body.reason_code, p.user, now, rules(), note=body.note, competitor=body.competitor
+            ),
+        )
+
+    @api.post(f"{base}/reopen", response_model=v.OpportunityView, responses=refusals)
+    async def reopen(opportunity_id: uuid.UUID, body: v.ReopenCommand,
+                     p: Principal = Depends(authenticated)) -> JSONResponse:  # fmt: skip
+        return await run(
+            opportunity_id,
+            "reopen",
+            body,
+            p,
+            lambda o, now: o.reopen(p.user, now, rules(), note=body.note),
+        )
+
+    @api.post(f"{base}/assign", response_model=v.OpportunityView, responses=refusals)
+    async def assign(opportunity_id: uuid.UUID, body: v.AssignCommand,
+                     p: Principal = Depends(authenticated)) -> JSONResponse:  # fmt: skip
+        if p.role is Role.manager and body.team not in (None, p.team):
+            raise HTTPException(403, "a manager assigns within their own team")
+        return await run(
+            opportunity_id,
+            "assign",
+            body,
+            p,
+            lambda o, now: o.assign(body.owner, body.team or o.team, p.user, now),
+        )
+
+    @api.post(f"{base}/reactivate", response_model=v.OpportunityView, responses=refusals)
+    async def reactivate(opportunity_id: uuid.UUID, body: v.AssignCommand,
+                         p: Principal = Depends(authenticated)) -> JSONResponse:  # fmt: skip
+        return await run(
+            opportunity_id,
+            "reactivate",
+            body,
+            p,
+            lambda o, now: o.reactivate(body.owner, body.team, p.user, now),
+        )
+
+    @api.post(f"{base}/payments", response_model=v.OpportunityView, responses=refusals)
+    async def payments(opportunity_id: uuid.UUID, body: v.PaymentCommand,
+                       p: Principal = Depends(authenticated)) -> JSONResponse:  # fmt: skip
+        return await run(
+            opportunity_id,
+            "payments",
+            body,
+            p,
+            lambda o, now: o.receive_payment(body.amount, p.user, now),
+        )
+
+    @api.post(f"{base}/amount", response_model=v.OpportunityView, responses=refusals)
+    async def amount(opportunity_id: uuid.UUID, body: v.AmountCommand,
+                     p: Principal = Depends(authenticated)) -> JSONResponse:  # fmt: skip
+        return await run(
+            opportunity_id,
+            "amount",
+            body,
+            p,
+            lambda o, now: o.change_amount(body.kind, body.amount, p.user, now, rules()),
+        )
+
+    @api.post(f"{base}/probability", response_model=v.OpportunityView, responses=refusals)
+    async def probability(opportunity_id: uuid.UUID, body: v.ProbabilityCommand,
+                          p: Principal = Depends(authenticated)) -> JSONResponse:  # fmt: skip
+        return await run(
+            opportunity_id,
+            "probability",
+            body,
+            p,
+            lambda o, now: o.override_probability(body.probability, p.user, now, note=body.note),
+        )
+
+    async def load_visible(opportunity_id: uuid.UUID, p: Principal,
+                           as_of: datetime | None = None) -> Opportunity:  # fmt: skip
+        try:
+            o = await asyncio.to_thread(app.get, opportunity_id, as_of)
+            current = o if as_of is None else await asyncio.to_thread(app.get, opportunity_id)
+        except NotFound:
+            raise HTTPException(404, "no such opportunity") from None
+        if not visible(p, current.owner, current.team):
+            raise HTTPException(404, "no such opportunity")
+        return o
+
+    @api.get(base, response_model=v.OpportunityView)
+    async def get_one(opportunity_id: uuid.UUID, as_of: datetime | None = None,
+                      p: Principal = Depends(authenticated)) -> v.OpportunityView:  # fmt: skip
+        if as_of is not None and as_of.tzinfo is None:
+            raise HTTPException(422, "as_of needs a time zone (UTC with Z)")
+        return v.OpportunityView.of(await load_visible(opportunity_id, p, as_of), as_of)
+
+    @api.get(f"{base}/history", response_model=list[v.HistoryEntry])
+    async def history(opportunity_id: uuid.UUID,
+                      p: Principal = Depends(authenticated)) -> list[v.HistoryEntry]:  # fmt: skip
+        await load_visible(opportunity_id, p)
+        events = await asyncio.to_thread(app.history, opportunity_id)
+        return [
+            v.HistoryEntry(
+                version=e.originator_version, event_type=e.public_name, occurred_at=e.timestamp,
+                actor=e.payload.get("actor", "system"), data=e.payload,
+            )
+            for e in events
+        ]  # fmt: skip
+
+    @api.get("/v1/opportunities", response_model=v.OpportunityPage)
+    async def list_opportunities(
+        p: Principal = Depends(authenticated),
+        lead_id: uuid.UUID | None = None,
+        owner: str | None = None,
+        team: str | None = None,
+        stage: str | None = Query(default=None, pattern="^[A-F]$"),
+        status: str | None = Query(default=None, pattern="^(open|won|lost|recycled)$"),
+        limit: int = Query(default=50, ge=1, le=200),
+        offset: int = Query(default=0, ge=0),
+    ) -> v.OpportunityPage:
+        if p.role is Role.rep:
+            owner = p.user if owner in (None, p.user) else "\x00nobody"
+        elif p.role is Role.manager:
+            team = p.team if team in (None, p.team) else "\x00nobody"
+        where = (
+            "($1::uuid IS NULL OR i.opportunity_id IN"
+            " (SELECT opportunity_id FROM opportunity_lead WHERE lead_id = $1))"
+            " AND ($2::text IS NULL OR i.owner = $2) AND ($3::text IS NULL OR i.team = $3)"
+            " AND ($4::text IS NULL OR i.stage = $4) AND ($5::text IS NULL OR i.status = $5)"
+        )
+        args = (lead_id, owner, team, stage, status)
+        total = await pool.fetchval(
+            f"SELECT count(*) FROM opportunity_index i WHERE {where}", *args
+        )
+        rows = await pool.fetch(
+            f"SELECT * FROM opportunity_index i WHERE {where}"
+            " ORDER BY opened_at DESC, opportunity_id LIMIT $6 OFFSET $7",
+            *args, limit, offset,
+        )  # fmt: skip
+        items = [json.loads(json.dumps(dict(r), default=str)) for r in rows]
+        return v.OpportunityPage(items=items, total=int(total), limit=limit, offset=offset)
+
+    return api
