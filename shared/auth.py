@@ -47,7 +47,8 @@ def verify_token(token: str, secret: str, now: datetime) -> Principal:
             secret,
             algorithms=["HS256"],
             issuer=ISSUER,
-            options={"require": ["exp", "sub", "iss"], "verify_exp": False},
+            # Expiry is checked below against the injected clock, not the wall clock.
+            options={"require": ["exp", "sub", "iss"], "verify_exp": False, "verify_iat": False},
         )
     except jwt.PyJWTError as exc:
         raise InvalidToken(str(exc)) from exc

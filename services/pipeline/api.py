@@ -82,13 +82,14 @@ def create_api(
     ) -> JSONResponse:
         now = clock.now()
 
-        def guarded(o: Opportunity) -> None:
-            check_change(principal, o, command)
-            change(o, now)
-
         try:
-            saved = await asyncio.to_thread(app.command, opportunity_id, body.expected_version,
-                                            guarded)  # fmt: skip
+            saved = await asyncio.to_thread(
+                app.command,
+                opportunity_id,
+                body.expected_version,
+                lambda o: change(o, now),
+                lambda o: check_change(principal, o, command),
+            )
         except (NotFound, Hidden):
             raise HTTPException(404, "no such opportunity") from None
         except Forbidden as exc:
@@ -280,9 +281,13 @@ def create_api(
         offset: int = Query(default=0, ge=0),
     ) -> v.OpportunityPage:
         if p.role is Role.rep:
-            owner = p.user if owner in (None, p.user) else "\x00nobody"
+            if owner not in (None, p.user):  # another rep's: as if there were none
+                return v.OpportunityPage(items=[], total=0, limit=limit, offset=offset)
+            owner = p.user
         elif p.role is Role.manager:
-            team = p.team if team in (None, p.team) else "\x00nobody"
+            if team not in (None, p.team):
+                return v.OpportunityPage(items=[], total=0, limit=limit, offset=offset)
+            team = p.team
         where = (
             "($1::uuid IS NULL OR i.opportunity_id IN"
             " (SELECT opportunity_id FROM opportunity_lead WHERE lead_id = $1))"

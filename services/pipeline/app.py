@@ -221,10 +221,13 @@ class PipelineApp(EventStoreApp):
         opportunity_id: uuid.UUID,
         expected_version: int,
         change: Callable[[Opportunity], None],
+        authorize: Callable[[Opportunity], None] = lambda _: None,
     ) -> Opportunity:
-        """Apply one command with optimistic concurrency: a stale `expected_version`, or a writer
-        who got there first, is StaleVersion with the current version; refusals are Refused."""
+        """Apply one command with optimistic concurrency: `authorize` first (it raises for a
+        caller who may not), then a stale `expected_version`, or a writer who got there first,
+        is StaleVersion with the current version; refusals are Refused."""
         opportunity = self.get(opportunity_id)
+        authorize(opportunity)
         if opportunity.version != expected_version:
             raise StaleVersion(opportunity.version)
         change(opportunity)

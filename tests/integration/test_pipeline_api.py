@@ -1,0 +1,224 @@
+"""The pipeline API as reps, managers, ops and admins use it (SPEC §4, §8): a scripted life with
+refusals and time travel, every route under every role, and racing writers."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import timedelta
+
+import pytest
+
+from tests.integration.pipeline_fixtures import Pipeline, pipeline  # noqa: F401
+
+CNY = "CNY"
+
+
+def money(amount: str) -> dict[str, str]:
+    return {"amount": amount, "currency": CNY}
+
+
+async def test_a_won_life_with_refusals_history_and_as_of(pipeline: Pipeline) -> None:  # noqa: F811
+    p = pipeline
+    o = await p.open(budget=money("150000.00"))
+    view = (await p.http.get(f"/v1/opportunities/{o}", headers=p.auth("rep1"))).json()
+    assert (view["stage"], view["owner"], view["team"], view["tier"]) == (
+        "A",
+        "rep1",
+        "xian",
+        "important",
+    )
+    assert (view["version"], view["score"], view["grade"]) == (3, 95, "A")
+    moments = [(p.clock.now(), "A", 3)]
+
+    async def step(route: str, **body: object) -> dict:  # type: ignore[type-arg]
+        p.clock.set(p.clock.now() + timedelta(days=1))
+        answer = await p.post("rep1", o, route, expected_version=await p.version(o), **body)
+        assert answer.status_code == 200, answer.text
+        return answer.json()
+
+    await step("stage", to_stage="B")
+    skip = await p.post("rep1", o, "stage", expected_version=4, to_stage="D")
+    assert skip.status_code == 409 and skip.json()["code"] == "stage_skip"
+    stale = await p.post("rep1", o, "stage", expected_version=3, to_stage="C")
+    assert stale.status_code == 409
+    assert stale.json() == {
+        "code": "stale_version",
+        "current_version": 4,
+        "detail": {},
+        "message": "stale expected_version; current version is 4",
+    }
+    moments.append((p.clock.now(), "B", 4))
+    await step("follow-ups", channel="visit", summary="met the CIO")
+    await step("stage", to_stage="C")
+    moments.append((p.clock.now(), "C", 6))
+    await step("stage", to_stage="D")
+    unmet = await p.post("rep1", o, "stage", expected_version=7, to_stage="E")
+    assert unmet.status_code == 409 and unmet.json()["detail"]["missing"] == ["proposal_amount"]
+    await step("amount", kind="proposal", amount=money("140000.00"))
+    await step("stage", to_stage="E")
+    moments.append((p.clock.now(), "E", 9))
+    won = await step("win", contract_amount=money("138000.00"))
+    assert (won["status"], won["stage"], won["probability"]) == ("won", "F", 100)
+    paid = await step("payments", amount=money("38000.00"))
+    assert paid["received"] == money("38000.00")
+    moments.append((p.clock.now(), "F", 11))
+
+    for at, stage, version in moments:
+        then = await p.http.get(f"/v1/opportunities/{o}", params={"as_of": at.isoformat()},
+                                headers=p.auth("rep1"))  # fmt: skip
+        assert (then.json()["stage"], then.json()["version"]) == (stage, version), at
+    before = await p.http.get(
+        f"/v1/opportunities/{o}",
+        headers=p.auth("rep1"),
+        params={"as_of": (moments[0][0] - timedelta(days=1)).isoformat()},
+    )
+    assert before.status_code == 404
+
+    history = (await p.http.get(f"/v1/opportunities/{o}/history", headers=p.auth("ops"))).json()
+    assert [h["version"] for h in history] == list(range(1, 12))
+    assert [h["event_type"] for h in history][:4] == [
+        "OpportunityOpened",
+        "OpportunityScored",
+        "OpportunityAssigned",
+        "OpportunityStageChanged",
+    ]
+    assert history[3]["actor"] == "rep1" and history[0]["actor"] == "system"
+    refused = await p.pool.fetch("SELECT code, actor FROM refused_command WHERE opportunity_id = $1"
+                                 " ORDER BY id", o)  # fmt: skip
+    assert [(r["code"], r["actor"]) for r in refused] == [
+        ("stage_skip", "rep1"),
+        ("stale_version", "rep1"),
+        ("exit_criteria_unmet", "rep1"),
+    ]
+
+
+async def test_lost_reopened_and_validation_refusals(pipeline: Pipeline) -> None:  # noqa: F811
+    p = pipeline
+    o = await p.open()
+    await p.post("rep1", o, "stage", expected_version=3, to_stage="B")
+    await p.post("rep1", o, "stage", expected_version=4, to_stage="C")
+    bad = await p.post("rep1", o, "lose", expected_version=5, reason_code="bad_luck")
+    assert bad.status_code == 422 and bad.json()["code"] == "unknown_reason"
+    lost = await p.post("rep1", o, "lose", expected_version=5, reason_code="competitor",
+                        competitor="Globex", note="cheaper")  # fmt: skip
+    assert (lost.json()["status"], lost.json()["lost_stage"]) == ("lost", "C")
+    again = await p.post("rep1", o, "stage", expected_version=6, to_stage="D")
+    assert again.json()["code"] == "not_open"
+    reopened = await p.post("mgr_xian", o, "reopen", expected_version=6, note="budget is back")
+    assert (reopened.json()["status"], reopened.json()["stage"]) == ("open", "C")
+    shape = await p.post("rep1", o, "stage", expected_version=7)
+    assert shape.status_code == 422  # to_stage missing: field errors from the contract
+
+
+# Expected status per caller for an opportunity of rep1 in team xian. Commands are sent with a
+# stale version, so an allowed caller gets 409 and nothing changes.
+ROUTES = ["get", "history", "stage", "follow-ups", "win", "lose", "reopen", "assign", "payments"]
+SEES = {"rep1": True, "rep2": False, "mgr_xian": True, "mgr_bj": False, "ops": True, "admin": True}
+
+
+def expected(who: str, route: str) -> int:
+    if not SEES[who]:
+        return 404
+    if route in ("get", "history"):
+        return 200
+    if who == "ops" or (who == "rep1" and route == "assign"):
+        return 403
+    return 409
+
+
+BODIES = {
+    "stage": {"to_stage": "B"},
+    "follow-ups": {"channel": "call", "summary": "s"},
+    "win": {"contract_amount": money("1.00")},
+    "lose": {"reason_code": "price"},
+    "reopen": {},
+    "assign": {"owner": "rep2"},
+    "payments": {"amount": money("1.00")},
+}
+
+
+@pytest.mark.parametrize("who", list(SEES))
+async def test_every_route_under_every_role(pipeline: Pipeline, who: str) -> None:  # noqa: F811
+    p = pipeline
+    o = await p.open()
+    for route in ROUTES:
+        if route == "get":
+            answer = await p.http.get(f"/v1/opportunities/{o}", headers=p.auth(who))
+        elif route == "history":
+            answer = await p.http.get(f"/v1/opportunities/{o}/history", headers=p.auth(who))
+        else:
+            answer = await p.post(who, o, route, expected_version=99, **BODIES[route])
+        assert answer.status_code == expected(who, route), (who, route, answer.text)
+        if answer.status_code == 409:
+            assert answer.json()["code"] == "stale_version"
+    assert await p.version(o) == 3  # nothing changed
+    missing = await p.http.get(f"/v1/opportunities/{uuid.uuid4()}", headers=p.auth(who))
+    assert missing.status_code == 404
+    assert (await p.http.get(f"/v1/opportunities/{o}")).status_code == 401
+
+
+async def test_lists_are_scoped_filtered_and_paged(pipeline: Pipeline) -> None:  # noqa: F811
+    p = pipeline
+    xian = [await p.open() for _ in range(3)]  # rep1, rep2, rep1 (least loaded first)
+    beijing = await p.open(region="CN-BJ")
+
+    async def ids(who: str, **params: object) -> set[uuid.UUID]:
+        page = await p.http.get("/v1/opportunities", params=params, headers=p.auth(who))
+        assert page.status_code == 200, page.text
+        return {uuid.UUID(i["opportunity_id"]) for i in page.json()["items"]}
+
+    mine = await ids("rep1")
+    assert mine and mine <= set(xian) and beijing not in mine
+    assert await ids("mgr_xian") >= set(xian) and beijing not in await ids("mgr_xian")
+    assert await ids("mgr_bj") == {beijing}
+    everything = await ids("ops")
+    assert set(xian) | {beijing} <= everything
+    assert await ids("rep1", owner="rep2") == set()  # a rep cannot look at another's
+    assert await ids("ops", team="beijing") == {beijing}
+    page = await p.http.get("/v1/opportunities", params={"limit": 2, "offset": 0, "team": "xian"},
+                            headers=p.auth("admin"))  # fmt: skip
+    assert len(page.json()["items"]) == 2 and page.json()["total"] == 3
+    lead_page = await p.http.get(
+        "/v1/opportunities",
+        headers=p.auth("admin"),
+        params={"lead_id": str(await p.app_lead(xian[0]))},
+    )
+    assert [i["opportunity_id"] for i in lead_page.json()["items"]] == [str(xian[0])]
+
+
+async def test_racing_writers_one_wins_each_time(pipeline: Pipeline) -> None:  # noqa: F811
+    p = pipeline
+    o = await p.open()
+    for round_number in range(25):
+        version = await p.version(o)
+        answers = await asyncio.gather(*(
+            p.post(who, o, "follow-ups", expected_version=version, channel="call",
+                   summary=f"round {round_number} by {who}")
+            for who in ("rep1", "mgr_xian")
+        ))  # fmt: skip
+        assert sorted(a.status_code for a in answers) == [200, 409], [a.text for a in answers]
+        loser = next(a for a in answers if a.status_code == 409).json()
+        assert loser["current_version"] == version + 1
+    assert await p.version(o) == 3 + 25
+    history = (await p.http.get(f"/v1/opportunities/{o}/history", headers=p.auth("admin"))).json()
+    assert [h["version"] for h in history] == list(range(1, 29))
+
+
+async def test_idle_opportunities_are_recycled_and_reactivated(pipeline: Pipeline) -> None:  # noqa: F811
+    p = pipeline
+    idle, busy = await p.open(), await p.open()
+    p.clock.set(p.clock.now() + timedelta(days=30))
+    got = await p.http.get(f"/v1/opportunities/{busy}", headers=p.auth("admin"))
+    assert got.status_code == 200, got.text
+    owner = got.json()["owner"]
+    logged = await p.post(owner, busy, "follow-ups", expected_version=3, channel="call",
+                          summary="still on")  # fmt: skip
+    assert logged.status_code == 200, logged.text
+    recycled = await asyncio.to_thread(p.app.recycle_idle, p.clock.now() + timedelta(days=31),
+                                       p.settings.rules())  # fmt: skip
+    assert recycled == [idle]
+    view = (await p.http.get(f"/v1/opportunities/{idle}", headers=p.auth("mgr_xian"))).json()
+    assert (view["status"], view["owner"]) == ("recycled", None)
+    back = await p.post("mgr_xian", idle, "reactivate", expected_version=4, owner="rep2")
+    assert (back.json()["status"], back.json()["owner"]) == ("open", "rep2")
