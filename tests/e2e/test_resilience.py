@@ -43,7 +43,8 @@ async def counts(db: asyncpg.Connection, lead_ids: list[uuid.UUID]) -> dict[str,
             lead_ids,
         ),
         "opportunities": await db.fetchval(
-            "SELECT count(*) FROM pipeline.pipeline_events WHERE originator_id = ANY($1::uuid[])",
+            "SELECT count(*) FROM pipeline.pipeline_events"
+            " WHERE originator_id = ANY($1::uuid[]) AND originator_version = 1",
             opportunities,
         ),
         "funnel_rows": await db.fetchval(
