@@ -9,6 +9,7 @@ from datetime import timedelta
 
 import pytest
 
+from tests.factories import opportunity_event
 from tests.integration.pipeline_fixtures import Pipeline, pipeline  # noqa: F401
 
 CNY = "CNY"
@@ -113,7 +114,10 @@ async def test_lost_reopened_and_validation_refusals(pipeline: Pipeline) -> None
 
 # Expected status per caller for an opportunity of rep1 in team xian. Commands are sent with a
 # stale version, so an allowed caller gets 409 and nothing changes.
-ROUTES = ["get", "history", "stage", "follow-ups", "win", "lose", "reopen", "assign", "payments"]
+ROUTES = [
+    "get", "history", "stage", "follow-ups", "win", "lose", "reopen", "assign", "payments",
+    "amount", "probability", "reactivate",
+]  # fmt: skip
 SEES = {"rep1": True, "rep2": False, "mgr_xian": True, "mgr_bj": False, "ops": True, "admin": True}
 
 
@@ -122,7 +126,7 @@ def expected(who: str, route: str) -> int:
         return 404
     if route in ("get", "history"):
         return 200
-    if who == "ops" or (who == "rep1" and route == "assign"):
+    if who == "ops" or (who == "rep1" and route in ("assign", "reactivate")):
         return 403
     return 409
 
@@ -135,6 +139,9 @@ BODIES = {
     "reopen": {},
     "assign": {"owner": "rep2"},
     "payments": {"amount": money("1.00")},
+    "amount": {"kind": "expected", "amount": money("1.00")},
+    "probability": {"probability": 40},
+    "reactivate": {"owner": "rep1"},
 }
 
 
@@ -222,3 +229,25 @@ async def test_idle_opportunities_are_recycled_and_reactivated(pipeline: Pipelin
     assert (view["status"], view["owner"]) == ("recycled", None)
     back = await p.post("mgr_xian", idle, "reactivate", expected_version=4, owner="rep2")
     assert (back.json()["status"], back.json()["owner"]) == ("open", "rep2")
+
+
+async def test_a_merged_lead_joins_the_opportunity_of_the_lead_it_was_merged_into(
+    pipeline: Pipeline,  # noqa: F811
+) -> None:
+    p = pipeline
+    o = await p.open()
+    first_lead = await p.app_lead(o)
+    merged_lead = uuid.uuid4()
+    merged = opportunity_event(merged_lead, 1, "LeadMerged", {
+        "lead_id": str(merged_lead), "into_lead_id": str(first_lead), "rule": "email",
+        "merged_at": "2026-11-02T10:00:00Z",
+    })  # fmt: skip
+    for _ in range(2):  # delivered twice: attached once
+        await asyncio.to_thread(p.app.apply_lead_events, "capture:p1", [(7, merged)],
+                                p.settings.rules())  # fmt: skip
+    view = (await p.http.get(f"/v1/opportunities/{o}", headers=p.auth("admin"))).json()
+    assert view["lead_ids"] == [str(first_lead), str(merged_lead)] and view["version"] == 4
+    page = await p.http.get("/v1/opportunities", params={"lead_id": str(merged_lead)},
+                            headers=p.auth("admin"))  # fmt: skip
+    assert [i["opportunity_id"] for i in page.json()["items"]] == [str(o)]
+    assert await p.pool.fetchval("SELECT count(*) FROM opportunity_index") == 1

@@ -29,6 +29,7 @@ from shared.devstack import DevStack, free_port
 from shared.runtime import open_schema
 from shared.settings import Rules, Settings
 from tests.factories import lead_captured, opened
+from tests.perf.pipeline_bench import bench_command_latency, bench_opening
 
 N = 5000
 BATCH = 500
@@ -155,7 +156,9 @@ async def main() -> int:
             await bench_tracked_consumer(settings),
             await bench_read_model(settings),
             await bench_relay(settings),
+            await bench_opening(stack),
         ]
+        latency = await bench_command_latency(stack.child_settings())
     finally:
         await asyncio.to_thread(stack.stop)
     for row in rows:
@@ -172,10 +175,16 @@ async def main() -> int:
             "events_per_run": N,
             "batch": BATCH,
             "results": rows,
+            "latency": latency,
         },
         indent=2,
     )
     await asyncio.to_thread(Path("bench-results.json").write_text, report)
+    print(
+        f"\n{latency['name']}: p50 {latency['p50_ms']:.1f} ms, p99 {latency['p99_ms']:.1f} ms"
+        f" ({latency['received']}/{latency['commands']} events seen,"
+        f" {latency['achieved_rate']:.0f} commands/s sent)"
+    )
     print("\nwrote bench-results.json")
     return 0
 
