@@ -142,17 +142,17 @@ class PipelineApp(EventStoreApp):
         to the opportunity of the lead they were merged into. Exactly once per upstream event."""
 
         def decide(envelopes: list[Envelope]) -> list[Aggregate]:
-            captured = [
-                (e, LeadCaptured.model_validate(e.data))
+            captured = {
+                e.event_id: LeadCaptured.model_validate(e.data)
                 for e in envelopes
                 if e.event_type == "LeadCaptured"
-            ]
-            known = self.existing_ids([opportunity_id_for(lead.lead_id) for _, lead in captured])
+            }
+            known = self.existing_ids([opportunity_id_for(c.lead_id) for c in captured.values()])
             loads = self.owner_loads() if captured else {}
             changed: dict[uuid.UUID, Opportunity] = {}
             for envelope in envelopes:
                 if envelope.event_type == "LeadCaptured":
-                    lead = LeadCaptured.model_validate(envelope.data)
+                    lead = captured[envelope.event_id]
                     opportunity_id = opportunity_id_for(lead.lead_id)
                     if opportunity_id in known:
                         continue

@@ -60,6 +60,7 @@ class BatchConsumer:
         self.handle = handle
         self.cluster: str | None = None
         self.processed = 0
+        self.batches = 0  # partition batches handled: processed / batches is the batch size
         self.errors = 0
         self.last_batch_at = 0.0
         self.running = False
@@ -118,25 +119,35 @@ class BatchConsumer:
                     if partitions:
                         await consumer.seek_to_beginning(*partitions)
                     continue
+                # Partitions are independent streams: handle them side by side, so one
+                # partition's database round trip overlaps another's decisions.
+                outcomes = await asyncio.gather(
+                    *(self.handle(partition, records) for partition, records in batch.items()),
+                    return_exceptions=True,
+                )
                 done: dict[TopicPartition, tuple[int, str]] = {}
-                for partition, records in batch.items():
-                    try:
-                        await self.handle(partition, records)
+                backoff = 0.0
+                for (partition, records), outcome in zip(batch.items(), outcomes, strict=True):
+                    if not isinstance(outcome, BaseException):
                         self.processed += len(records)
+                        self.batches += 1
                         failures.pop(partition, None)
                         done[partition] = (records[-1].offset + 1, self.cluster)
-                    except Exception:
-                        self.errors += 1
-                        failures[partition] = failures.get(partition, 0) + 1
-                        log.exception(
-                            "consumer %s: batch on %s failed (%d in a row); reading it again",
-                            self.name,
-                            partition,
-                            failures[partition],
-                        )
-                        with contextlib.suppress(Exception):  # revoked meanwhile: nothing to do
-                            consumer.seek(partition, records[0].offset)
-                        await asyncio.sleep(min(0.5 * 2 ** failures[partition], 10.0))
+                        continue
+                    self.errors += 1
+                    failures[partition] = failures.get(partition, 0) + 1
+                    log.error(
+                        "consumer %s: batch on %s failed (%d in a row); reading it again",
+                        self.name,
+                        partition,
+                        failures[partition],
+                        exc_info=outcome,
+                    )
+                    with contextlib.suppress(Exception):  # revoked meanwhile: nothing to do
+                        consumer.seek(partition, records[0].offset)
+                    backoff = max(backoff, min(0.5 * 2 ** failures[partition], 10.0))
+                if backoff:
+                    await asyncio.sleep(backoff)
                 self.last_batch_at = time.monotonic()
                 if done:
                     with contextlib.suppress(Exception):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from collections.abc import Sequence
@@ -12,6 +13,7 @@ from eventsourcing.domain import DomainEventProtocol
 from pydantic import ValidationError
 
 from shared.bus.relay import Outbound
+from shared.clock import utc_iso
 from shared.contracts.envelope import (
     HEADER_CONTENT_TYPE,
     HEADER_EVENT_TYPE,
@@ -51,13 +53,28 @@ def envelope_of(event: DomainEventProtocol[uuid.UUID]) -> Envelope:
 
 
 def envelope_message(topic: str, event: DomainEventProtocol[uuid.UUID], source: str) -> Outbound:
-    envelope = envelope_of(event)
+    """The bus message of a stored event. Hot path of every relay: the payload was validated
+    against its contract when the event was made, so the envelope is written directly here,
+    field for field as `Envelope` (a unit test holds the two equal)."""
+    public: Any = event
+    stream = str(event.originator_id)
+    value = {
+        "event_id": str(event_id_for(event.originator_id, event.originator_version)),
+        "event_type": public.public_name,
+        "schema_version": schema_version_of(public.public_name),
+        "stream_id": stream,
+        "stream_version": event.originator_version,
+        "occurred_at": utc_iso(public.timestamp),
+        "correlation_id": public.correlation_id,
+        "causation_id": public.causation_id,
+        "data": public.payload,
+    }
     return Outbound(
         topic=topic,
-        key=str(envelope.stream_id).encode(),
-        value=envelope.model_dump_json().encode(),
+        key=stream.encode(),
+        value=json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode(),
         headers=(
-            (HEADER_EVENT_TYPE, envelope.event_type.encode()),
+            (HEADER_EVENT_TYPE, public.public_name.encode()),
             (HEADER_CONTENT_TYPE, b"application/json"),
             (HEADER_SOURCE, source.encode()),
         ),

@@ -25,7 +25,7 @@ def eventsourcing_env(dsn: str, schema: str, pool_size: int = 5) -> dict[str, st
         "POSTGRES_POOL_SIZE": str(pool_size),
         "POSTGRES_MAX_OVERFLOW": "10",
         "POSTGRES_CONNECT_TIMEOUT": "10",
-        "POSTGRES_PRE_PING": "y",
+        "POSTGRES_PRE_PING": "n",  # a dead connection fails the batch, which is retried
         "POSTGRES_LOCK_TIMEOUT": "10",
         "SINGLE_ROW_TRACKING": "y",
         "CREATE_TABLE": "y",

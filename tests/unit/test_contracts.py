@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from shared.contracts import Envelope, Money, PartnerLeadMessage, PartnerReply, event_id_for
 from shared.contracts.topics import CORE_TOPICS, partner_replies
+from shared.settings import Rules
 
 
 def test_money_is_a_decimal_string_never_a_float() -> None:
@@ -113,3 +114,21 @@ def test_topic_names() -> None:
     assert partner_replies("acme") == "partner.acme.replies.v1"
     with pytest.raises(ValueError):
         partner_replies("../evil")
+
+
+def test_the_relays_fast_envelope_is_the_contract_envelope() -> None:
+    from services.pipeline.domain import Opportunity
+    from services.pipeline.rules import Route
+    from shared.bus.envelopes import envelope_message, envelope_of
+    from shared.contracts.events import LeadCaptured
+
+    lead = LeadCaptured.model_validate({
+        "lead_id": str(uuid.uuid4()), "source": "partner", "captured_at": "2026-11-22T09:00:00Z",
+        "company": {"name": "Northwind 北风"}, "contact": {"name": "Li Wei"},
+        "budget": {"amount": "1.50", "currency": "CNY"},
+    })  # fmt: skip
+    opportunity = Opportunity.open_from_lead(lead, Rules(), Route("rep1", "xian", "r"), "e", "c")
+    for event in opportunity.collect_events():
+        message = envelope_message("opportunity.events.v1", event, "pipeline")
+        assert Envelope.model_validate_json(message.value) == envelope_of(event)
+        assert message.key == str(event.originator_id).encode()
