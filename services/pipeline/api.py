@@ -146,7 +146,7 @@ def create_api(
             body,
             p,
             lambda o, now: o.log_follow_up(
-                body.channel, body.summary, p.user, now, body.next_follow_up_at
+                body.channel, body.summary, p.user, now, body.next_follow_up_at, body.authority
             ),
         )
 

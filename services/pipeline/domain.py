@@ -142,7 +142,7 @@ class Opportunity(Aggregate):
         elif name == "OpportunityProbabilityOverridden":
             self.probability, self.probability_overridden = data["probability"], True
         elif name == "FollowUpLogged":
-            pass
+            self.authority = data.get("authority") or self.authority
         elif name == "OpportunityAmountChanged":
             money = Money.model_validate(data["amount"])
             if data["kind"] == "proposal":
@@ -348,6 +348,7 @@ class Opportunity(Aggregate):
         actor: str,
         now: datetime,
         next_follow_up_at: datetime | None = None,
+        authority: str | None = None,
         correlation_id: str = "",
         causation_id: str = "",
     ) -> None:
@@ -359,6 +360,7 @@ class Opportunity(Aggregate):
                 channel=channel,
                 summary=summary,
                 next_follow_up_at=next_follow_up_at,
+                authority=authority,
                 stage=self.stage,
                 actor=actor,
                 logged_at=now,

@@ -27,6 +27,7 @@ class FollowUpCommand(Command):
     channel: Literal["call", "visit", "email", "meeting", "wechat", "other"]
     summary: str = Field(min_length=1, max_length=2000)
     next_follow_up_at: UtcTime | None = None
+    authority: Literal["decision_maker", "influencer", "user", "unknown"] | None = None
 
 
 class WinCommand(Command):

@@ -100,6 +100,8 @@ class FollowUpLogged(Contract):
     channel: Literal["call", "visit", "email", "meeting", "wechat", "other"]
     summary: str
     next_follow_up_at: UtcTime | None = None
+    # What the rep learned of who decides (B's exit criterion needs a decision maker).
+    authority: Literal["decision_maker", "influencer", "user", "unknown"] | None = None
     stage: Stage
     actor: str
     logged_at: UtcTime

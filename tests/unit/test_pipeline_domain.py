@@ -96,6 +96,10 @@ def test_b_needs_budget_and_decision_maker() -> None:
     with pytest.raises(Refused) as unmet:
         o.change_stage("C", "rep1", NOW, RULES)
     assert unmet.value.detail["missing"] == ["budget", "decision_maker"]
+    o.change_amount("expected", money("60000.00"), "rep1", NOW, RULES)
+    o.log_follow_up("visit", "met the CFO, who decides", "rep1", NOW, authority="decision_maker")
+    o.change_stage("C", "rep1", NOW, RULES)
+    assert (o.stage, o.tier) == ("C", "important")
 
 
 def test_win_payments_loss_reopen_recycle_reactivate() -> None:
