@@ -1,6 +1,7 @@
 """The process recorder the event stores use: the library's PostgreSQL process recorder, writing
-without psycopg's pipeline mode, and able to write a service's own index rows in the same
-transaction as the events (`side_writes`: statements with their rows, for `executemany`).
+without psycopg's pipeline mode, sending the stored events in binary (no text escaping of each
+event's bytes: about 10% more events/s measured here), and able to write a service's own index
+rows in the same transaction as the events (`side_writes`: statements with their rows).
 
 Why: with pipeline mode, psycopg 3.3 hangs for good when one transaction carries a large batch
 (reproduced here: ~400 leads of 1 KB in one save never return; the server waits in ClientRead,
@@ -36,3 +37,14 @@ class BatchProcessRecorder(PostgresProcessRecorder):
                 if rows:
                     curs.executemany(statement, rows)
             return ids
+
+    def _insert_stored_events(
+        self, curs: Any, stored_events: Sequence[StoredEvent], **_: Any
+    ) -> None:
+        self._lock_table(curs)
+        self._notify_channel(curs)
+        rows = [
+            self.construct_pg_stored_event(e.originator_id, e.originator_version, e.topic, e.state)
+            for e in stored_events
+        ]
+        curs.execute(self.insert_events_statement, (rows,), binary=True)
