@@ -8,8 +8,11 @@ import asyncio
 import json
 import uuid
 
+import pytest
+
 from services.capture.app import MIGRATIONS, CaptureApp
 from services.capture.bus import partner_intake, route
+from services.capture.client import PartnerClient
 from services.capture.domain import partner_lead_id
 from services.capture.partners import PartnerSecrets, add_partner
 from shared.bus.kafka import ensure_topics, make_admin
@@ -20,12 +23,9 @@ from shared.settings import Settings
 from tests.support import lead_value, read_topic, send_partner_messages, signed_headers
 
 
-async def test_every_partner_message_gets_one_answer_and_poison_does_not_stop_intake(
-    settings: Settings,
-    schema: str,
-    open_pool,
-    background,  # type: ignore[no-untyped-def]
-) -> None:
+@pytest.fixture
+async def intake(settings: Settings, schema: str, open_pool, background):  # type: ignore[no-untyped-def]
+    """Capture's partner intake and relay on their own schema, with one registered partner."""
     pool = await open_pool(schema, MIGRATIONS)
     app = await asyncio.to_thread(CaptureApp, settings.dsn(), schema)
     partner = f"p{uuid.uuid4().hex[:8]}"
@@ -34,11 +34,19 @@ async def test_every_partner_message_gets_one_answer_and_poison_does_not_stop_in
     await admin.start()
     await ensure_topics(admin, settings, [partner_replies(partner)])
     await admin.close()
-    tagged = settings.model_copy(update={"consumer_session_timeout_ms": 3000})
-    intake = partner_intake(app, tagged, PartnerSecrets(pool), SystemClock())
-    intake.group_id = f"capture-{schema}"
+    consumer = partner_intake(app, settings, PartnerSecrets(pool), SystemClock())
+    consumer.group_id = f"capture-{schema}"
     background(OutboxRelay("capture", app, route, settings, pool).run)
-    background(intake.run)
+    background(consumer.run)
+    yield app, partner, secret
+    app.close()
+
+
+async def test_every_partner_message_gets_one_answer_and_poison_does_not_stop_intake(
+    settings: Settings,
+    intake,  # type: ignore[no-untyped-def]
+) -> None:
+    app, partner, secret = intake
 
     def m(mid: str) -> str:
         return f"{partner}-{mid}"
@@ -115,4 +123,20 @@ async def test_every_partner_message_gets_one_answer_and_poison_does_not_stop_in
         partner_lead_id(partner, m("1")),
         partner_lead_id(partner, m("6")),
     }
-    app.close()
+
+
+async def test_the_partner_client_sends_signed_leads_and_gets_their_replies(
+    settings: Settings,
+    intake,  # type: ignore[no-untyped-def]
+) -> None:
+    _, partner, secret = intake
+    lead = json.loads(lead_value(partner, "ignored"))
+    for field in ("message_id", "partner_id", "submitted_at"):
+        lead.pop(field)
+    async with PartnerClient(settings.bootstrap_servers(), partner, secret) as client:
+        first = await client.submit(lead)
+        again = await client.submit(lead, message_id=first["message_id"])
+        refused = await client.submit({**lead, "contact": {"name": "X", "email": "nope"}})
+    assert first["status"] == "accepted" and uuid.UUID(first["lead_id"])
+    assert again == {**first, "status": "duplicate"}
+    assert refused["status"] == "rejected" and refused["errors"][0]["field"] == "contact.email"
