@@ -154,6 +154,8 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     http_host: str = "127.0.0.1"
     recycle_tick_seconds: float = 600.0
+    intake_rate_per_minute: int = 60  # web-form posts per client
+    intake_burst: int = 20
 
     def stack_file(self) -> Path:
         return self.data_dir / "stack.json"

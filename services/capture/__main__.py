@@ -7,6 +7,7 @@ import asyncio
 from services.capture.api import create_api
 from services.capture.app import MIGRATIONS, SCHEMA, CaptureApp
 from services.capture.bus import partner_intake, route
+from services.capture.intake_limits import RateLimiter
 from services.capture.partners import PartnerSecrets
 from shared.bus.relay import OutboxRelay
 from shared.clock import SystemClock
@@ -23,7 +24,8 @@ async def main(settings: Settings) -> None:
     relay = OutboxRelay("capture", app, route, settings, pool)
     intake = partner_intake(app, settings, PartnerSecrets(pool), clock)
     readiness = Readiness(settings, pool, [intake], relay)
-    api = create_api(app, clock, lambda: readiness)
+    limiter = RateLimiter(settings.intake_rate_per_minute, settings.intake_burst)
+    api = create_api(app, clock, lambda: readiness, limiter)
     try:
         await serve(api, settings.capture_port, [relay.run, intake.run], settings.http_host)
     finally:

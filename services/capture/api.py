@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import math
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -15,11 +17,13 @@ from pydantic import BaseModel, ValidationError
 
 from services.capture.app import CaptureApp
 from services.capture.domain import field_errors
+from services.capture.intake_limits import HONEYPOT_FIELD, RateLimiter
 from shared.clock import Clock
 from shared.contracts.partner import FieldError, WebFormLead
 from shared.runtime import Readiness, health_router
 
 MAX_BODY = 64 * 1024
+log = logging.getLogger(__name__)
 
 
 class LeadAccepted(BaseModel):
@@ -53,17 +57,35 @@ def _invalid(errors: list[FieldError], status: int = 422) -> JSONResponse:
     return JSONResponse(body.model_dump(mode="json"), status_code=status)
 
 
-def create_api(app: CaptureApp, clock: Clock, readiness: Callable[[], Readiness | None]) -> FastAPI:
+def create_api(
+    app: CaptureApp,
+    clock: Clock,
+    readiness: Callable[[], Readiness | None],
+    limiter: RateLimiter | None = None,
+) -> FastAPI:
     api = FastAPI(title="DealStream capture", version="1")
     api.include_router(health_router(readiness))
+    limiter = limiter or RateLimiter(per_minute=60, burst=20)
 
     @api.post(
         "/v1/leads",
         status_code=202,
         response_model=LeadAccepted,
-        responses={422: {"model": FieldErrors}, 413: {"model": FieldErrors}},
+        responses={
+            422: {"model": FieldErrors},
+            413: {"model": FieldErrors},
+            429: {"description": "too many posts from this client; see Retry-After"},
+        },
     )
     async def post_lead(request: Request) -> JSONResponse:
+        client = request.client.host if request.client else "unknown"
+        wait = limiter.retry_after(client)
+        if wait is not None:
+            return JSONResponse(
+                {"detail": "too many requests"},
+                status_code=429,
+                headers={"Retry-After": str(max(1, math.ceil(wait)))},
+            )
         body = await request.body()
         if len(body) > MAX_BODY:
             error = FieldError(field="body", code="too_large", message=f"over {MAX_BODY} bytes")
@@ -74,12 +96,19 @@ def create_api(app: CaptureApp, clock: Clock, readiness: Callable[[], Readiness 
                 raw: Any = _nest(parse_qsl(body.decode("utf-8"), keep_blank_values=True))
             else:
                 raw = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            return _invalid([FieldError(field="body", code="invalid_json", message=str(exc))])
+        except (ValueError, RecursionError) as exc:
+            error = FieldError(field="body", code="invalid_json", message=str(exc)[:200])
+            return _invalid([error])
+        if isinstance(raw, dict) and raw.pop(HONEYPOT_FIELD, None):
+            log.info("web form: honeypot filled; nothing stored", extra={"client": client})
+            return JSONResponse({"lead_id": str(uuid.uuid4())}, status_code=202)
         try:
             form = WebFormLead.model_validate(raw)
         except ValidationError as exc:
             return _invalid(field_errors(exc))
+        except (ArithmeticError, ValueError, RecursionError) as exc:
+            error = FieldError(field="body", code="invalid_value", message=str(exc)[:200])
+            return _invalid([error])
         correlation = request.headers.get("x-request-id") or str(uuid.uuid4())
         lead_id = await asyncio.to_thread(app.capture_web_lead, form, clock.now(), correlation)
         return JSONResponse({"lead_id": str(lead_id)}, status_code=202)
