@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import time
 import urllib.request
 from collections.abc import Sequence
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from shared.settings import Settings
@@ -141,6 +143,36 @@ def cmd_partner(args: argparse.Namespace) -> int:
     return asyncio.run(_partner(args))
 
 
+ASYNCAPI_FILE = Path("docs/asyncapi.json")
+ASYNCAPI_LOCK = Path("docs/asyncapi.lock.json")
+
+
+def cmd_asyncapi(args: argparse.Namespace) -> int:
+    """Print the bus contract; with --write, update docs/ — refusing to change what a released
+    contracts version already said (bump CONTRACTS_VERSION in shared/contracts/asyncapi.py)."""
+    from shared.contracts.asyncapi import CONTRACTS_VERSION, canonical, document, fingerprint
+
+    doc = document()
+    if not args.write:
+        print(canonical(doc), end="")
+        return 0
+    lock = json.loads(ASYNCAPI_LOCK.read_text()) if ASYNCAPI_LOCK.exists() else {}
+    released = lock.get(CONTRACTS_VERSION)
+    if released is not None and released != fingerprint(doc):
+        print(
+            f"error: the contracts changed but version {CONTRACTS_VERSION} is released; "
+            "bump CONTRACTS_VERSION in shared/contracts/asyncapi.py",
+            file=sys.stderr,
+        )
+        return 1
+    lock[CONTRACTS_VERSION] = fingerprint(doc)
+    ASYNCAPI_FILE.parent.mkdir(parents=True, exist_ok=True)
+    ASYNCAPI_FILE.write_text(canonical(doc))
+    ASYNCAPI_LOCK.write_text(json.dumps(lock, indent=2, sort_keys=True) + "\n")
+    print(f"wrote {ASYNCAPI_FILE} (contracts {CONTRACTS_VERSION})")
+    return 0
+
+
 def cmd_token(args: argparse.Namespace) -> int:
     from shared.auth import Principal, Role, issue_token
     from shared.clock import SystemClock
@@ -267,6 +299,10 @@ def parser() -> argparse.ArgumentParser:
     rotate = actions.add_parser("rotate", help="issue a new secret; the old one stays valid 7 days")
     rotate.add_argument("partner_id")
     partner.set_defaults(run=cmd_partner)
+
+    asyncapi = commands.add_parser("asyncapi", help="print the bus contract (AsyncAPI 3.0)")
+    asyncapi.add_argument("--write", action="store_true", help="update docs/asyncapi.json")
+    asyncapi.set_defaults(run=cmd_asyncapi)
 
     token = commands.add_parser("token", help="bearer tokens for the HTTP APIs")
     token_actions = token.add_subparsers(dest="action", required=True)

@@ -19,6 +19,7 @@ from services.capture.app import CaptureApp
 from services.capture.domain import field_errors
 from services.capture.intake_limits import HONEYPOT_FIELD, RateLimiter
 from shared.clock import Clock
+from shared.contracts.asyncapi import document
 from shared.contracts.partner import FieldError, WebFormLead
 from shared.runtime import Readiness, health_router
 
@@ -66,6 +67,11 @@ def create_api(
     api = FastAPI(title="DealStream capture", version="1")
     api.include_router(health_router(readiness))
     limiter = limiter or RateLimiter(per_minute=60, burst=20)
+
+    @api.get("/asyncapi", tags=["contract"])
+    async def asyncapi() -> dict[str, Any]:
+        """The bus contract (AsyncAPI 3.0), generated from the pydantic contracts."""
+        return document()
 
     @api.post(
         "/v1/leads",

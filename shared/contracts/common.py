@@ -6,7 +6,15 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    WithJsonSchema,
+)
 
 from shared.clock import utc_iso
 
@@ -38,9 +46,17 @@ def _money_amount(value: Decimal) -> Decimal:
     return value.quantize(Decimal("0.01"))
 
 
+def _decimal_string(value: object) -> object:
+    if isinstance(value, str | Decimal):
+        return value
+    raise ValueError('amount must be a decimal string such as "120000.00", never a number')
+
+
 Amount = Annotated[
     Decimal,
+    BeforeValidator(_decimal_string),
     AfterValidator(_money_amount),
+    WithJsonSchema({"type": "string", "pattern": r"^[0-9]+(\.[0-9]{1,2})?$"}),
     PlainSerializer(lambda d: f"{d:.2f}", return_type=str),
 ]
 

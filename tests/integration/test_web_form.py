@@ -16,6 +16,7 @@ from services.capture.api import create_api
 from services.capture.app import MIGRATIONS, CaptureApp
 from services.capture.intake_limits import RateLimiter
 from shared.clock import SystemClock
+from shared.contracts.asyncapi import canonical, document
 from shared.settings import Settings
 
 FORM = {"company": {"name": "Web Co", "region": "CN-BJ"}, "contact": {"name": "Wang"}}
@@ -85,3 +86,10 @@ def test_the_limiter_refills_and_forgets_idle_clients() -> None:
     now[0] = 100.0
     limiter.retry_after("c")  # three clients tracked: the idle ones are forgotten
     assert set(limiter._buckets) == {"c"}
+
+
+async def test_capture_serves_the_bus_contract(web) -> None:  # type: ignore[no-untyped-def]
+    http, _ = web
+    served = await http.get("/asyncapi")
+    assert served.status_code == 200
+    assert served.json() == json.loads(canonical(document()))

@@ -132,3 +132,13 @@ def test_the_relays_fast_envelope_is_the_contract_envelope() -> None:
         message = envelope_message("opportunity.events.v1", event, "pipeline")
         assert Envelope.model_validate_json(message.value) == envelope_of(event)
         assert message.key == str(event.originator_id).encode()
+
+
+def test_money_amounts_are_strings_on_the_wire() -> None:
+    with pytest.raises(ValidationError, match="decimal string"):
+        Money.model_validate({"amount": 12.5, "currency": "CNY"})
+    with pytest.raises(ValidationError, match="decimal string"):
+        Money.model_validate_json('{"amount": 100, "currency": "CNY"}')
+    assert Money.model_validate_json('{"amount": "100", "currency": "CNY"}').amount == Decimal(
+        "100.00"
+    )
