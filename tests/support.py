@@ -28,7 +28,11 @@ def lead_value(partner_id: str, message_id: str, company: str | None = None, **e
             "region": "CN-SN",
             "size": "200-999",
         },
-        "contact": {"name": "Li Wei", "email": "li.wei@example.cn", "phone": "+86 138 0000 0000"},
+        "contact": {  # a different customer each time, unless the test says otherwise
+            "name": "Li Wei",
+            "email": f"li.wei.{uuid.uuid4().hex[:10]}@example.cn",
+            "phone": f"+86 139 {uuid.uuid4().int % 10**8:08d}",
+        },
         "need": "dedicated line for 12 branches",
         "budget": {"amount": "350000.00", "currency": "CNY"},
         "authority": "decision_maker",

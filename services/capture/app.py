@@ -1,5 +1,6 @@
 """Capture's use cases over its event store: web-form leads, and batches of partner messages
-judged, deduped by message id, stored and answered in one transaction with their position."""
+judged, deduped, stored and answered in one transaction with their position. The customer keys
+(e-mail, phone, company in region) that dedupe matches on are written with the leads."""
 
 from __future__ import annotations
 
@@ -10,12 +11,15 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 
 from eventsourcing.domain import Aggregate
+from psycopg.sql import SQL
 
-from services.capture.domain import Incoming, Lead, PartnerMessage, Verdict, judge
+from services.capture.domain import Incoming, Lead, Match, PartnerMessage, Verdict, judge
+from services.capture.normalize import match_keys
 from shared.bus.consumer import record_tracked
 from shared.contracts.partner import DeadLetter, PartnerReply, ReplyStatus, WebFormLead
 from shared.store.eventstore import EventStoreApp
 from shared.store.migrations import BUS_TABLES, Migration
+from shared.store.recorder import SideWrite
 
 SCHEMA = "capture"
 PARTNER_MESSAGE_NAMESPACE = uuid.UUID("0d7a3c61-52e4-4b8f-a0a3-9f1b6e2c8d47")
@@ -35,6 +39,19 @@ MIGRATIONS: list[Migration] = [
         );
         """,
     ),
+    (
+        3,
+        """
+        CREATE TABLE lead_key (
+            rule text NOT NULL,
+            key text NOT NULL,
+            lead_id uuid NOT NULL,
+            partner_id text,
+            captured_at timestamptz NOT NULL,
+            PRIMARY KEY (rule, key, lead_id)
+        );
+        """,
+    ),
 ]
 
 
@@ -42,8 +59,11 @@ class CaptureApp(EventStoreApp):
     name = "Capture"
 
     def capture_web_lead(self, form: WebFormLead, now: datetime, correlation_id: str) -> uuid.UUID:
-        """Store a web-form lead; durable when this returns."""
+        """Store a web-form lead (merged into a known customer it matches); durable when this
+        returns."""
         lead_id = uuid.uuid4()
+        keys = match_keys(form.contact.email, form.contact.phone, form.company.name,
+                          form.company.region)  # fmt: skip
         lead = Lead.capture(
             lead_id,
             form,
@@ -52,9 +72,42 @@ class CaptureApp(EventStoreApp):
             captured_at=now,
             correlation_id=correlation_id,
             causation_id=correlation_id,
+            duplicate_of=first_match(keys, self.known_customers(keys)),
         )
-        self.record([lead])
+        self.record([lead], side_writes=self.key_writes([lead]))
         return lead_id
+
+    def known_customers(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Match]:
+        """The first lead each key belongs to: one query for a whole batch."""
+        if not keys:
+            return {}
+        rows = self.query(
+            SQL(
+                "SELECT DISTINCT ON (rule, key) rule, key, lead_id, partner_id FROM {}"
+                " WHERE rule || ':' || key = ANY(%s) ORDER BY rule, key, captured_at, lead_id"
+            ).format(self.table("lead_key")),
+            [[f"{rule}:{key}" for rule, key in keys]],
+        )
+        return {
+            (r["rule"], r["key"]): Match(uuid.UUID(str(r["lead_id"])), r["partner_id"], r["rule"])
+            for r in rows
+        }
+
+    def key_writes(self, aggregates: Sequence[Aggregate]) -> list[SideWrite]:
+        """Index new leads by their keys; a merged lead's keys lead to the customer's first lead
+        (so a later match finds the customer, not a chain of duplicates)."""
+        rows = []
+        for lead in aggregates:
+            if isinstance(lead, Lead):
+                root = lead.merged_into or lead.id
+                partner = lead.details.get("partner_id")
+                at = lead.details["captured_at"]
+                rows += [(rule, key, root, partner, at) for rule, key in lead.keys()]
+        statement = SQL(
+            "INSERT INTO {} (rule, key, lead_id, partner_id, captured_at)"
+            " VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING"
+        ).format(self.table("lead_key"))
+        return [(statement, rows)]
 
     def handle_partner_messages(
         self,
@@ -70,35 +123,60 @@ class CaptureApp(EventStoreApp):
             verdicts = [(m, judge(m, secrets_of, max_bytes)) for m in batch]
             candidates = [v.lead_id for _, v in verdicts if v.lead_id is not None]
             known = self.existing_ids(candidates)
+            keys_of = {
+                v.lead_id: match_keys(v.lead.contact.email, v.lead.contact.phone,
+                                      v.lead.company.name, v.lead.company.region)
+                for _, v in verdicts
+                if v.lead is not None and v.lead_id is not None
+            }  # fmt: skip
+            customers = self.known_customers(sorted({k for keys in keys_of.values() for k in keys}))
             out: list[Aggregate] = []
             for message, verdict in verdicts:
                 reply = verdict.reply
                 if verdict.lead is not None and verdict.lead_id is not None:
-                    if verdict.lead_id in known:
+                    lead_id, status = verdict.lead_id, ReplyStatus.accepted
+                    if lead_id in known:  # the same message again
                         status = ReplyStatus.duplicate
                     else:
-                        status = ReplyStatus.accepted
-                        known.add(verdict.lead_id)
-                        out.append(
-                            Lead.capture(
-                                verdict.lead_id,
-                                verdict.lead,
-                                source="partner",
-                                captured_at=now,
-                                correlation_id=verdict.lead.message_id,
-                                causation_id=_position(message),
-                                partner_id=verdict.partner_id,
-                                message_id=verdict.message_id,
-                            )
+                        known.add(lead_id)
+                        match = first_match(keys_of[lead_id], customers)
+                        lead = Lead.capture(
+                            lead_id,
+                            verdict.lead,
+                            source="partner",
+                            captured_at=now,
+                            correlation_id=verdict.lead.message_id,
+                            causation_id=_position(message),
+                            partner_id=verdict.partner_id,
+                            message_id=verdict.message_id,
+                            duplicate_of=match,
                         )
+                        out.append(lead)
+                        if match is not None and match.partner_id == verdict.partner_id:
+                            # The same lead from the same partner: stored, merged, and answered
+                            # with the lead the partner already has.
+                            lead_id, status = match.lead_id, ReplyStatus.duplicate
+                        root = Match(lead.merged_into or lead.id, verdict.partner_id, "")
+                        for key in keys_of[verdict.lead_id]:  # later leads in this batch see it
+                            customers.setdefault(key, Match(root.lead_id, root.partner_id, key[0]))
                     reply = PartnerReply(
-                        message_id=verdict.lead.message_id, status=status, lead_id=verdict.lead_id
+                        message_id=verdict.lead.message_id, status=status, lead_id=lead_id
                     )
                 out.append(_answer(tracking_name, message, verdict, reply, now))
             return out
 
         positioned = [(m.offset + 1, m) for m in messages]
-        return record_tracked(self, tracking_name, positioned, decide)
+        return record_tracked(self, tracking_name, positioned, decide, self.key_writes)
+
+
+def first_match(
+    keys: Sequence[tuple[str, str]], customers: Mapping[tuple[str, str], Match]
+) -> Match | None:
+    """The first rule (e-mail, phone, company in region) that finds a known customer."""
+    for key in keys:
+        if key in customers:
+            return customers[key]
+    return None
 
 
 def _position(message: Incoming) -> str:

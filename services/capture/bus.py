@@ -28,7 +28,7 @@ JSON = ((HEADER_CONTENT_TYPE, b"application/json"),)
 
 
 def route(event: DomainEventProtocol[uuid.UUID], _: Notification) -> Sequence[Outbound]:
-    if isinstance(event, Lead.Captured):
+    if isinstance(event, Lead.Captured | Lead.Merged):
         return [envelope_message(LEAD_EVENTS, event, "capture")]
     if isinstance(event, PartnerMessage.Handled):
         out = []

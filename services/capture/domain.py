@@ -15,8 +15,9 @@ from typing import Any, ClassVar
 from eventsourcing.domain import Aggregate
 from pydantic import ValidationError
 
+from services.capture.normalize import match_keys
 from shared.contracts.common import Contract
-from shared.contracts.events import LeadCaptured
+from shared.contracts.events import LeadCaptured, LeadMerged
 from shared.contracts.partner import (
     HEADER_MESSAGE_ID,
     HEADER_PARTNER_ID,
@@ -64,9 +65,22 @@ class Lead(Aggregate):
         correlation_id: str
         causation_id: str
 
+    class Merged(Aggregate.Event):
+        """Dedupe: this lead is a customer already known as another lead (`into_lead_id`)."""
+
+        public_name: ClassVar[str] = "LeadMerged"
+        payload: dict[str, Any]
+        correlation_id: str
+        causation_id: str
+
+        def apply(self, aggregate: Aggregate) -> None:
+            assert isinstance(aggregate, Lead)
+            aggregate.merged_into = uuid.UUID(self.payload["into_lead_id"])
+
     def __init__(self, payload: dict[str, Any], correlation_id: str, causation_id: str) -> None:
         self.details = payload
         self.correlation_id = correlation_id
+        self.merged_into: uuid.UUID | None = None
 
     @classmethod
     def capture(
@@ -80,7 +94,10 @@ class Lead(Aggregate):
         partner_id: str | None = None,
         message_id: str | None = None,
         channel: str | None = None,
+        duplicate_of: Match | None = None,
     ) -> Lead:
+        """Capture a lead; one that matches a known customer (`duplicate_of`) is stored all the
+        same and merged into it, naming the rule that matched."""
         contract = LeadCaptured(
             **details.model_dump(exclude={"message_id", "partner_id", "submitted_at", "channel"}),
             lead_id=lead_id,
@@ -89,14 +106,36 @@ class Lead(Aggregate):
             partner_id=partner_id,
             message_id=message_id,
             captured_at=captured_at,
+            duplicate_of=duplicate_of.lead_id if duplicate_of else None,
         )
-        return cls._create(
+        lead = cls._create(
             cls.Captured,
             id=lead_id,
             payload=contract.model_dump(mode="json"),
             correlation_id=correlation_id,
             causation_id=causation_id,
             timestamp=captured_at,
+        )
+        if duplicate_of is not None:
+            merged = LeadMerged(
+                lead_id=lead_id,
+                into_lead_id=duplicate_of.lead_id,
+                rule=duplicate_of.rule,
+                merged_at=captured_at,
+            )
+            lead.trigger_event(
+                cls.Merged,
+                payload=merged.model_dump(mode="json"),
+                correlation_id=correlation_id,
+                causation_id=causation_id,
+                timestamp=captured_at,
+            )
+        return lead
+
+    def keys(self) -> list[tuple[str, str]]:
+        contact, company = self.details["contact"], self.details["company"]
+        return match_keys(
+            contact.get("email"), contact.get("phone"), company.get("name"), company.get("region")
         )
 
 
@@ -123,6 +162,15 @@ class PartnerMessage(Aggregate):
         self.partner_id = partner_id
         self.reply = reply
         self.dead_letter = dead_letter
+
+
+@dataclass(frozen=True)
+class Match:
+    """A known customer a new lead matched: its first lead, who brought it, and by which rule."""
+
+    lead_id: uuid.UUID
+    partner_id: str | None
+    rule: str
 
 
 @dataclass(frozen=True)

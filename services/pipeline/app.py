@@ -154,8 +154,8 @@ class PipelineApp(EventStoreApp):
                 if envelope.event_type == "LeadCaptured":
                     lead = captured[envelope.event_id]
                     opportunity_id = opportunity_id_for(lead.lead_id)
-                    if opportunity_id in known:
-                        continue
+                    if opportunity_id in known or lead.duplicate_of is not None:
+                        continue  # seen, or a known customer: its LeadMerged attaches it
                     known.add(opportunity_id)
                     assignment = route(lead, rules.directory, rules.routing, loads)
                     if assignment.owner:

@@ -22,6 +22,9 @@ class LeadCaptured(LeadDetails):
     partner_id: str | None = None
     message_id: str | None = None
     captured_at: UtcTime
+    # Set when capture's dedupe recognised a known customer: a LeadMerged event follows, and
+    # no second opportunity is opened for it.
+    duplicate_of: uuid.UUID | None = None
 
 
 class LeadMerged(Contract):

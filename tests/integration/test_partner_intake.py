@@ -140,3 +140,40 @@ async def test_the_partner_client_sends_signed_leads_and_gets_their_replies(
     assert first["status"] == "accepted" and uuid.UUID(first["lead_id"])
     assert again == {**first, "status": "duplicate"}
     assert refused["status"] == "rejected" and refused["errors"][0]["field"] == "contact.email"
+
+
+async def test_a_known_customer_is_merged_not_duplicated(settings: Settings, intake) -> None:  # type: ignore[no-untyped-def]
+    app, partner, secret = intake
+    first = json.loads(lead_value(partner, "ignored", company="Northwind Logistics Co., Ltd."))
+    for field in ("message_id", "partner_id", "submitted_at"):
+        first.pop(field)
+    same_company = {
+        **first,
+        "company": {**first["company"], "name": "NORTHWIND LOGISTICS"},
+        "contact": {"name": "Zhang", "email": f"z.{uuid.uuid4().hex}@example.cn"},
+    }
+    same_phone = {
+        **first,
+        "company": {"name": "Other Co", "region": "CN-BJ"},
+        "contact": {"name": "Li", "phone": first["contact"]["phone"].replace(" ", "-")},
+    }
+    async with PartnerClient(settings.bootstrap_servers(), partner, secret) as client:
+        original = await client.submit(first)
+        again = await client.submit(same_company)
+        by_phone = await client.submit(same_phone)
+    assert original["status"] == "accepted"
+    # The same customer from the same partner is that partner's lead already.
+    assert again["status"] == "duplicate" and again["lead_id"] == original["lead_id"]
+    assert by_phone["status"] == "duplicate" and by_phone["lead_id"] == original["lead_id"]
+    root = uuid.UUID(original["lead_id"])
+
+    def merges(records: list) -> list:  # type: ignore[type-arg]
+        return [json.loads(r.value) for r in records
+                if b"LeadMerged" in r.value and str(root).encode() in r.value]  # fmt: skip
+
+    merged = merges(await read_topic(settings.bootstrap_servers(), "lead.events.v1",
+                                     lambda r: len(merges(r)) >= 2))  # fmt: skip
+    assert sorted(m["data"]["rule"] for m in merged) == ["company_region", "phone"]
+    assert all(m["data"]["into_lead_id"] == str(root) for m in merged)
+    stored = [app.repository.get(uuid.UUID(m["data"]["lead_id"])) for m in merged]
+    assert all(lead.merged_into == root for lead in stored)  # stored all the same: nothing lost

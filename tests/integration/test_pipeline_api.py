@@ -9,7 +9,7 @@ from datetime import timedelta
 
 import pytest
 
-from tests.factories import opportunity_event
+from tests.factories import lead_captured, opportunity_event
 from tests.integration.pipeline_fixtures import Pipeline, pipeline  # noqa: F401
 
 CNY = "CNY"
@@ -242,9 +242,15 @@ async def test_a_merged_lead_joins_the_opportunity_of_the_lead_it_was_merged_int
         "lead_id": str(merged_lead), "into_lead_id": str(first_lead), "rule": "email",
         "merged_at": "2026-11-02T10:00:00Z",
     })  # fmt: skip
-    for _ in range(2):  # delivered twice: attached once
-        await asyncio.to_thread(p.app.apply_lead_events, "capture:p1", [(7, merged)],
-                                p.settings.rules())  # fmt: skip
+    captured = lead_captured(merged_lead)
+    captured = captured.model_copy(
+        update={"data": {**captured.data, "duplicate_of": str(first_lead)}}
+    )
+    for _ in range(2):  # delivered twice: attached once, and no second opportunity opened
+        await asyncio.to_thread(
+            p.app.apply_lead_events, "capture:p1", [(6, captured), (7, merged)], p.settings.rules()
+        )
+
     view = (await p.http.get(f"/v1/opportunities/{o}", headers=p.auth("admin"))).json()
     assert view["lead_ids"] == [str(first_lead), str(merged_lead)] and view["version"] == 4
     page = await p.http.get("/v1/opportunities", params={"lead_id": str(merged_lead)},

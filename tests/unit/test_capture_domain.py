@@ -163,3 +163,18 @@ def test_header_without_a_value_does_not_break_intake() -> None:
     seen = incoming(record)  # type: ignore[arg-type]
     assert seen.headers == {"x-partner-id": "", "x-message-id": "m"}
     assert judge(seen, SECRETS, MAX).reply is not None  # known by key, unsigned: rejected
+
+
+def test_normalised_keys() -> None:
+    from services.capture.normalize import company_key, email_key, phone_e164
+
+    assert email_key("  Li.Wei@Example.CN ") == "li.wei@example.cn"
+    assert {phone_e164(p) for p in ("+86 138 0000 0000", "138-0000-0000", "0086 13800000000",
+                                      "8613800000000")} == {"+8613800000000"}  # fmt: skip
+    assert phone_e164("+1 (415) 555-0100") == "+14155550100"
+    assert phone_e164("6655 1234") is None  # a local number: no country to place it in
+    assert company_key("Shaanxi Northwind Logistics Co., Ltd.", "cn-sn") == company_key(
+        "SHAANXI  NORTHWIND LOGISTICS", "CN-SN"
+    )
+    assert company_key("陕西北风物流有限公司", "CN-SN") == company_key("陕西北风物流", "CN-SN")
+    assert company_key("Northwind", "CN-SN") != company_key("Northwind", "CN-BJ")
