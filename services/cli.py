@@ -56,6 +56,30 @@ def cmd_pipeline_tick(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_capture_tick(args: argparse.Namespace) -> int:
+    from services.capture.app import MIGRATIONS, SCHEMA, CaptureApp
+    from shared.runtime import open_schema
+
+    settings = Settings()
+
+    async def migrated() -> None:
+        pool = await open_schema(settings, SCHEMA, MIGRATIONS)
+        await pool.close()
+
+    asyncio.run(migrated())
+    app = CaptureApp(settings.dsn(), SCHEMA, 2)
+    try:
+        total = 0
+        while batch := app.expire_registrations(args.now):
+            total += len(batch)
+            for registration_id in batch:
+                print(f"expired {registration_id}")
+        print(f"{total} registrations expired as of {args.now.isoformat()}")
+    finally:
+        app.close()
+    return 0
+
+
 def cmd_service(args: argparse.Namespace) -> int:
     import importlib
 
@@ -283,11 +307,12 @@ def parser() -> argparse.ArgumentParser:
     for service in SERVICES:
         runner = commands.add_parser(service, help=f"run the {service} service")
         runner.set_defaults(run=cmd_service)
-        if service == "pipeline":
+        if service in ("pipeline", "capture"):
             actions = runner.add_subparsers(dest="action")
-            tick = actions.add_parser("tick", help="recycle opportunities idle as of --now")
+            what = {"pipeline": "recycle opportunities idle", "capture": "expire registrations"}
+            tick = actions.add_parser("tick", help=f"{what[service]} as of --now")
             tick.add_argument("--now", required=True, type=_aware_time, help="ISO-8601 time")
-            tick.set_defaults(run=cmd_pipeline_tick)
+            tick.set_defaults(run=cmd_pipeline_tick if service == "pipeline" else cmd_capture_tick)
     commands.add_parser("migrate", help="apply schema migrations").set_defaults(run=cmd_migrate)
 
     partner = commands.add_parser("partner", help="manage channel partners")
@@ -307,7 +332,9 @@ def parser() -> argparse.ArgumentParser:
     token = commands.add_parser("token", help="bearer tokens for the HTTP APIs")
     token_actions = token.add_subparsers(dest="action", required=True)
     issue = token_actions.add_parser("issue", help="print a bearer token")
-    issue.add_argument("--role", required=True, choices=["rep", "manager", "ops", "admin"])
+    issue.add_argument(
+        "--role", required=True, choices=["rep", "manager", "ops", "admin", "partner"]
+    )
     issue.add_argument("--user", required=True)
     issue.add_argument("--team")
     issue.add_argument("--ttl-days", type=int, default=30)

@@ -16,6 +16,7 @@ class Role(StrEnum):
     manager = "manager"
     ops = "ops"
     admin = "admin"
+    partner = "partner"  # a channel partner: `user` is its partner id
 
 
 class Principal(BaseModel):

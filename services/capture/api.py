@@ -11,17 +11,20 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qsl
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
 from services.capture.app import CaptureApp
 from services.capture.domain import field_errors
 from services.capture.intake_limits import HONEYPOT_FIELD, RateLimiter
+from shared.auth import Principal, Role
 from shared.clock import Clock
 from shared.contracts.asyncapi import document
 from shared.contracts.partner import FieldError, WebFormLead
+from shared.http_auth import bearer
 from shared.runtime import Readiness, health_router
+from shared.settings import Settings
 
 MAX_BODY = 64 * 1024
 log = logging.getLogger(__name__)
@@ -60,6 +63,7 @@ def _invalid(errors: list[FieldError], status: int = 422) -> JSONResponse:
 
 def create_api(
     app: CaptureApp,
+    settings: Settings,
     clock: Clock,
     readiness: Callable[[], Readiness | None],
     limiter: RateLimiter | None = None,
@@ -67,6 +71,22 @@ def create_api(
     api = FastAPI(title="DealStream capture", version="1")
     api.include_router(health_router(readiness))
     limiter = limiter or RateLimiter(per_minute=60, burst=20)
+
+    authenticated = bearer(settings, clock)
+
+    @api.get("/v1/partners/{partner_id}/registrations", tags=["partners"])
+    async def registrations(
+        partner_id: str, principal: Principal = Depends(authenticated)
+    ) -> list[dict[str, Any]]:
+        """A partner's deal registrations (报备): held, expired, and how often others were
+        turned away. A partner sees only its own; ops and admin see any."""
+        allowed = principal.role in (Role.ops, Role.admin) or (
+            principal.role is Role.partner and principal.user == partner_id
+        )
+        if not allowed:
+            raise HTTPException(404, "no such partner")
+        rows = await asyncio.to_thread(app.registrations_of, partner_id)
+        return [json.loads(json.dumps(row, default=str)) for row in rows]
 
     @api.get("/asyncapi", tags=["contract"])
     async def asyncapi() -> dict[str, Any]:

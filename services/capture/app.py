@@ -13,10 +13,26 @@ from datetime import datetime
 from eventsourcing.domain import Aggregate
 from psycopg.sql import SQL
 
-from services.capture.domain import Incoming, Lead, Match, PartnerMessage, Verdict, judge
+from services.capture.domain import (
+    Incoming,
+    Lead,
+    Match,
+    PartnerMessage,
+    Registration,
+    Verdict,
+    judge,
+)
 from services.capture.normalize import match_keys
 from shared.bus.consumer import record_tracked
-from shared.contracts.partner import DeadLetter, PartnerReply, ReplyStatus, WebFormLead
+from shared.contracts.partner import (
+    DeadLetter,
+    PartnerReply,
+    RegistrationStatus,
+    ReplyStatus,
+    WebFormLead,
+)
+from shared.contracts.partner import Registration as RegistrationView
+from shared.settings import Rules
 from shared.store.eventstore import EventStoreApp
 from shared.store.migrations import BUS_TABLES, Migration
 from shared.store.recorder import SideWrite
@@ -37,6 +53,24 @@ MIGRATIONS: list[Migration] = [
             previous_valid_until timestamptz,
             created_at timestamptz NOT NULL DEFAULT now()
         );
+        """,
+    ),
+    (
+        4,
+        """
+        CREATE TABLE registration (
+            registration_id uuid PRIMARY KEY,
+            company_key text NOT NULL,
+            partner_id text NOT NULL,
+            lead_id uuid NOT NULL,
+            registered_at timestamptz NOT NULL,
+            expires_at timestamptz NOT NULL,
+            status text NOT NULL,
+            conflicts integer NOT NULL DEFAULT 0,
+            version integer NOT NULL
+        );
+        CREATE INDEX registration_company ON registration (company_key, status, expires_at);
+        CREATE INDEX registration_partner ON registration (partner_id);
         """,
     ),
     (
@@ -115,58 +149,155 @@ class CaptureApp(EventStoreApp):
         messages: Sequence[Incoming],
         secrets_of: Mapping[str, list[str]],
         now: datetime,
-        max_bytes: int,
+        rules: Rules,
     ) -> int:
         """Judge and answer a partition's batch of partner messages, exactly once each."""
 
         def decide(batch: list[Incoming]) -> list[Aggregate]:
-            verdicts = [(m, judge(m, secrets_of, max_bytes)) for m in batch]
-            candidates = [v.lead_id for _, v in verdicts if v.lead_id is not None]
-            known = self.existing_ids(candidates)
-            keys_of = {
-                v.lead_id: match_keys(v.lead.contact.email, v.lead.contact.phone,
-                                      v.lead.company.name, v.lead.company.region)
-                for _, v in verdicts
-                if v.lead is not None and v.lead_id is not None
-            }  # fmt: skip
-            customers = self.known_customers(sorted({k for keys in keys_of.values() for k in keys}))
-            out: list[Aggregate] = []
-            for message, verdict in verdicts:
-                reply = verdict.reply
-                if verdict.lead is not None and verdict.lead_id is not None:
-                    lead_id, status = verdict.lead_id, ReplyStatus.accepted
-                    if lead_id in known:  # the same message again
-                        status = ReplyStatus.duplicate
-                    else:
-                        known.add(lead_id)
-                        match = first_match(keys_of[lead_id], customers)
-                        lead = Lead.capture(
-                            lead_id,
-                            verdict.lead,
-                            source="partner",
-                            captured_at=now,
-                            correlation_id=verdict.lead.message_id,
-                            causation_id=_position(message),
-                            partner_id=verdict.partner_id,
-                            message_id=verdict.message_id,
-                            duplicate_of=match,
-                        )
-                        out.append(lead)
-                        if match is not None and match.partner_id == verdict.partner_id:
-                            # The same lead from the same partner: stored, merged, and answered
-                            # with the lead the partner already has.
-                            lead_id, status = match.lead_id, ReplyStatus.duplicate
-                        root = Match(lead.merged_into or lead.id, verdict.partner_id, "")
-                        for key in keys_of[verdict.lead_id]:  # later leads in this batch see it
-                            customers.setdefault(key, Match(root.lead_id, root.partner_id, key[0]))
-                    reply = PartnerReply(
-                        message_id=verdict.lead.message_id, status=status, lead_id=lead_id
-                    )
-                out.append(_answer(tracking_name, message, verdict, reply, now))
-            return out
+            verdicts = [(m, judge(m, secrets_of, rules.max_message_bytes)) for m in batch]
+            leads = [v for _, v in verdicts if v.lead is not None and v.lead_id is not None]
+            intake = _BatchIntake(self, leads, now, rules)
+            answers = [
+                _answer(tracking_name, message, verdict, intake.take(message, verdict), now)
+                for message, verdict in verdicts
+            ]
+            return [*intake.stored, *answers, *intake.registrations.values()]
 
         positioned = [(m.offset + 1, m) for m in messages]
-        return record_tracked(self, tracking_name, positioned, decide, self.key_writes)
+        return record_tracked(self, tracking_name, positioned, decide, self.side_writes)
+
+    def side_writes(self, aggregates: Sequence[Aggregate]) -> list[SideWrite]:
+        return [*self.key_writes(aggregates), *self.registration_writes(aggregates)]
+
+    def registration_writes(self, aggregates: Sequence[Aggregate]) -> list[SideWrite]:
+        rows = [
+            (r.id, r.company_key, r.partner_id, r.lead_id, r.registered_at, r.expires_at,
+             r.status, r.conflicts, r.version)
+            for r in aggregates
+            if isinstance(r, Registration)
+        ]  # fmt: skip
+        statement = SQL(
+            "INSERT INTO {table} (registration_id, company_key, partner_id, lead_id,"
+            " registered_at, expires_at, status, conflicts, version)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (registration_id) DO UPDATE"
+            " SET status = EXCLUDED.status, conflicts = EXCLUDED.conflicts,"
+            " version = EXCLUDED.version WHERE {table}.version < EXCLUDED.version"
+        ).format(table=self.table("registration"))
+        return [(statement, rows)]
+
+    def held_registrations(self, companies: set[str], now: datetime) -> dict[str, Registration]:
+        if not companies:
+            return {}
+        rows = self.query(
+            SQL(
+                "SELECT registration_id FROM {} WHERE company_key = ANY(%s) AND status = 'held'"
+                " AND expires_at > %s"
+            ).format(self.table("registration")),
+            [sorted(companies), now],
+        )
+        held = [self.repository.get(row["registration_id"]) for row in rows]
+        return {r.company_key: r for r in held if isinstance(r, Registration)}
+
+    def expire_registrations(self, now: datetime, limit: int = 500) -> list[uuid.UUID]:
+        """Registrations past their end as of `now` expire: an event each."""
+        rows = self.query(
+            SQL(
+                "SELECT registration_id FROM {} WHERE status = 'held' AND expires_at <= %s"
+                " ORDER BY expires_at LIMIT %s"
+            ).format(self.table("registration")),
+            [now, limit],
+        )
+        expired = []
+        for row in rows:
+            registration = self.repository.get(row["registration_id"])
+            if isinstance(registration, Registration):
+                registration.expire(now)
+                expired.append(registration)
+        if expired:
+            self.record(expired, side_writes=self.registration_writes(expired))
+        return [r.id for r in expired]
+
+    def registrations_of(self, partner_id: str) -> list[dict[str, object]]:
+        return self.query(
+            SQL(
+                "SELECT registration_id, company_key, lead_id, registered_at, expires_at, status,"
+                " conflicts FROM {} WHERE partner_id = %s ORDER BY registered_at DESC LIMIT 1000"
+            ).format(self.table("registration")),
+            [partner_id],
+        )
+
+
+class _BatchIntake:
+    """One batch of valid partner leads against what the store knows: messages seen before,
+    known customers (dedupe) and held registrations (报备), each looked up once per batch and
+    kept current as the batch goes, so two messages of one batch see each other."""
+
+    def __init__(self, app: CaptureApp, leads: list[Verdict], now: datetime, rules: Rules) -> None:
+        self.now, self.rules = now, rules
+        self.seen = app.existing_ids([v.lead_id for v in leads if v.lead_id])
+        self.keys: dict[uuid.UUID, list[tuple[str, str]]] = {}
+        for v in leads:
+            assert v.lead is not None and v.lead_id is not None
+            contact, company = v.lead.contact, v.lead.company
+            self.keys[v.lead_id] = match_keys(contact.email, contact.phone, company.name,
+                                              company.region)  # fmt: skip
+        self.customers = app.known_customers(sorted({k for ks in self.keys.values() for k in ks}))
+        companies = {dict(ks).get("company_region") for ks in self.keys.values()}
+        self.held = app.held_registrations({c for c in companies if c}, now)
+        self.registrations: dict[uuid.UUID, Registration] = {}
+        self.stored: list[Lead] = []
+
+    def take(self, message: Incoming, verdict: Verdict) -> PartnerReply | None:
+        if verdict.lead is None or verdict.lead_id is None:
+            return verdict.reply
+        lead_in, partner = verdict.lead, verdict.partner_id or ""
+        if verdict.lead_id in self.seen:  # the same message again
+            return PartnerReply(message_id=lead_in.message_id, status=ReplyStatus.duplicate,
+                                lead_id=verdict.lead_id)  # fmt: skip
+        self.seen.add(verdict.lead_id)
+        keys = self.keys[verdict.lead_id]
+        match = first_match(keys, self.customers)
+        lead = Lead.capture(
+            verdict.lead_id, lead_in, source="partner", captured_at=self.now,
+            correlation_id=lead_in.message_id, causation_id=_position(message),
+            partner_id=partner, message_id=verdict.message_id, duplicate_of=match,
+        )  # fmt: skip
+        self.stored.append(lead)
+        for key in keys:  # later leads of this batch know this customer now
+            self.customers.setdefault(key, Match(lead.merged_into or lead.id, partner, key[0]))
+        lead_id, status = verdict.lead_id, ReplyStatus.accepted
+        if match is not None and match.partner_id == partner:
+            # The same customer from the same partner: stored and merged, and answered with the
+            # lead that partner already has.
+            lead_id, status = match.lead_id, ReplyStatus.duplicate
+        company = dict(keys).get("company_region")
+        holder = self.held.get(company) if company else None
+        if holder is not None and holder.partner_id != partner:
+            holder.conflict(partner, verdict.lead_id, self.now, lead_in.message_id)
+            self.registrations[holder.id] = holder
+            status = ReplyStatus.conflict
+        elif holder is None and company is not None and status is ReplyStatus.accepted:
+            days = self.rules.registration_days
+            holder = Registration.register(
+                partner, lead_in, verdict.lead_id, company, self.now, days, lead_in.message_id
+            )
+            self.held[company] = self.registrations[holder.id] = holder
+        return PartnerReply(message_id=lead_in.message_id, status=status, lead_id=lead_id,
+                            registration=_registration_view(holder, partner))  # fmt: skip
+
+
+def _registration_view(holder: Registration | None, partner: str) -> RegistrationView | None:
+    if holder is None:
+        return None
+    if holder.partner_id == partner:
+        return RegistrationView(
+            status=RegistrationStatus.registered,
+            registered_at=holder.registered_at,
+            expires_at=holder.expires_at,
+        )
+    return RegistrationView(
+        status=RegistrationStatus.held_by_other_partner, expires_at=holder.expires_at
+    )
 
 
 def first_match(

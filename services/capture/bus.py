@@ -13,7 +13,7 @@ from eventsourcing.domain import DomainEventProtocol
 from eventsourcing.persistence import Notification
 
 from services.capture.app import CaptureApp
-from services.capture.domain import Incoming, Lead, PartnerMessage
+from services.capture.domain import Incoming, Lead, PartnerMessage, Registration
 from services.capture.partners import PartnerSecrets
 from shared.bus.consumer import BatchConsumer, Record
 from shared.bus.envelopes import envelope_message
@@ -28,7 +28,9 @@ JSON = ((HEADER_CONTENT_TYPE, b"application/json"),)
 
 
 def route(event: DomainEventProtocol[uuid.UUID], _: Notification) -> Sequence[Outbound]:
-    if isinstance(event, Lead.Captured | Lead.Merged):
+    if isinstance(
+        event, Lead.Captured | Lead.Merged | Registration.Registered | Registration.Changed
+    ):
         return [envelope_message(LEAD_EVENTS, event, "capture")]
     if isinstance(event, PartnerMessage.Handled):
         out = []
@@ -87,7 +89,7 @@ def partner_intake(
             messages,
             secrets_of,
             now,
-            rules.max_message_bytes,
+            rules,
         )
 
     consumer = BatchConsumer("partner-intake", settings, "capture", [PARTNER_LEADS], handle)

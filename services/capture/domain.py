@@ -9,7 +9,7 @@ import json
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
 from eventsourcing.domain import Aggregate
@@ -17,7 +17,13 @@ from pydantic import ValidationError
 
 from services.capture.normalize import match_keys
 from shared.contracts.common import Contract
-from shared.contracts.events import LeadCaptured, LeadMerged
+from shared.contracts.events import (
+    LeadCaptured,
+    LeadMerged,
+    PartnerRegistered,
+    RegistrationConflicted,
+    RegistrationExpired,
+)
 from shared.contracts.partner import (
     HEADER_MESSAGE_ID,
     HEADER_PARTNER_ID,
@@ -137,6 +143,90 @@ class Lead(Aggregate):
         return match_keys(
             contact.get("email"), contact.get("phone"), company.get("name"), company.get("region")
         )
+
+
+REGISTRATION_NAMESPACE = uuid.UUID("6a0f5b2e-93d4-4c1a-8f57-2b1e0c9d7a33")
+
+
+class Registration(Aggregate):
+    """Deal registration (报备): who holds a company, until when, and who was turned away."""
+
+    class Registered(Aggregate.Created):
+        public_name: ClassVar[str] = "PartnerRegistered"
+        payload: dict[str, Any]
+        correlation_id: str
+        causation_id: str
+
+    class Changed(Aggregate.Event):
+        public_name: ClassVar[str] = ""
+        payload: dict[str, Any]
+        correlation_id: str
+        causation_id: str
+
+        def apply(self, aggregate: Aggregate) -> None:
+            assert isinstance(aggregate, Registration)
+            if self.public_name == "RegistrationExpired":
+                aggregate.status = "expired"
+            else:
+                aggregate.conflicts += 1
+
+    class Conflicted(Changed):
+        public_name: ClassVar[str] = "RegistrationConflicted"
+
+    class Expired(Changed):
+        public_name: ClassVar[str] = "RegistrationExpired"
+
+    def __init__(self, payload: dict[str, Any], correlation_id: str, causation_id: str) -> None:
+        registered = PartnerRegistered.model_validate(payload)
+        self.partner_id = registered.partner_id
+        self.lead_id = registered.lead_id
+        self.company_key = registered.company_key
+        self.registered_at = registered.registered_at
+        self.expires_at = registered.expires_at
+        self.status = "held"
+        self.conflicts = 0
+
+    @classmethod
+    def register(
+        cls, partner_id: str, lead: LeadDetails, lead_id: uuid.UUID, company: str, at: datetime,
+        days: int, correlation_id: str,
+    ) -> Registration:  # fmt: skip
+        registration_id = uuid.uuid5(REGISTRATION_NAMESPACE, f"{company}|{partner_id}|{at}")
+        registered = PartnerRegistered(
+            registration_id=registration_id, partner_id=partner_id, lead_id=lead_id,
+            company=lead.company.name, region=lead.company.region, company_key=company,
+            registered_at=at, expires_at=at + timedelta(days=days),
+        )  # fmt: skip
+        return cls._create(
+            cls.Registered, id=registration_id, payload=registered.model_dump(mode="json"),
+            correlation_id=correlation_id, causation_id=str(lead_id), timestamp=at,
+        )  # fmt: skip
+
+    def holds(self, at: datetime) -> bool:
+        return self.status == "held" and at < self.expires_at
+
+    def conflict(
+        self, partner_id: str, lead_id: uuid.UUID, at: datetime, correlation_id: str
+    ) -> None:
+        conflicted = RegistrationConflicted(
+            registration_id=self.id, partner_id=partner_id, lead_id=lead_id, at=at
+        )
+        self.trigger_event(
+            self.Conflicted,
+            payload=conflicted.model_dump(mode="json"),
+            correlation_id=correlation_id,
+            causation_id=str(lead_id),
+            timestamp=at,
+        )
+
+    def expire(self, at: datetime) -> None:
+        if self.status != "held" or at < self.expires_at:
+            return
+        expired = RegistrationExpired(registration_id=self.id, partner_id=self.partner_id,
+                                      expired_at=self.expires_at)  # fmt: skip
+        self.trigger_event(self.Expired, payload=expired.model_dump(mode="json"),
+                           correlation_id=f"expiry:{at.isoformat()}", causation_id=str(self.id),
+                           timestamp=at)  # fmt: skip
 
 
 class PartnerMessage(Aggregate):

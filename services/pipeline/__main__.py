@@ -12,13 +12,13 @@ from services.pipeline.bus import lead_events, route
 from shared.bus.relay import OutboxRelay
 from shared.clock import Clock, SystemClock
 from shared.logs import setup_logging
-from shared.runtime import Readiness, open_schema, run_service, serve
+from shared.runtime import Loop, Readiness, open_schema, run_service, serve
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-def recycling(app: PipelineApp, settings: Settings, clock: Clock):  # type: ignore[no-untyped-def]
+def recycling(app: PipelineApp, settings: Settings, clock: Clock) -> Loop:
     """Pipeline's own scheduler: recycle idle opportunities every `recycle_tick_seconds`."""
 
     async def loop(stop: asyncio.Event) -> None:

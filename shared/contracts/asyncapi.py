@@ -20,7 +20,13 @@ from shared.contracts.partner import DeadLetter, PartnerLeadMessage, PartnerRepl
 CONTRACTS_VERSION = "1.0.0"
 REF = "#/components/schemas/{model}"
 
-LEAD_EVENT_TYPES = ("LeadCaptured", "LeadMerged")
+LEAD_EVENT_TYPES = (
+    "LeadCaptured",
+    "LeadMerged",
+    "PartnerRegistered",
+    "RegistrationConflicted",
+    "RegistrationExpired",
+)
 OPPORTUNITY_EVENT_TYPES = tuple(t for t in EVENT_TYPES if t not in LEAD_EVENT_TYPES)
 
 ENVELOPE_HEADERS = {

@@ -36,6 +36,34 @@ class LeadMerged(Contract):
     merged_at: UtcTime
 
 
+class PartnerRegistered(Contract):
+    """Deal registration (报备): the first partner to submit a company holds it until expiry."""
+
+    registration_id: uuid.UUID
+    partner_id: str
+    lead_id: uuid.UUID
+    company: str
+    region: str | None = None
+    company_key: str
+    registered_at: UtcTime
+    expires_at: UtcTime
+
+
+class RegistrationConflicted(Contract):
+    """Another partner submitted the company while the registration held."""
+
+    registration_id: uuid.UUID
+    partner_id: str
+    lead_id: uuid.UUID
+    at: UtcTime
+
+
+class RegistrationExpired(Contract):
+    registration_id: uuid.UUID
+    partner_id: str
+    expired_at: UtcTime
+
+
 Stage = Annotated[str, Field(pattern=r"^[A-F]$")]
 Tier = Literal["small", "normal", "important", "major"]
 
@@ -185,6 +213,9 @@ class LeadAttached(Contract):
 EVENT_TYPES: dict[str, tuple[type[Contract], int]] = {
     "LeadCaptured": (LeadCaptured, 1),
     "LeadMerged": (LeadMerged, 1),
+    "PartnerRegistered": (PartnerRegistered, 1),
+    "RegistrationConflicted": (RegistrationConflicted, 1),
+    "RegistrationExpired": (RegistrationExpired, 1),
     "OpportunityOpened": (OpportunityOpened, 1),
     "OpportunityScored": (OpportunityScored, 1),
     "OpportunityAssigned": (OpportunityAssigned, 1),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from datetime import datetime, timedelta
 
 import pytest
 
@@ -138,7 +139,8 @@ async def test_the_partner_client_sends_signed_leads_and_gets_their_replies(
         again = await client.submit(lead, message_id=first["message_id"])
         refused = await client.submit({**lead, "contact": {"name": "X", "email": "nope"}})
     assert first["status"] == "accepted" and uuid.UUID(first["lead_id"])
-    assert again == {**first, "status": "duplicate"}
+    assert (again["status"], again["lead_id"]) == ("duplicate", first["lead_id"])
+    assert first["registration"]["status"] == "registered"
     assert refused["status"] == "rejected" and refused["errors"][0]["field"] == "contact.email"
 
 
@@ -177,3 +179,52 @@ async def test_a_known_customer_is_merged_not_duplicated(settings: Settings, int
     assert all(m["data"]["into_lead_id"] == str(root) for m in merged)
     stored = [app.repository.get(uuid.UUID(m["data"]["lead_id"])) for m in merged]
     assert all(lead.merged_into == root for lead in stored)  # stored all the same: nothing lost
+
+
+async def test_the_first_partner_holds_the_registration_until_it_expires(
+    settings: Settings,
+    intake,
+    open_pool,
+    schema: str,  # type: ignore[no-untyped-def]
+) -> None:
+    app, partner, secret = intake
+    pool = await open_pool(schema, MIGRATIONS)
+    rival = f"r{uuid.uuid4().hex[:8]}"
+    rival_secret = await add_partner(pool, rival)
+    admin = make_admin(settings)
+    await admin.start()
+    await ensure_topics(admin, settings, [partner_replies(rival)])
+    await admin.close()
+    lead = json.loads(lead_value(partner, "x", company=f"Registered Co {uuid.uuid4().hex[:6]}"))
+    for field in ("message_id", "partner_id", "submitted_at"):
+        lead.pop(field)
+    other_contact = {"name": "Chen", "email": f"chen.{uuid.uuid4().hex}@example.cn"}
+    async with PartnerClient(settings.bootstrap_servers(), partner, secret) as first:
+        held = await first.submit(lead)
+    async with PartnerClient(settings.bootstrap_servers(), rival, rival_secret) as second:
+        turned_away = await second.submit({**lead, "contact": other_contact})
+    assert held["status"] == "accepted" and held["registration"]["status"] == "registered"
+    assert turned_away["status"] == "conflict"
+    assert turned_away["registration"] == {
+        "status": "held_by_other_partner",
+        "expires_at": held["registration"]["expires_at"],
+    }
+    assert turned_away["lead_id"] != held["lead_id"]  # stored all the same, merged
+    [mine] = await asyncio.to_thread(app.registrations_of, partner)
+    assert (mine["status"], mine["conflicts"], str(mine["lead_id"])) == ("held", 1, held["lead_id"])
+    assert await asyncio.to_thread(app.registrations_of, rival) == []
+
+    expires = datetime.fromisoformat(held["registration"]["expires_at"].replace("Z", "+00:00"))
+    assert await asyncio.to_thread(app.expire_registrations, expires - timedelta(seconds=1)) == []
+    expired = await asyncio.to_thread(app.expire_registrations, expires)
+    assert expired == [mine["registration_id"]]
+    [after] = await asyncio.to_thread(app.registrations_of, partner)
+    assert after["status"] == "expired"
+
+    def events(records: list) -> list:  # type: ignore[type-arg]
+        return [json.loads(r.value)["event_type"] for r in records
+                if r.key == str(mine["registration_id"]).encode()]  # fmt: skip
+
+    seen = events(await read_topic(settings.bootstrap_servers(), "lead.events.v1",
+                                   lambda r: len(events(r)) >= 3))  # fmt: skip
+    assert seen == ["PartnerRegistered", "RegistrationConflicted", "RegistrationExpired"]

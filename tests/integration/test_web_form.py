@@ -8,16 +8,20 @@ import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
 
 from services.capture.api import create_api
 from services.capture.app import MIGRATIONS, CaptureApp
+from services.capture.domain import Incoming, sign
 from services.capture.intake_limits import RateLimiter
+from shared.auth import Principal, Role, issue_token
 from shared.clock import SystemClock
 from shared.contracts.asyncapi import canonical, document
-from shared.settings import Settings
+from shared.settings import Rules, Settings
+from tests.support import lead_value
 
 FORM = {"company": {"name": "Web Co", "region": "CN-BJ"}, "contact": {"name": "Wang"}}
 
@@ -28,7 +32,9 @@ async def web(
 ) -> AsyncIterator[tuple[httpx.AsyncClient, CaptureApp]]:  # type: ignore[no-untyped-def]
     await open_pool(schema, MIGRATIONS)
     app = await asyncio.to_thread(CaptureApp, settings.dsn(), schema)
-    api = create_api(app, SystemClock(), lambda: None, RateLimiter(per_minute=60, burst=8))
+    api = create_api(
+        app, settings, SystemClock(), lambda: None, RateLimiter(per_minute=60, burst=8)
+    )
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(api), base_url="http://capture"
     ) as http:
@@ -93,3 +99,26 @@ async def test_capture_serves_the_bus_contract(web) -> None:  # type: ignore[no-
     served = await http.get("/asyncapi")
     assert served.status_code == 200
     assert served.json() == json.loads(canonical(document()))
+
+
+async def test_registrations_are_partner_scoped(settings: Settings, web) -> None:  # type: ignore[no-untyped-def]
+    http, app = web
+    value = lead_value("acme", "acme-reg-1")
+    incoming = Incoming("partner.leads.v1", 0, 0, b"acme", value,
+                        {"x-partner-id": "acme", "x-message-id": "acme-reg-1",
+                         "x-signature": sign("s3cret", value)})  # fmt: skip
+    await asyncio.to_thread(app.handle_partner_messages, "t:p0", [incoming],
+                            {"acme": ["s3cret"]}, datetime.now(UTC), Rules())  # fmt: skip
+
+    def auth(role: Role, user: str) -> dict[str, str]:
+        token = issue_token(Principal(role=role, user=user), settings.secret_for_tokens(),
+                            datetime.now(UTC), timedelta(hours=1))  # fmt: skip
+        return {"Authorization": f"Bearer {token}"}
+
+    url = "/v1/partners/acme/registrations"
+    own = await http.get(url, headers=auth(Role.partner, "acme"))
+    assert own.status_code == 200 and [r["status"] for r in own.json()] == ["held"]
+    assert (await http.get(url, headers=auth(Role.partner, "globex"))).status_code == 404
+    assert (await http.get(url, headers=auth(Role.rep, "rep1"))).status_code == 404
+    assert (await http.get(url, headers=auth(Role.ops, "ops1"))).status_code == 200
+    assert (await http.get(url)).status_code == 401
