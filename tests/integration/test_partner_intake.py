@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -15,7 +15,7 @@ from services.capture.app import MIGRATIONS, CaptureApp
 from services.capture.bus import partner_intake, route
 from services.capture.client import PartnerClient
 from services.capture.domain import partner_lead_id
-from services.capture.partners import PartnerSecrets, add_partner
+from services.capture.partners import PartnerSecrets, add_partner, rotate_partner
 from shared.bus.kafka import ensure_topics, make_admin
 from shared.bus.relay import OutboxRelay
 from shared.clock import SystemClock
@@ -35,12 +35,23 @@ async def intake(settings: Settings, schema: str, open_pool, background):  # typ
     await admin.start()
     await ensure_topics(admin, settings, [partner_replies(partner)])
     await admin.close()
-    consumer = partner_intake(app, settings, PartnerSecrets(pool), SystemClock())
+    consumer = partner_intake(app, settings, PartnerSecrets(pool, ttl=0.5), SystemClock())
     consumer.group_id = f"capture-{schema}"
     background(OutboxRelay("capture", app, route, settings, pool).run)
     background(consumer.run)
     yield app, partner, secret
     app.close()
+
+
+async def answers_to(settings: Settings, partner: str, message_ids: set[str]) -> dict[str, dict]:  # type: ignore[type-arg]
+    """Replies on the partner's topic to these messages, read with a plain consumer."""
+
+    def mine(records: list) -> list:  # type: ignore[type-arg]
+        return [r for r in records if r.key.decode() in message_ids]
+
+    records = mine(await read_topic(settings.bootstrap_servers(), partner_replies(partner),
+                                    lambda r: len(mine(r)) >= len(message_ids)))  # fmt: skip
+    return {r.key.decode(): json.loads(r.value) for r in records}
 
 
 async def test_every_partner_message_gets_one_answer_and_poison_does_not_stop_intake(
@@ -228,3 +239,65 @@ async def test_the_first_partner_holds_the_registration_until_it_expires(
     seen = events(await read_topic(settings.bootstrap_servers(), "lead.events.v1",
                                    lambda r: len(events(r)) >= 3))  # fmt: skip
     assert seen == ["PartnerRegistered", "RegistrationConflicted", "RegistrationExpired"]
+
+
+async def test_a_rotated_secret_works_in_the_overlap_window_and_not_after(
+    settings: Settings,
+    intake,
+    open_pool,
+    schema: str,  # type: ignore[no-untyped-def]
+) -> None:
+    _, partner, old_secret = intake
+    pool = await open_pool(schema, MIGRATIONS)
+    new_secret = await rotate_partner(pool, partner, datetime.now(UTC))
+    await asyncio.sleep(1.2)  # past the secrets cache
+
+    def message(message_id: str, secret: str) -> tuple[str, bytes, list[tuple[str, bytes]]]:
+        value = lead_value(partner, message_id)
+        return partner, value, signed_headers(partner, message_id, secret, value)
+
+    ids = {f"{partner}-old-1", f"{partner}-new-1"}
+    await send_partner_messages(settings.bootstrap_servers(),
+                                [message(f"{partner}-old-1", old_secret),
+                                 message(f"{partner}-new-1", new_secret)])  # fmt: skip
+    during = await answers_to(settings, partner, ids)
+    assert {during[i]["status"] for i in ids} == {"accepted"}
+
+    await pool.execute("UPDATE partners SET previous_valid_until = now() - interval '1 second'"
+                       " WHERE partner_id = $1", partner)  # fmt: skip
+    await asyncio.sleep(1.2)
+    after_ids = {f"{partner}-old-2", f"{partner}-new-2"}
+    await send_partner_messages(settings.bootstrap_servers(),
+                                [message(f"{partner}-old-2", old_secret),
+                                 message(f"{partner}-new-2", new_secret)])  # fmt: skip
+    after = await answers_to(settings, partner, after_ids)
+    assert after[f"{partner}-new-2"]["status"] == "accepted"
+    assert after[f"{partner}-old-2"]["status"] == "rejected"
+    assert after[f"{partner}-old-2"]["errors"][0]["code"] == "bad_signature"
+
+
+async def test_a_partner_finds_nothing_of_another_partner_in_its_replies(
+    settings: Settings,
+    intake,
+    open_pool,
+    schema: str,  # type: ignore[no-untyped-def]
+) -> None:
+    _, partner, secret = intake
+    pool = await open_pool(schema, MIGRATIONS)
+    other = f"o{uuid.uuid4().hex[:8]}"
+    other_secret = await add_partner(pool, other)
+    admin = make_admin(settings)
+    await admin.start()
+    await ensure_topics(admin, settings, [partner_replies(other)])
+    await admin.close()
+    mine_id, theirs_id = f"{partner}-mine", f"{other}-theirs"
+    mine_value, theirs_value = lead_value(partner, mine_id), lead_value(other, theirs_id)
+    await send_partner_messages(settings.bootstrap_servers(), [
+        (partner, mine_value, signed_headers(partner, mine_id, secret, mine_value)),
+        (other, theirs_value, signed_headers(other, theirs_id, other_secret, theirs_value)),
+    ])  # fmt: skip
+    assert (await answers_to(settings, other, {theirs_id}))[theirs_id]["status"] == "accepted"
+    everything = await read_topic(settings.bootstrap_servers(), partner_replies(partner),
+                                  lambda r: any(x.key == mine_id.encode() for x in r))  # fmt: skip
+    assert mine_id.encode() in {r.key for r in everything}
+    assert all(json.loads(r.value)["message_id"].startswith(partner) for r in everything)
