@@ -11,6 +11,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import asyncpg
 import pytest
 
+from services.capture.app import MIGRATIONS as CAPTURE_MIGRATIONS
+from services.capture.app import CaptureApp
+from services.capture.bus import partner_intake
+from services.capture.bus import route as capture_route
+from services.capture.partners import PartnerSecrets, add_partner
+from shared.bus.kafka import ensure_topics, make_admin
+from shared.bus.relay import OutboxRelay
+from shared.clock import SystemClock
+from shared.contracts.topics import partner_replies
 from shared.runtime import open_schema
 from shared.settings import Settings
 from shared.store.migrations import Migration
@@ -55,3 +64,22 @@ async def background() -> AsyncIterator[Callable[[Loop], asyncio.Event]]:
     for _, task in running:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(task, 15)
+
+
+@pytest.fixture
+async def intake(settings: Settings, schema: str, open_pool, background):  # type: ignore[no-untyped-def]
+    """Capture's partner intake and relay on their own schema, with one registered partner."""
+    pool = await open_pool(schema, CAPTURE_MIGRATIONS)
+    app = await asyncio.to_thread(CaptureApp, settings.dsn(), schema)
+    partner = f"p{uuid.uuid4().hex[:8]}"
+    secret = await add_partner(pool, partner)
+    admin = make_admin(settings)
+    await admin.start()
+    await ensure_topics(admin, settings, [partner_replies(partner)])
+    await admin.close()
+    consumer = partner_intake(app, settings, PartnerSecrets(pool, ttl=0.5), SystemClock())
+    consumer.group_id = f"capture-{schema}"
+    background(OutboxRelay("capture", app, capture_route, settings, pool).run)
+    background(consumer.run)
+    yield app, partner, secret
+    app.close()

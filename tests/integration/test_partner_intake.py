@@ -9,38 +9,14 @@ import json
 import uuid
 from datetime import UTC, datetime, timedelta
 
-import pytest
-
-from services.capture.app import MIGRATIONS, CaptureApp
-from services.capture.bus import partner_intake, route
+from services.capture.app import MIGRATIONS
 from services.capture.client import PartnerClient
 from services.capture.domain import partner_lead_id
-from services.capture.partners import PartnerSecrets, add_partner, rotate_partner
+from services.capture.partners import add_partner, rotate_partner
 from shared.bus.kafka import ensure_topics, make_admin
-from shared.bus.relay import OutboxRelay
-from shared.clock import SystemClock
 from shared.contracts.topics import partner_replies
 from shared.settings import Settings
 from tests.support import lead_value, read_topic, send_partner_messages, signed_headers
-
-
-@pytest.fixture
-async def intake(settings: Settings, schema: str, open_pool, background):  # type: ignore[no-untyped-def]
-    """Capture's partner intake and relay on their own schema, with one registered partner."""
-    pool = await open_pool(schema, MIGRATIONS)
-    app = await asyncio.to_thread(CaptureApp, settings.dsn(), schema)
-    partner = f"p{uuid.uuid4().hex[:8]}"
-    secret = await add_partner(pool, partner)
-    admin = make_admin(settings)
-    await admin.start()
-    await ensure_topics(admin, settings, [partner_replies(partner)])
-    await admin.close()
-    consumer = partner_intake(app, settings, PartnerSecrets(pool, ttl=0.5), SystemClock())
-    consumer.group_id = f"capture-{schema}"
-    background(OutboxRelay("capture", app, route, settings, pool).run)
-    background(consumer.run)
-    yield app, partner, secret
-    app.close()
 
 
 async def answers_to(settings: Settings, partner: str, message_ids: set[str]) -> dict[str, dict]:  # type: ignore[type-arg]
