@@ -160,3 +160,33 @@ async def test_a_fresh_empty_broker_loses_nothing(
         )
     )
     assert sorted(json.loads(r.value)["status"] for r in replies) == ["accepted"] * 40
+
+
+async def test_capture_killed_while_a_partner_sends_loses_and_duplicates_no_lead(
+    services: Services, partner: tuple[str, str], db: asyncpg.Connection
+) -> None:
+    lead_ids, messages = batch(partner, 800)
+    sending = asyncio.create_task(send_partner_messages(services.stack.kafka, messages))
+    for _ in range(3):
+        await asyncio.sleep(0.4)
+        services.kill("capture")
+        services.start("capture")
+    await sending
+    await asyncio.to_thread(services.wait_ready, "capture")
+    await assert_exactly_once(db, lead_ids)
+    ids = {json.loads(m[1])["message_id"] for m in messages}
+
+    def mine(records: list) -> list:  # type: ignore[type-arg]
+        return [r for r in records if r.key.decode() in ids]
+
+    replies = mine(
+        await read_topic(services.stack.kafka, "partner.acme.replies.v1",
+                         lambda r: len({x.key for x in mine(r)}) >= len(ids), within=90)
+    )  # fmt: skip
+    answers: dict[str, set[str]] = {}
+    for record in replies:  # the relay may repeat a message after a crash: never change it
+        answers.setdefault(record.key.decode(), set()).add(record.value.decode())
+    assert set(answers) == ids and all(len(a) == 1 for a in answers.values())
+    accepted = [json.loads(next(iter(a))) for a in answers.values()]
+    assert {a["status"] for a in accepted} == {"accepted"}
+    assert sorted(a["lead_id"] for a in accepted) == sorted(str(i) for i in lead_ids)

@@ -29,6 +29,7 @@ from shared.devstack import DevStack, free_port
 from shared.runtime import open_schema
 from shared.settings import Rules, Settings
 from tests.factories import lead_captured, opened
+from tests.perf.capture_bench import bench_partner_intake
 from tests.perf.pipeline_bench import bench_command_latency, bench_opening
 
 N = 5000
@@ -157,6 +158,7 @@ async def main() -> int:
             await bench_read_model(settings),
             await bench_relay(settings),
             await bench_opening(stack),
+            await bench_partner_intake(stack),
         ]
         latency = await bench_command_latency(stack.child_settings())
     finally:
