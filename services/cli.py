@@ -32,49 +32,40 @@ def _aware_time(text: str) -> datetime:
     return at
 
 
-def cmd_pipeline_tick(args: argparse.Namespace) -> int:
-    from services.pipeline.app import MIGRATIONS, SCHEMA, PipelineApp
+def cmd_tick(args: argparse.Namespace) -> int:
+    """Run a service's due work as of --now: capture expires registrations, pipeline recycles
+    idle opportunities. What the service's own scheduler does, on demand."""
+    from services.capture.app import MIGRATIONS as CAPTURE
+    from services.capture.app import CaptureApp
+    from services.pipeline.app import MIGRATIONS as PIPELINE
+    from services.pipeline.app import PipelineApp
     from shared.runtime import open_schema
 
     settings = Settings()
+    schema = args.command
+    steps, make, verb = {
+        "capture": (CAPTURE, CaptureApp, "registrations expired"),
+        "pipeline": (PIPELINE, PipelineApp, "opportunities recycled"),
+    }[schema]
 
     async def migrated() -> None:
-        pool = await open_schema(settings, SCHEMA, MIGRATIONS)
+        pool = await open_schema(settings, schema, steps)
         await pool.close()
 
     asyncio.run(migrated())
-    app = PipelineApp(settings.dsn(), SCHEMA, 2)
+    app = make(settings.dsn(), schema, 2)
+    due = (
+        (lambda: app.expire_registrations(args.now))
+        if isinstance(app, CaptureApp)
+        else (lambda: app.recycle_idle(args.now, settings.rules()))
+    )
     try:
         total = 0
-        while batch := app.recycle_idle(args.now, settings.rules()):
+        while batch := due():
             total += len(batch)
-            for opportunity_id in batch:
-                print(f"recycled {opportunity_id}")
-        print(f"{total} opportunities recycled as of {args.now.isoformat()}")
-    finally:
-        app.close()
-    return 0
-
-
-def cmd_capture_tick(args: argparse.Namespace) -> int:
-    from services.capture.app import MIGRATIONS, SCHEMA, CaptureApp
-    from shared.runtime import open_schema
-
-    settings = Settings()
-
-    async def migrated() -> None:
-        pool = await open_schema(settings, SCHEMA, MIGRATIONS)
-        await pool.close()
-
-    asyncio.run(migrated())
-    app = CaptureApp(settings.dsn(), SCHEMA, 2)
-    try:
-        total = 0
-        while batch := app.expire_registrations(args.now):
-            total += len(batch)
-            for registration_id in batch:
-                print(f"expired {registration_id}")
-        print(f"{total} registrations expired as of {args.now.isoformat()}")
+            for done in batch:
+                print(f"{verb.split()[1]} {done}")
+        print(f"{total} {verb} as of {args.now.isoformat()}")
     finally:
         app.close()
     return 0
@@ -312,7 +303,7 @@ def parser() -> argparse.ArgumentParser:
             what = {"pipeline": "recycle opportunities idle", "capture": "expire registrations"}
             tick = actions.add_parser("tick", help=f"{what[service]} as of --now")
             tick.add_argument("--now", required=True, type=_aware_time, help="ISO-8601 time")
-            tick.set_defaults(run=cmd_pipeline_tick if service == "pipeline" else cmd_capture_tick)
+            tick.set_defaults(run=cmd_tick)
     commands.add_parser("migrate", help="apply schema migrations").set_defaults(run=cmd_migrate)
 
     partner = commands.add_parser("partner", help="manage channel partners")

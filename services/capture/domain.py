@@ -35,6 +35,7 @@ from shared.contracts.partner import (
     ReplyStatus,
     WebFormLead,
 )
+from shared.domain import Published, PublishedCreated
 
 LEAD_NAMESPACE = uuid.UUID("a4b7c0e2-6a1f-4c55-8d0e-3c9f5f2a7b10")
 
@@ -65,19 +66,13 @@ def field_errors(exc: ValidationError) -> list[FieldError]:
 
 
 class Lead(Aggregate):
-    class Captured(Aggregate.Created):
+    class Captured(PublishedCreated):
         public_name: ClassVar[str] = "LeadCaptured"
-        payload: dict[str, Any]
-        correlation_id: str
-        causation_id: str
 
-    class Merged(Aggregate.Event):
+    class Merged(Published):
         """Dedupe: this lead is a customer already known as another lead (`into_lead_id`)."""
 
         public_name: ClassVar[str] = "LeadMerged"
-        payload: dict[str, Any]
-        correlation_id: str
-        causation_id: str
 
         def apply(self, aggregate: Aggregate) -> None:
             assert isinstance(aggregate, Lead)
@@ -151,18 +146,10 @@ REGISTRATION_NAMESPACE = uuid.UUID("6a0f5b2e-93d4-4c1a-8f57-2b1e0c9d7a33")
 class Registration(Aggregate):
     """Deal registration (报备): who holds a company, until when, and who was turned away."""
 
-    class Registered(Aggregate.Created):
+    class Registered(PublishedCreated):
         public_name: ClassVar[str] = "PartnerRegistered"
-        payload: dict[str, Any]
-        correlation_id: str
-        causation_id: str
 
-    class Changed(Aggregate.Event):
-        public_name: ClassVar[str] = ""
-        payload: dict[str, Any]
-        correlation_id: str
-        causation_id: str
-
+    class Changed(Published):
         def apply(self, aggregate: Aggregate) -> None:
             assert isinstance(aggregate, Registration)
             if self.public_name == "RegistrationExpired":

@@ -13,6 +13,7 @@ from eventsourcing.domain import Aggregate
 from services.pipeline.rules import Route, bant, tier
 from shared.contracts import events as contract
 from shared.contracts.common import Contract, Money
+from shared.domain import Published, PublishedCreated
 from shared.settings import STAGES, Rules
 
 OPPORTUNITY_NAMESPACE = uuid.UUID("c2f0d8a4-1b7e-4f3a-9e61-7d2b5a9c4e08")
@@ -38,19 +39,11 @@ def _payload(model: Contract) -> dict[str, Any]:
 
 
 class Opportunity(Aggregate):
-    class Opened(Aggregate.Created):
+    class Opened(PublishedCreated):
         public_name: ClassVar[str] = "OpportunityOpened"
-        payload: dict[str, Any]
-        correlation_id: str
-        causation_id: str
 
-    class Changed(Aggregate.Event):
+    class Changed(Published):
         """Base of every later event: the payload is its public contract."""
-
-        public_name: ClassVar[str] = ""
-        payload: dict[str, Any]
-        correlation_id: str
-        causation_id: str
 
         def apply(self, aggregate: Aggregate) -> None:
             assert isinstance(aggregate, Opportunity)

@@ -6,7 +6,7 @@ import json
 import logging
 import uuid
 from collections.abc import Sequence
-from typing import Any, ClassVar, Protocol
+from typing import Any
 
 from aiokafka.structs import ConsumerRecord
 from eventsourcing.domain import DomainEventProtocol
@@ -23,18 +23,6 @@ from shared.contracts.envelope import (
     event_id_for,
 )
 from shared.contracts.events import EVENT_TYPES, parse_event_data, schema_version_of
-
-
-class PublicEvent(Protocol):
-    """A stored domain event that is published: its public name, its contract payload, and
-    where it came from."""
-
-    public_name: ClassVar[str]
-    originator_id: uuid.UUID
-    originator_version: int
-    payload: dict[str, Any]
-    correlation_id: str
-    causation_id: str
 
 
 def envelope_of(event: DomainEventProtocol[uuid.UUID]) -> Envelope:
