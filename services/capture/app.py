@@ -74,6 +74,15 @@ MIGRATIONS: list[Migration] = [
         """,
     ),
     (
+        5,
+        """
+        -- One partner holds a company at a time, whatever replicas race: the loser's whole
+        -- transaction fails and is decided again, seeing the holder.
+        CREATE UNIQUE INDEX registration_held_once ON registration (company_key)
+            WHERE status = 'held';
+        """,
+    ),
+    (
         3,
         """
         CREATE TABLE lead_key (
@@ -170,11 +179,12 @@ class CaptureApp(EventStoreApp):
         return [*self.key_writes(aggregates), *self.registration_writes(aggregates)]
 
     def registration_writes(self, aggregates: Sequence[Aggregate]) -> list[SideWrite]:
+        registrations = [r for r in aggregates if isinstance(r, Registration)]
+        registrations.sort(key=lambda r: r.status == "held")  # release before a new hold
         rows = [
             (r.id, r.company_key, r.partner_id, r.lead_id, r.registered_at, r.expires_at,
              r.status, r.conflicts, r.version)
-            for r in aggregates
-            if isinstance(r, Registration)
+            for r in registrations
         ]  # fmt: skip
         statement = SQL(
             "INSERT INTO {table} (registration_id, company_key, partner_id, lead_id,"
@@ -188,12 +198,13 @@ class CaptureApp(EventStoreApp):
     def held_registrations(self, companies: set[str], now: datetime) -> dict[str, Registration]:
         if not companies:
             return {}
+        """Registrations still marked held for these companies (some may be past their end:
+        the caller expires those before anyone registers anew)."""
         rows = self.query(
             SQL(
                 "SELECT registration_id FROM {} WHERE company_key = ANY(%s) AND status = 'held'"
-                " AND expires_at > %s"
             ).format(self.table("registration")),
-            [sorted(companies), now],
+            [sorted(companies)],
         )
         held = [self.repository.get(row["registration_id"]) for row in rows]
         return {r.company_key: r for r in held if isinstance(r, Registration)}
@@ -245,6 +256,11 @@ class _BatchIntake:
         companies = {dict(ks).get("company_region") for ks in self.keys.values()}
         self.held = app.held_registrations({c for c in companies if c}, now)
         self.registrations: dict[uuid.UUID, Registration] = {}
+        for company, registration in list(self.held.items()):
+            if not registration.holds(now):  # past its end, not yet marked: expire it now
+                registration.expire(now)
+                self.registrations[registration.id] = registration
+                del self.held[company]
         self.stored: list[Lead] = []
 
     def take(self, message: Incoming, verdict: Verdict) -> PartnerReply | None:

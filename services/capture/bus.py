@@ -80,7 +80,10 @@ def partner_intake(
     async def handle(partition: TopicPartition, records: list[Record]) -> None:
         messages = [incoming(r) for r in records]
         now = clock.now()
-        partner_ids = {m.headers.get(HEADER_PARTNER_ID, "") for m in messages}
+        partner_ids = {  # as the verdict reads them: the header, else the key
+            m.headers.get(HEADER_PARTNER_ID) or (m.key or b"").decode("utf-8", "replace")
+            for m in messages
+        }
         secrets_of = await secrets.for_partners(partner_ids, now)
         tracking = f"{PARTNER_LEADS}:{consumer.cluster}:p{partition.partition}"
         await asyncio.to_thread(

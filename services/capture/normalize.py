@@ -6,11 +6,8 @@ from __future__ import annotations
 import re
 import unicodedata
 
-_COMPANY_SUFFIXES = (
-    "股份有限公司", "有限责任公司", "有限公司", "集团", "公司",
-    "co ltd", "coltd", "company limited", "limited", "ltd", "inc", "llc", "corp", "corporation",
-    "gmbh", "co",
-)  # fmt: skip
+_CJK_SUFFIXES = ("股份有限公司", "有限责任公司", "有限公司", "集团公司", "集团", "公司")
+_LEGAL_WORDS = {"co", "company", "ltd", "limited", "inc", "llc", "corp", "corporation", "gmbh"}
 _NOT_WORD = re.compile(r"[^\w]+", re.UNICODE)
 _CN_MOBILE = re.compile(r"^1[3-9]\d{9}$")
 
@@ -47,16 +44,14 @@ def company_key(name: str | None, region: str | None) -> str | None:
     """Case, width, punctuation and legal-form suffixes do not make another company."""
     if not name:
         return None
-    text = unicodedata.normalize("NFKC", name).casefold()
-    text = _NOT_WORD.sub(" ", text).strip()
-    changed = True
-    while changed:
-        changed = False
-        for suffix in _COMPANY_SUFFIXES:
-            if text.endswith(suffix) and len(text) > len(suffix):
-                text = text[: -len(suffix)].strip()
-                changed = True
-    text = text.replace(" ", "")
+    words = _NOT_WORD.sub(" ", unicodedata.normalize("NFKC", name).casefold()).split()
+    while len(words) > 1 and words[-1] in _LEGAL_WORDS:  # whole words only: "Zinc" stays
+        words.pop()
+    text = "".join(words)
+    for suffix in _CJK_SUFFIXES:  # one legal form at the end of a Chinese name
+        if text.endswith(suffix) and len(text) > len(suffix):
+            text = text[: -len(suffix)]
+            break
     if not text:
         return None
     return f"{(region or '').strip().upper()}|{text}"

@@ -22,7 +22,7 @@ from shared.auth import Principal, Role
 from shared.clock import Clock
 from shared.http_auth import bearer
 from shared.runtime import Readiness, health_router
-from shared.settings import Settings
+from shared.settings import Rules, Settings
 
 # Refusals about the request itself; the others are conflicts with the opportunity's state.
 UNPROCESSABLE = {"unknown_reason", "unknown_stage", "invalid_probability", "currency_mismatch"}
@@ -53,6 +53,18 @@ def check_change(principal: Principal, o: Opportunity, command: str) -> None:
         raise Forbidden("reps do not assign; their manager does")
 
 
+def check_team_scope(principal: Principal, body: v.AssignCommand, rules: Rules) -> None:
+    """A manager assigns within their own team, to people of that team."""
+    if principal.role is not Role.manager:
+        return
+    if body.team not in (None, principal.team):
+        raise Forbidden("a manager assigns within their own team")
+    if body.owner is not None:
+        owner = rules.directory.user(body.owner)
+        if owner is None or owner.team != principal.team:
+            raise Forbidden(f"{body.owner} is not in team {principal.team}")
+
+
 def create_api(
     app: PipelineApp,
     settings: Settings,
@@ -64,6 +76,12 @@ def create_api(
     api.include_router(health_router(readiness))
     authenticated = bearer(settings, clock)
     rules = settings.rules
+
+    def authorize(principal: Principal, o: Opportunity, command: str, body: v.Command) -> None:
+        """Who may: visibility first (hidden is 404), then the role, then a manager's team."""
+        check_change(principal, o, command)
+        if isinstance(body, v.AssignCommand):
+            check_team_scope(principal, body, rules())
 
     async def audit(opportunity_id: uuid.UUID, command: str, code: str, actor: str,
                     detail: dict[str, Any]) -> None:  # fmt: skip
@@ -88,7 +106,7 @@ def create_api(
                 opportunity_id,
                 body.expected_version,
                 lambda o: change(o, now),
-                lambda o: check_change(principal, o, command),
+                lambda o: authorize(principal, o, command, body),
             )
         except (NotFound, Hidden):
             raise HTTPException(404, "no such opportunity") from None
@@ -184,8 +202,6 @@ def create_api(
     @api.post(f"{base}/assign", response_model=v.OpportunityView, responses=refusals)
     async def assign(opportunity_id: uuid.UUID, body: v.AssignCommand,
                      p: Principal = Depends(authenticated)) -> JSONResponse:  # fmt: skip
-        if p.role is Role.manager and body.team not in (None, p.team):
-            raise HTTPException(403, "a manager assigns within their own team")
         return await run(
             opportunity_id,
             "assign",
@@ -285,7 +301,7 @@ def create_api(
                 return v.OpportunityPage(items=[], total=0, limit=limit, offset=offset)
             owner = p.user
         elif p.role is Role.manager:
-            if team not in (None, p.team):
+            if p.team is None or team not in (None, p.team):
                 return v.OpportunityPage(items=[], total=0, limit=limit, offset=offset)
             team = p.team
         where = (

@@ -89,6 +89,10 @@ class NotFound(Exception):
     pass
 
 
+class MergeTargetPending(Exception):
+    """A merged lead arrived before the opportunity of the lead it joins: try again later."""
+
+
 def index_row(o: Opportunity) -> tuple[Any, ...]:
     return (
         o.id, o.lead_id, o.version, o.status, o.stage, o.probability, o.owner, o.team, o.region,
@@ -165,9 +169,13 @@ class PipelineApp(EventStoreApp):
                     )
                 elif envelope.event_type == "LeadMerged":
                     merged = LeadMerged.model_validate(envelope.data)
-                    target_id = self.opportunity_of_lead(merged.into_lead_id)
+                    target_id = opportunity_id_for(merged.into_lead_id)
+                    if target_id not in changed:
+                        target_id = self.opportunity_of_lead(merged.into_lead_id)
                     if target_id is None:
-                        continue  # the lead it joins never opened one: nothing to attach to
+                        # The customer's first lead is on another partition and not opened yet:
+                        # fail the batch, so it is read again (nothing is tracked past it).
+                        raise MergeTargetPending(merged.into_lead_id)
                     target = changed.get(target_id) or self.repository.get(target_id)
                     target.attach_lead(
                         merged.lead_id, merged.rule, merged.merged_at,

@@ -14,8 +14,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from eventsourcing.persistence import StoredEvent
+from eventsourcing.persistence import InterfaceError, OperationalError, StoredEvent
 from eventsourcing.postgres import PostgresProcessRecorder
+from eventsourcing.utils import retry
 from psycopg.sql import SQL, Composed
 
 # A statement (psycopg placeholders) and the rows to run it with.
@@ -23,6 +24,8 @@ SideWrite = tuple[Composed | SQL, Sequence[Sequence[Any]]]
 
 
 class BatchProcessRecorder(PostgresProcessRecorder):
+    # The whole transaction is inside: a dropped connection or a lock timeout is tried again.
+    @retry((InterfaceError, OperationalError), max_attempts=3, wait=0.2)
     def insert_events(
         self, stored_events: Sequence[StoredEvent], **kwargs: Any
     ) -> Sequence[int] | None:

@@ -9,13 +9,13 @@ import json
 import uuid
 from datetime import UTC, datetime, timedelta
 
-from services.capture.app import MIGRATIONS
+from services.capture.app import MIGRATIONS, CaptureApp
 from services.capture.client import PartnerClient
-from services.capture.domain import partner_lead_id
+from services.capture.domain import Incoming, partner_lead_id, sign
 from services.capture.partners import add_partner, rotate_partner
 from shared.bus.kafka import ensure_topics, make_admin
 from shared.contracts.topics import partner_replies
-from shared.settings import Settings
+from shared.settings import Rules, Settings
 from tests.support import lead_value, read_topic, send_partner_messages, signed_headers
 
 
@@ -277,3 +277,31 @@ async def test_a_partner_finds_nothing_of_another_partner_in_its_replies(
                                   lambda r: any(x.key == mine_id.encode() for x in r))  # fmt: skip
     assert mine_id.encode() in {r.key for r in everything}
     assert all(json.loads(r.value)["message_id"].startswith(partner) for r in everything)
+
+
+async def test_two_partners_racing_for_one_company_one_holds_it(
+    settings: Settings,
+    schema: str,
+    open_pool,  # type: ignore[no-untyped-def]
+) -> None:
+    await open_pool(schema, MIGRATIONS)
+    apps = [await asyncio.to_thread(CaptureApp, settings.dsn(), schema) for _ in range(2)]
+    company = f"Contested Co {uuid.uuid4().hex[:6]}"
+    batches = []
+    for n, partner in enumerate(("alpha", "bravo")):
+        value = lead_value(partner, f"{partner}-1", company=company)
+        headers = {"x-partner-id": partner, "x-message-id": f"{partner}-1",
+                   "x-signature": sign("s", value)}  # fmt: skip
+        message = Incoming("partner.leads.v1", n, 0, partner.encode(), value, headers)
+        batches.append((apps[n], f"t:p{n}", [message]))
+    secrets = {"alpha": ["s"], "bravo": ["s"]}
+    now = datetime.now(UTC)
+    await asyncio.gather(*(
+        asyncio.to_thread(app.handle_partner_messages, name, messages, secrets, now, Rules())
+        for app, name, messages in batches
+    ))  # fmt: skip
+    held = [r for p in ("alpha", "bravo") for r in apps[0].registrations_of(p)]
+    assert [r["status"] for r in held] == ["held"]
+    assert held[0]["conflicts"] == 1
+    for app in apps:
+        app.close()

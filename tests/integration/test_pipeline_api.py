@@ -9,8 +9,11 @@ from datetime import timedelta
 
 import pytest
 
+from services.pipeline.app import MergeTargetPending
+from services.pipeline.domain import opportunity_id_for
+from shared.auth import Principal, Role
 from tests.factories import lead_captured, opportunity_event
-from tests.integration.pipeline_fixtures import Pipeline, pipeline  # noqa: F401
+from tests.integration.pipeline_fixtures import PRINCIPALS, Pipeline, pipeline  # noqa: F401
 
 CNY = "CNY"
 
@@ -257,3 +260,37 @@ async def test_a_merged_lead_joins_the_opportunity_of_the_lead_it_was_merged_int
                             headers=p.auth("admin"))  # fmt: skip
     assert [i["opportunity_id"] for i in page.json()["items"]] == [str(o)]
     assert await p.pool.fetchval("SELECT count(*) FROM opportunity_index") == 1
+
+
+async def test_a_merge_waits_for_the_customers_opportunity(pipeline: Pipeline) -> None:  # noqa: F811
+    p = pipeline
+    root, duplicate = uuid.uuid4(), uuid.uuid4()
+    opened = lead_captured(root)
+    captured = lead_captured(duplicate)
+    captured = captured.model_copy(update={"data": {**captured.data, "duplicate_of": str(root)}})
+    merged = opportunity_event(duplicate, 2, "LeadMerged", {
+        "lead_id": str(duplicate), "into_lead_id": str(root), "rule": "phone",
+        "merged_at": "2026-11-02T10:00:00Z",
+    })  # fmt: skip
+    # On its own partition, before the customer's lead is opened: refused, nothing tracked.
+    with pytest.raises(MergeTargetPending):
+        await asyncio.to_thread(p.app.apply_lead_events, "capture:p4", [(3, captured), (4, merged)],
+                                p.settings.rules())  # fmt: skip
+    assert p.app.tracked_position("capture:p4") == 0
+    # Read again once the customer's lead opened (here: in the same batch): attached.
+    batch = [(2, opened), (3, captured), (4, merged)]
+    await asyncio.to_thread(p.app.apply_lead_events, "capture:p4", batch, p.settings.rules())
+    view = await asyncio.to_thread(p.app.get, opportunity_id_for(root))
+    assert view.lead_ids == [root, duplicate]
+
+
+async def test_managers_stay_within_their_team(pipeline: Pipeline) -> None:  # noqa: F811
+    p = pipeline
+    o = await p.open()
+    outside = await p.post("mgr_xian", o, "assign", expected_version=3, owner="rep3")
+    assert outside.status_code == 403
+    inside = await p.post("mgr_xian", o, "assign", expected_version=3, owner="rep2")
+    assert inside.status_code == 200 and inside.json()["owner"] == "rep2"
+    PRINCIPALS["teamless"] = Principal(role=Role.manager, user="nobody")
+    page = await p.http.get("/v1/opportunities", headers=p.auth("teamless"))
+    assert page.json()["total"] == 0

@@ -178,3 +178,5 @@ def test_normalised_keys() -> None:
     )
     assert company_key("陕西北风物流有限公司", "CN-SN") == company_key("陕西北风物流", "CN-SN")
     assert company_key("Northwind", "CN-SN") != company_key("Northwind", "CN-BJ")
+    assert company_key("Zinc", "CN") != company_key("Z Inc", "CN")
+    assert company_key("Mexico Ltd", "CN") == "CN|mexico"
