@@ -71,15 +71,23 @@ async def intake(settings: Settings, schema: str, open_pool, background):  # typ
     """Capture's partner intake and relay on their own schema, with one registered partner."""
     pool = await open_pool(schema, CAPTURE_MIGRATIONS)
     app = await asyncio.to_thread(CaptureApp, settings.dsn(), schema)
-    partner = f"p{uuid.uuid4().hex[:8]}"
-    secret = await add_partner(pool, partner)
-    admin = make_admin(settings)
-    await admin.start()
-    await ensure_topics(admin, settings, [partner_replies(partner)])
-    await admin.close()
+    partner, secret = await register_partner(settings, pool, "p")
     consumer = partner_intake(app, settings, PartnerSecrets(pool, ttl=0.5), SystemClock())
     consumer.group_id = f"capture-{schema}"
     background(OutboxRelay("capture", app, capture_route, settings, pool).run)
     background(consumer.run)
     yield app, partner, secret
     app.close()
+
+
+async def register_partner(settings: Settings, pool: asyncpg.Pool, prefix: str) -> tuple[str, str]:
+    """A new partner with its replies topic, as `dealstream partner add` makes one."""
+    partner = f"{prefix}{uuid.uuid4().hex[:8]}"
+    secret = await add_partner(pool, partner)
+    admin = make_admin(settings)
+    await admin.start()
+    try:
+        await ensure_topics(admin, settings, [partner_replies(partner)])
+    finally:
+        await admin.close()
+    return partner, secret

@@ -12,10 +12,10 @@ from datetime import UTC, datetime, timedelta
 from services.capture.app import MIGRATIONS, CaptureApp
 from services.capture.client import PartnerClient
 from services.capture.domain import Incoming, partner_lead_id, sign
-from services.capture.partners import add_partner, rotate_partner
-from shared.bus.kafka import ensure_topics, make_admin
+from services.capture.partners import rotate_partner
 from shared.contracts.topics import partner_replies
 from shared.settings import Rules, Settings
+from tests.integration.conftest import register_partner
 from tests.support import lead_value, read_topic, send_partner_messages, signed_headers
 
 
@@ -176,12 +176,7 @@ async def test_the_first_partner_holds_the_registration_until_it_expires(
 ) -> None:
     app, partner, secret = intake
     pool = await open_pool(schema, MIGRATIONS)
-    rival = f"r{uuid.uuid4().hex[:8]}"
-    rival_secret = await add_partner(pool, rival)
-    admin = make_admin(settings)
-    await admin.start()
-    await ensure_topics(admin, settings, [partner_replies(rival)])
-    await admin.close()
+    rival, rival_secret = await register_partner(settings, pool, "r")
     lead = json.loads(lead_value(partner, "x", company=f"Registered Co {uuid.uuid4().hex[:6]}"))
     for field in ("message_id", "partner_id", "submitted_at"):
         lead.pop(field)
@@ -260,12 +255,7 @@ async def test_a_partner_finds_nothing_of_another_partner_in_its_replies(
 ) -> None:
     _, partner, secret = intake
     pool = await open_pool(schema, MIGRATIONS)
-    other = f"o{uuid.uuid4().hex[:8]}"
-    other_secret = await add_partner(pool, other)
-    admin = make_admin(settings)
-    await admin.start()
-    await ensure_topics(admin, settings, [partner_replies(other)])
-    await admin.close()
+    other, other_secret = await register_partner(settings, pool, "o")
     mine_id, theirs_id = f"{partner}-mine", f"{other}-theirs"
     mine_value, theirs_value = lead_value(partner, mine_id), lead_value(other, theirs_id)
     await send_partner_messages(settings.bootstrap_servers(), [
