@@ -16,7 +16,6 @@ from eventsourcing.domain import Aggregate
 from pydantic import ValidationError
 
 from services.capture.normalize import match_keys
-from shared.contracts.common import Contract
 from shared.contracts.events import (
     LeadCaptured,
     LeadMerged,
@@ -33,7 +32,6 @@ from shared.contracts.partner import (
     PartnerLeadMessage,
     PartnerReply,
     ReplyStatus,
-    WebFormLead,
 )
 from shared.domain import Published, PublishedCreated
 
@@ -343,23 +341,3 @@ def judge(
     return Verdict(
         partner_id, message_id, None, lead=lead, lead_id=partner_lead_id(partner_id, message_id)
     )
-
-
-def web_form_lead_id() -> uuid.UUID:
-    return uuid.uuid4()
-
-
-def as_contract_dict(model: Contract) -> dict[str, Any]:
-    return model.model_dump(mode="json", exclude_none=True)
-
-
-__all__ = [
-    "Incoming",
-    "Lead",
-    "PartnerMessage",
-    "Verdict",
-    "WebFormLead",
-    "judge",
-    "partner_lead_id",
-    "sign",
-]

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeAlias, TypeVar
@@ -62,7 +61,6 @@ class BatchConsumer:
         self.processed = 0
         self.batches = 0  # partition batches handled: processed / batches is the batch size
         self.errors = 0
-        self.last_batch_at = 0.0
         self.running = False
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -148,7 +146,6 @@ class BatchConsumer:
                     backoff = max(backoff, min(0.5 * 2 ** failures[partition], 10.0))
                 if backoff:
                     await asyncio.sleep(backoff)
-                self.last_batch_at = time.monotonic()
                 if done:
                     with contextlib.suppress(Exception):
                         # A hint for lag dashboards, tagged with the broker it belongs to.
