@@ -39,7 +39,7 @@ def cmd_tick(args: argparse.Namespace) -> int:
     from services.capture.app import CaptureApp
     from services.pipeline.app import MIGRATIONS as PIPELINE
     from services.pipeline.app import PipelineApp
-    from shared.runtime import open_schema
+    from shared.runtime import drain, open_schema
 
     settings = Settings()
     schema = args.command
@@ -60,12 +60,10 @@ def cmd_tick(args: argparse.Namespace) -> int:
         else (lambda: app.recycle_idle(args.now, settings.rules()))
     )
     try:
-        total = 0
-        while batch := due():
-            total += len(batch)
-            for done in batch:
-                print(f"{verb.split()[1]} {done}")
-        print(f"{total} {verb} as of {args.now.isoformat()}")
+        done = drain(due)
+        for item in done:
+            print(f"{verb.split()[1]} {item}")
+        print(f"{len(done)} {verb} as of {args.now.isoformat()}")
     finally:
         app.close()
     return 0

@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import uvicorn
@@ -24,6 +24,7 @@ from shared.store.db import create_pool
 from shared.store.migrations import Migration, migrate
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 Loop = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
 
@@ -133,3 +134,28 @@ def run_service(main: Coroutine[Any, Any, None]) -> None:
     """Run a service's main coroutine; a signal ends it quietly (uvicorn re-raises SIGINT)."""
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(main)
+
+
+def drain(due: Callable[[], Sequence[T]]) -> list[T]:
+    """Run a page of due work until a page comes back empty; everything done, in order.
+    Blocking: the schedulers run it in a worker thread."""
+    done: list[T] = []
+    while page := due():
+        done.extend(page)
+    return done
+
+
+def scheduled(name: str, due: Callable[[], Sequence[Any]], every: float) -> Loop:
+    """A service's scheduler: `drain(due)` now and then every `every` seconds until stopped;
+    a failure is logged and tried again at the next tick."""
+
+    async def loop(stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await asyncio.to_thread(drain, due)
+            except Exception:
+                log.exception("%s failed; trying again at the next tick", name)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), every)
+
+    return loop

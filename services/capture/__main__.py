@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
 
 from services.capture.api import create_api
 from services.capture.app import MIGRATIONS, SCHEMA, CaptureApp
@@ -12,28 +10,10 @@ from services.capture.bus import partner_intake, route
 from services.capture.intake_limits import RateLimiter
 from services.capture.partners import PartnerSecrets
 from shared.bus.relay import OutboxRelay
-from shared.clock import Clock, SystemClock
+from shared.clock import SystemClock
 from shared.logs import setup_logging
-from shared.runtime import Loop, Readiness, open_schema, run_service, serve
+from shared.runtime import Readiness, open_schema, run_service, scheduled, serve
 from shared.settings import Settings
-
-log = logging.getLogger(__name__)
-
-
-def registration_expiry(app: CaptureApp, settings: Settings, clock: Clock) -> Loop:
-    """Capture's scheduler: registrations past their end expire, an event each."""
-
-    async def loop(stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                while await asyncio.to_thread(app.expire_registrations, clock.now()):
-                    pass
-            except Exception:
-                log.exception("registration expiry failed; trying again at the next tick")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), settings.recycle_tick_seconds)
-
-    return loop
 
 
 async def main(settings: Settings) -> None:
@@ -46,7 +26,12 @@ async def main(settings: Settings) -> None:
     readiness = Readiness(settings, pool, [intake], relay)
     limiter = RateLimiter(settings.intake_rate_per_minute, settings.intake_burst)
     api = create_api(app, settings, clock, lambda: readiness, limiter)
-    loops = [relay.run, intake.run, registration_expiry(app, settings, clock)]
+    expiry = scheduled(
+        "registration expiry",
+        lambda: app.expire_registrations(clock.now()),
+        settings.recycle_tick_seconds,
+    )
+    loops = [relay.run, intake.run, expiry]
     try:
         await serve(api, settings.capture_port, loops, settings.http_host)
     finally:

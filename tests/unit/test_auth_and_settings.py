@@ -48,3 +48,10 @@ def test_republished_ids_are_applied_once_in_order() -> None:
     items = [(5, "e5"), (6, "e6"), (7, "e7"), (5, "e5"), (6, "e6"), (7, "e7"), (8, "e8")]
     assert _fresh(items, 5) == [(6, "e6"), (7, "e7"), (8, "e8")]
     assert _fresh(items, 8) == []
+
+
+def test_drain_runs_pages_until_one_is_empty() -> None:
+    from shared.runtime import drain
+
+    pages = [[1, 2], [3], []]
+    assert drain(lambda: pages.pop(0)) == [1, 2, 3]
