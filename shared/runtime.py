@@ -7,13 +7,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import Callable, Coroutine, Sequence
+from contextvars import ContextVar
 from typing import Any, TypeVar
 
 import asyncpg
 import uvicorn
 from aiokafka.admin import AIOKafkaAdminClient
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
 from shared.bus.consumer import BatchConsumer
@@ -80,6 +82,32 @@ class Readiness:
         return all(
             not (isinstance(v, str) and v != "ok") for k, v in checks.items() if k != "relay_lag"
         )
+
+
+_correlation: ContextVar[str] = ContextVar("correlation_id", default="")
+
+
+def correlate(api: FastAPI) -> FastAPI:
+    """Every request gets a correlation id — the caller's `x-request-id`, or a new one — that
+    the events it causes carry, and that the answer echoes."""
+
+    @api.middleware("http")
+    async def correlation(request: Request, call_next: Any) -> Response:
+        correlation_id = request.headers.get("x-request-id") or str(uuid.uuid4())
+        token = _correlation.set(correlation_id)
+        try:
+            response: Response = await call_next(request)
+        finally:
+            _correlation.reset(token)
+        response.headers["x-request-id"] = correlation_id
+        return response
+
+    return api
+
+
+def correlation_id() -> str:
+    """The correlation id of the request being handled ("" outside a request)."""
+    return _correlation.get()
 
 
 def health_router(readiness: Callable[[], Readiness | None]) -> APIRouter:

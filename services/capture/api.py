@@ -23,7 +23,7 @@ from shared.clock import Clock
 from shared.contracts.asyncapi import document
 from shared.contracts.partner import FieldError, WebFormLead
 from shared.http_auth import bearer
-from shared.runtime import Readiness, health_router
+from shared.runtime import Readiness, correlate, correlation_id, health_router
 from shared.settings import Settings
 
 MAX_BODY = 64 * 1024
@@ -68,7 +68,7 @@ def create_api(
     readiness: Callable[[], Readiness | None],
     limiter: RateLimiter | None = None,
 ) -> FastAPI:
-    api = FastAPI(title="DealStream capture", version="1")
+    api = correlate(FastAPI(title="DealStream capture", version="1"))
     api.include_router(health_router(readiness))
     limiter = limiter or RateLimiter(per_minute=60, burst=20)
 
@@ -135,8 +135,7 @@ def create_api(
         except (ArithmeticError, ValueError, RecursionError) as exc:
             error = FieldError(field="body", code="invalid_value", message=str(exc)[:200])
             return _invalid([error])
-        correlation = request.headers.get("x-request-id") or str(uuid.uuid4())
-        lead_id = await asyncio.to_thread(app.capture_web_lead, form, clock.now(), correlation)
+        lead_id = await asyncio.to_thread(app.capture_web_lead, form, clock.now(), correlation_id())
         return JSONResponse({"lead_id": str(lead_id)}, status_code=202)
 
     return api

@@ -21,7 +21,7 @@ from services.pipeline.domain import Opportunity, Refused
 from shared.auth import Principal, Role
 from shared.clock import Clock
 from shared.http_auth import bearer
-from shared.runtime import Readiness, health_router
+from shared.runtime import Readiness, correlate, correlation_id, health_router
 from shared.settings import Rules, Settings
 
 # Refusals about the request itself; the others are conflicts with the opportunity's state.
@@ -72,7 +72,7 @@ def create_api(
     clock: Clock,
     readiness: Callable[[], Readiness | None],
 ) -> FastAPI:
-    api = FastAPI(title="DealStream pipeline", version="1")
+    api = correlate(FastAPI(title="DealStream pipeline", version="1"))
     api.include_router(health_router(readiness))
     authenticated = bearer(settings, clock)
     rules = settings.rules
@@ -107,6 +107,7 @@ def create_api(
                 body.expected_version,
                 lambda o: change(o, now),
                 lambda o: authorize(principal, o, command, body),
+                correlation_id(),
             )
         except (NotFound, Hidden):
             raise HTTPException(404, "no such opportunity") from None
@@ -150,9 +151,7 @@ def create_api(
             "stage",
             body,
             p,
-            lambda o, now: o.change_stage(
-                body.to_stage, p.user, now, rules(), note=body.note, correlation_id=p.user
-            ),
+            lambda o, now: o.change_stage(body.to_stage, p.user, now, rules(), note=body.note),
         )
 
     @api.post(f"{base}/follow-ups", response_model=v.OpportunityView, responses=refusals)

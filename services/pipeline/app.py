@@ -177,10 +177,8 @@ class PipelineApp(EventStoreApp):
                         # fail the batch, so it is read again (nothing is tracked past it).
                         raise MergeTargetPending(merged.into_lead_id)
                     target = changed.get(target_id) or self.repository.get(target_id)
-                    target.attach_lead(
-                        merged.lead_id, merged.rule, merged.merged_at,
-                        envelope.correlation_id, str(envelope.event_id),
-                    )  # fmt: skip
+                    with target.acting(envelope.correlation_id, str(envelope.event_id)):
+                        target.attach_lead(merged.lead_id, merged.rule, merged.merged_at)
                     changed[target_id] = target
             return list(changed.values())
 
@@ -230,6 +228,7 @@ class PipelineApp(EventStoreApp):
         expected_version: int,
         change: Callable[[Opportunity], None],
         authorize: Callable[[Opportunity], None] = lambda _: None,
+        correlation_id: str = "",
     ) -> Opportunity:
         """Apply one command with optimistic concurrency: `authorize` first (it raises for a
         caller who may not), then a stale `expected_version`, or a writer who got there first,
@@ -238,7 +237,8 @@ class PipelineApp(EventStoreApp):
         authorize(opportunity)
         if opportunity.version != expected_version:
             raise StaleVersion(opportunity.version)
-        change(opportunity)
+        with opportunity.acting(correlation_id):
+            change(opportunity)
         try:
             self.save([opportunity])
         except IntegrityError:
@@ -259,7 +259,8 @@ class PipelineApp(EventStoreApp):
         for row in rows:
             opportunity = self.repository.get(row["opportunity_id"])
             try:
-                opportunity.recycle(now, rules, correlation_id=f"tick:{now.isoformat()}")
+                with opportunity.acting(f"tick:{now.isoformat()}"):
+                    opportunity.recycle(now, rules)
             except Refused:
                 continue  # the index lagged: it is active after all
             recycled.append(opportunity)

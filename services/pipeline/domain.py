@@ -4,6 +4,8 @@ command (each refusal a stable, public code)."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, ClassVar
@@ -198,48 +200,51 @@ class Opportunity(Aggregate):
             causation_id=event_id,
             timestamp=lead.captured_at,
         )
-        score = bant(lead)
-        at = lead.captured_at
-        opportunity._emit(
-            cls.Scored,
-            contract.OpportunityScored(
-                opportunity_id=opportunity_id,
-                score=score.total,
-                grade=score.grade,
-                budget=score.budget,
-                authority=score.authority,
-                need=score.need,
-                timeline=score.timeline,
-                tier=tier(lead.budget, rules.tiers),
-            ),
-            at,
-            correlation_id,
-            event_id,
-        )
-        opportunity._emit(
-            cls.Assigned,
-            contract.OpportunityAssigned(
-                opportunity_id=opportunity_id,
-                owner=assignment.owner,
-                team=assignment.team,
-                rule=assignment.rule,
-                actor=SYSTEM,
-                assigned_at=at,
-            ),
-            at,
-            correlation_id,
-            event_id,
-        )
+        with opportunity.acting(correlation_id, event_id):
+            score = bant(lead)
+            at = lead.captured_at
+            opportunity._emit(
+                cls.Scored,
+                contract.OpportunityScored(
+                    opportunity_id=opportunity_id,
+                    score=score.total,
+                    grade=score.grade,
+                    budget=score.budget,
+                    authority=score.authority,
+                    need=score.need,
+                    timeline=score.timeline,
+                    tier=tier(lead.budget, rules.tiers),
+                ),
+                at,
+            )
+            opportunity._emit(
+                cls.Assigned,
+                contract.OpportunityAssigned(
+                    opportunity_id=opportunity_id,
+                    owner=assignment.owner,
+                    team=assignment.team,
+                    rule=assignment.rule,
+                    actor=SYSTEM,
+                    assigned_at=at,
+                ),
+                at,
+            )
         return opportunity
 
-    def _emit(
-        self,
-        event_class: type[Changed],
-        model: Contract,
-        at: datetime,
-        correlation_id: str,
-        causation_id: str,
-    ) -> None:
+    # What began the command in hand (a request, a lead event, a tick): set by `acting`, so
+    # every event it emits names it without each command taking it as arguments.
+    _context: tuple[str, str] = ("", "")
+
+    @contextmanager
+    def acting(self, correlation_id: str, causation_id: str = "") -> Iterator[None]:
+        self._context = (correlation_id, causation_id or correlation_id)
+        try:
+            yield
+        finally:
+            del self._context
+
+    def _emit(self, event_class: type[Changed], model: Contract, at: datetime) -> None:
+        correlation_id, causation_id = self._context
         self.trigger_event(
             event_class,
             payload=_payload(model),
@@ -271,8 +276,6 @@ class Opportunity(Aggregate):
         now: datetime,
         rules: Rules,
         note: str | None = None,
-        correlation_id: str = "",
-        causation_id: str = "",
     ) -> None:
         self._require_status("open")
         if to_stage not in STAGES:
@@ -302,8 +305,6 @@ class Opportunity(Aggregate):
                 changed_at=now,
             ),
             now,
-            correlation_id,
-            causation_id,
         )
 
     def override_probability(
@@ -312,8 +313,6 @@ class Opportunity(Aggregate):
         actor: str,
         now: datetime,
         note: str | None = None,
-        correlation_id: str = "",
-        causation_id: str = "",
     ) -> None:
         self._require_status("open")
         if not 0 <= probability <= 100:
@@ -330,8 +329,6 @@ class Opportunity(Aggregate):
                 overridden_at=now,
             ),
             now,
-            correlation_id,
-            causation_id,
         )
 
     def log_follow_up(
@@ -342,8 +339,6 @@ class Opportunity(Aggregate):
         now: datetime,
         next_follow_up_at: datetime | None = None,
         authority: str | None = None,
-        correlation_id: str = "",
-        causation_id: str = "",
     ) -> None:
         self._require_status("open")
         self._emit(
@@ -359,8 +354,6 @@ class Opportunity(Aggregate):
                 logged_at=now,
             ),
             now,
-            correlation_id,
-            causation_id,
         )
 
     def change_amount(
@@ -370,8 +363,6 @@ class Opportunity(Aggregate):
         actor: str,
         now: datetime,
         rules: Rules,
-        correlation_id: str = "",
-        causation_id: str = "",
     ) -> None:
         self._require_status("open")
         self._emit(
@@ -386,8 +377,6 @@ class Opportunity(Aggregate):
                 changed_at=now,
             ),
             now,
-            correlation_id,
-            causation_id,
         )
 
     def win(
@@ -395,8 +384,6 @@ class Opportunity(Aggregate):
         contract_amount: Money,
         actor: str,
         now: datetime,
-        correlation_id: str = "",
-        causation_id: str = "",
     ) -> None:
         self._require_status("open")
         if self.stage != "E":
@@ -411,8 +398,6 @@ class Opportunity(Aggregate):
                 won_at=now,
             ),
             now,
-            correlation_id,
-            causation_id,
         )
 
     def receive_payment(
@@ -420,8 +405,6 @@ class Opportunity(Aggregate):
         amount: Money,
         actor: str,
         now: datetime,
-        correlation_id: str = "",
-        causation_id: str = "",
     ) -> None:
         if self.status != "won" or self.contract_amount is None:
             raise Refused("not_won", f"payments follow a win; opportunity is {self.status}")
@@ -439,8 +422,6 @@ class Opportunity(Aggregate):
                 received_at=now,
             ),
             now,
-            correlation_id,
-            causation_id,
         )
 
     def lose(
@@ -451,8 +432,6 @@ class Opportunity(Aggregate):
         rules: Rules,
         note: str | None = None,
         competitor: str | None = None,
-        correlation_id: str = "",
-        causation_id: str = "",
     ) -> None:
         self._require_status("open")
         if reason_code not in rules.loss_reasons:
@@ -469,8 +448,6 @@ class Opportunity(Aggregate):
                 lost_at=now,
             ),
             now,
-            correlation_id,
-            causation_id,
         )
 
     def reopen(
@@ -479,8 +456,6 @@ class Opportunity(Aggregate):
         now: datetime,
         rules: Rules,
         note: str | None = None,
-        correlation_id: str = "",
-        causation_id: str = "",
     ) -> None:
         if self.status != "lost" or self.lost_stage is None:
             raise Refused("not_lost", f"only a lost opportunity reopens; it is {self.status}")
@@ -495,8 +470,6 @@ class Opportunity(Aggregate):
                 reopened_at=now,
             ),
             now,
-            correlation_id,
-            causation_id,
         )
 
     def assign(
@@ -506,8 +479,6 @@ class Opportunity(Aggregate):
         actor: str,
         now: datetime,
         rule: str = "manual",
-        correlation_id: str = "",
-        causation_id: str = "",
     ) -> None:
         self._require_status("open")
         self._emit(
@@ -522,8 +493,6 @@ class Opportunity(Aggregate):
                 assigned_at=now,
             ),
             now,
-            correlation_id,
-            causation_id,
         )
 
     def recycle(
@@ -531,8 +500,6 @@ class Opportunity(Aggregate):
         now: datetime,
         rules: Rules,
         actor: str = "scheduler",
-        correlation_id: str = "",
-        causation_id: str = "",
     ) -> None:
         self._require_status("open")
         idle_days = (now - self.last_activity_at).days
@@ -552,8 +519,6 @@ class Opportunity(Aggregate):
                 recycled_at=now,
             ),
             now,
-            correlation_id,
-            causation_id,
         )
 
     def reactivate(
@@ -562,8 +527,6 @@ class Opportunity(Aggregate):
         team: str | None,
         actor: str,
         now: datetime,
-        correlation_id: str = "",
-        causation_id: str = "",
     ) -> None:
         if self.status != "recycled":
             raise Refused(
@@ -579,13 +542,9 @@ class Opportunity(Aggregate):
                 reactivated_at=now,
             ),
             now,
-            correlation_id,
-            causation_id,
         )
 
-    def attach_lead(
-        self, lead_id: uuid.UUID, rule: str, now: datetime, correlation_id: str, causation_id: str
-    ) -> None:
+    def attach_lead(self, lead_id: uuid.UUID, rule: str, now: datetime) -> None:
         if lead_id in self.lead_ids:
             return
         self._emit(
@@ -597,6 +556,4 @@ class Opportunity(Aggregate):
                 attached_at=now,
             ),
             now,
-            correlation_id,
-            causation_id,
         )

@@ -294,3 +294,20 @@ async def test_managers_stay_within_their_team(pipeline: Pipeline) -> None:  # n
     PRINCIPALS["teamless"] = Principal(role=Role.manager, user="nobody")
     page = await p.http.get("/v1/opportunities", headers=p.auth("teamless"))
     assert page.json()["total"] == 0
+
+
+async def test_events_carry_the_request_that_began_them(pipeline: Pipeline) -> None:  # noqa: F811
+    p = pipeline
+    o = await p.open()
+    moved = await p.http.post(f"/v1/opportunities/{o}/stage",
+                              json={"expected_version": 3, "to_stage": "B"},
+                              headers={**p.auth("rep1"), "x-request-id": "req-42"})  # fmt: skip
+    assert moved.status_code == 200 and moved.headers["x-request-id"] == "req-42"
+    logged = await p.post("rep1", o, "follow-ups", expected_version=4, channel="call", summary="s")
+    generated = logged.headers["x-request-id"]
+    events = list(p.app.events.get(o))
+    assert [(e.correlation_id, e.causation_id) for e in events[3:]] == [
+        ("req-42", "req-42"),
+        (generated, generated),
+    ]
+    assert events[0].correlation_id == events[1].correlation_id  # opened, scored: one lead event
