@@ -125,11 +125,15 @@ class CaptureApp(EventStoreApp):
         if not keys:
             return {}
         rows = self.query(
+            # Joined on (rule, key) so the primary key's index serves it: a batch's lookups cost
+            # the same however many leads are known.
             SQL(
-                "SELECT DISTINCT ON (rule, key) rule, key, lead_id, partner_id FROM {}"
-                " WHERE rule || ':' || key = ANY(%s) ORDER BY rule, key, captured_at, lead_id"
+                "SELECT DISTINCT ON (k.rule, k.key) k.rule, k.key, k.lead_id, k.partner_id"
+                " FROM {} k JOIN unnest(%s::text[], %s::text[]) AS wanted(rule, key)"
+                " ON k.rule = wanted.rule AND k.key = wanted.key"
+                " ORDER BY k.rule, k.key, k.captured_at, k.lead_id"
             ).format(self.table("lead_key")),
-            [[f"{rule}:{key}" for rule, key in keys]],
+            [[rule for rule, _ in keys], [key for _, key in keys]],
         )
         return {
             (r["rule"], r["key"]): Match(uuid.UUID(str(r["lead_id"])), r["partner_id"], r["rule"])
