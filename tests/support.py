@@ -43,6 +43,14 @@ def lead_value(partner_id: str, message_id: str, company: str | None = None, **e
     return json.dumps(body).encode()
 
 
+def lead_body(company: str | None = None) -> dict[str, Any]:
+    """A lead as the partner client takes it: the partner fields are the client's to fill."""
+    body = json.loads(lead_value("-", "-", company=company))
+    for field in ("message_id", "partner_id", "submitted_at"):
+        body.pop(field)
+    return dict(body)
+
+
 def signed_headers(
     partner_id: str, message_id: str, secret: str, value: bytes
 ) -> list[tuple[str, bytes]]:

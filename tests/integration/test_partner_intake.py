@@ -16,7 +16,7 @@ from services.capture.partners import rotate_partner
 from shared.contracts.topics import partner_replies
 from shared.settings import Rules, Settings
 from tests.integration.conftest import register_partner
-from tests.support import lead_value, read_topic, send_partner_messages, signed_headers
+from tests.support import lead_body, lead_value, read_topic, send_partner_messages, signed_headers
 
 
 async def answers_to(settings: Settings, partner: str, message_ids: set[str]) -> dict[str, dict]:  # type: ignore[type-arg]
@@ -118,9 +118,7 @@ async def test_the_partner_client_sends_signed_leads_and_gets_their_replies(
     intake,  # type: ignore[no-untyped-def]
 ) -> None:
     _, partner, secret = intake
-    lead = json.loads(lead_value(partner, "ignored"))
-    for field in ("message_id", "partner_id", "submitted_at"):
-        lead.pop(field)
+    lead = lead_body()
     async with PartnerClient(settings.bootstrap_servers(), partner, secret) as client:
         first = await client.submit(lead)
         again = await client.submit(lead, message_id=first["message_id"])
@@ -133,9 +131,7 @@ async def test_the_partner_client_sends_signed_leads_and_gets_their_replies(
 
 async def test_a_known_customer_is_merged_not_duplicated(settings: Settings, intake) -> None:  # type: ignore[no-untyped-def]
     app, partner, secret = intake
-    first = json.loads(lead_value(partner, "ignored", company="Northwind Logistics Co., Ltd."))
-    for field in ("message_id", "partner_id", "submitted_at"):
-        first.pop(field)
+    first = lead_body(company="Northwind Logistics Co., Ltd.")
     same_company = {
         **first,
         "company": {**first["company"], "name": "NORTHWIND LOGISTICS"},
@@ -177,9 +173,7 @@ async def test_the_first_partner_holds_the_registration_until_it_expires(
     app, partner, secret = intake
     pool = await open_pool(schema, MIGRATIONS)
     rival, rival_secret = await register_partner(settings, pool, "r")
-    lead = json.loads(lead_value(partner, "x", company=f"Registered Co {uuid.uuid4().hex[:6]}"))
-    for field in ("message_id", "partner_id", "submitted_at"):
-        lead.pop(field)
+    lead = lead_body(company=f"Registered Co {uuid.uuid4().hex[:6]}")
     other_contact = {"name": "Chen", "email": f"chen.{uuid.uuid4().hex}@example.cn"}
     async with PartnerClient(settings.bootstrap_servers(), partner, secret) as first:
         held = await first.submit(lead)
