@@ -43,6 +43,8 @@ def cmd_tick(args: argparse.Namespace) -> int:
 
     settings = Settings()
     schema = args.command
+    if schema == "notify":
+        return asyncio.run(_notify_tick(settings, args.now))
     steps, make, verb = {
         "capture": (CAPTURE, CaptureApp, "registrations expired"),
         "pipeline": (PIPELINE, PipelineApp, "opportunities recycled"),
@@ -66,6 +68,26 @@ def cmd_tick(args: argparse.Namespace) -> int:
         print(f"{len(done)} {verb} as of {args.now.isoformat()}")
     finally:
         app.close()
+    return 0
+
+
+async def _notify_tick(settings: Settings, now: datetime) -> int:
+    """Notify's due work as of `now`: due timers and digests issued, pending deliveries sent."""
+    from services.notify.app import Notifier
+    from services.notify.timers import MIGRATIONS, SCHEMA
+    from shared.bus.kafka import make_producer
+    from shared.clock import FixedClock
+    from shared.runtime import open_schema
+
+    pool = await open_schema(settings, SCHEMA, MIGRATIONS)
+    producer = make_producer(settings, linger_ms=5)
+    await producer.start()
+    try:
+        done = await Notifier(pool, settings, producer, "notify-tick").tick(FixedClock(now))
+    finally:
+        await producer.stop()
+        await pool.close()
+    print(" ".join(f"{name}={count}" for name, count in done.items()), f"as of {now.isoformat()}")
     return 0
 
 
@@ -296,9 +318,13 @@ def parser() -> argparse.ArgumentParser:
     for service in SERVICES:
         runner = commands.add_parser(service, help=f"run the {service} service")
         runner.set_defaults(run=cmd_service)
-        if service in ("pipeline", "capture"):
+        if service in ("pipeline", "capture", "notify"):
             actions = runner.add_subparsers(dest="action")
-            what = {"pipeline": "recycle opportunities idle", "capture": "expire registrations"}
+            what = {
+                "pipeline": "recycle opportunities idle",
+                "capture": "expire registrations",
+                "notify": "issue due reminders, escalations and digests and deliver them",
+            }
             tick = actions.add_parser("tick", help=f"{what[service]} as of --now")
             tick.add_argument("--now", required=True, type=_aware_time, help="ISO-8601 time")
             tick.set_defaults(run=cmd_tick)

@@ -25,6 +25,16 @@ class Principal(BaseModel):
     team: str | None = None
 
 
+def visible(principal: Principal, owner: str | None, team: str | None) -> bool:
+    """May `principal` see an opportunity of `owner` in `team`: a rep their own, a manager
+    their team's, ops and admin all (a partner none)."""
+    if principal.role in (Role.admin, Role.ops):
+        return True
+    if principal.role is Role.manager:
+        return team is not None and team == principal.team
+    return principal.role is Role.rep and owner is not None and owner == principal.user
+
+
 class InvalidToken(Exception):
     """The token is missing, malformed, expired or signed with another secret."""
 

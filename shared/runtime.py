@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from contextvars import ContextVar
 from typing import Any, TypeVar
 
@@ -176,11 +176,17 @@ def drain(due: Callable[[], Sequence[T]]) -> list[T]:
 def scheduled(name: str, due: Callable[[], Sequence[Any]], every: float) -> Loop:
     """A service's scheduler: `drain(due)` now and then every `every` seconds until stopped;
     a failure is logged and tried again at the next tick."""
+    return periodic(name, lambda: asyncio.to_thread(drain, due), every)
+
+
+def periodic(name: str, work: Callable[[], Awaitable[Any]], every: float) -> Loop:
+    """Run `work` now and then every `every` seconds until stopped; a failure is logged and
+    tried again at the next tick."""
 
     async def loop(stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
-                await asyncio.to_thread(drain, due)
+                await work()
             except Exception:
                 log.exception("%s failed; trying again at the next tick", name)
             with contextlib.suppress(TimeoutError):

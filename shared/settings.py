@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import secrets
 import tomllib
+from datetime import time
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
@@ -103,6 +104,20 @@ class Directory(BaseModel):
         return [u for u in self.users if u.team == team_id and u.role == "rep"]
 
 
+class NotifyRules(BaseModel):
+    """Reminder, escalation and digest rules of SPEC §5 (stage follow-up days live on the
+    stages; `follow_up_days_by_tier` overrides them per tier, e.g. `major = {A = 1}`)."""
+
+    escalate_after_days: int = Field(default=2, ge=0)
+    follow_up_days_by_tier: dict[
+        Literal["small", "normal", "important", "major"], dict[str, int]
+    ] = Field(default_factory=dict)
+    digest_weekday: int = Field(default=0, ge=0, le=6)  # Monday
+    digest_time: time = time(9, 0)
+    # A digest missed while notify was down still goes out this long after its time.
+    digest_grace_hours: int = Field(default=24, ge=1, le=24 * 6)
+
+
 def _default_exit_criteria() -> dict[str, list[Criterion]]:
     return {"B": ["budget", "decision_maker"], "D": ["proposal_amount"]}
 
@@ -120,6 +135,7 @@ class Rules(BaseModel):
     stale_days: int = Field(default=30, ge=1)
     recycle_days: int = Field(default=60, ge=1)
     max_message_bytes: int = Field(default=64 * 1024, ge=1024)
+    notify: NotifyRules = Field(default_factory=NotifyRules)
 
     def probability(self, stage: str) -> int:
         return self.stages[stage].probability
@@ -156,6 +172,20 @@ class Settings(BaseSettings):
     recycle_tick_seconds: float = 600.0
     intake_rate_per_minute: int = 60  # web-form posts per client
     intake_burst: int = 20
+    # notify: how often the scheduler fires due timers, and the delivery channels. E-mail is
+    # sent only with an SMTP host; the webhook only with a URL; notification.events.v1 always.
+    notify_tick_seconds: float = 30.0
+    public_url: str = "http://127.0.0.1:8002"  # links in notifications point here
+    smtp_host: str | None = None
+    smtp_port: int = 25
+    smtp_from: str = "dealstream@localhost"
+    smtp_username: str | None = None
+    smtp_password: str | None = None
+    smtp_starttls: bool = False
+    webhook_url: str | None = None
+    webhook_secret: str | None = None
+    delivery_attempts: int = Field(default=5, ge=1)
+    delivery_backoff_seconds: float = Field(default=1.0, ge=0)
 
     def stack_file(self) -> Path:
         return self.data_dir / "stack.json"
@@ -200,7 +230,7 @@ class Settings(BaseSettings):
 def _load_rules_cached(path: str, mtime: float) -> Rules:
     data: dict[str, Any] = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     rules = dict(data.get("rules", {}))
-    for section in ("directory", "routing"):
+    for section in ("directory", "routing", "notify"):
         if section in data:
             rules[section] = data[section]
     return Rules.model_validate(rules)

@@ -2,23 +2,40 @@
 
 from __future__ import annotations
 
+import uuid
+
 from services.notify.api import create_api
+from services.notify.app import Notifier
 from services.notify.bus import opportunity_events
 from services.notify.timers import MIGRATIONS, SCHEMA
+from shared.bus.kafka import ensure_core_topics, make_admin, make_producer
+from shared.clock import SystemClock
 from shared.logs import setup_logging
-from shared.runtime import Readiness, open_schema, run_service, serve
+from shared.runtime import Readiness, open_schema, periodic, run_service, serve
 from shared.settings import Settings
 
 
 async def main(settings: Settings) -> None:
     setup_logging("notify", settings.log_level)
     pool = await open_schema(settings, SCHEMA, MIGRATIONS)
+    admin = make_admin(settings)
+    await admin.start()
+    try:
+        await ensure_core_topics(admin, settings)
+    finally:
+        await admin.close()
+    producer = make_producer(settings, linger_ms=5)
+    await producer.start()
     events = opportunity_events(pool, settings)
     readiness = Readiness(settings, pool, [events])
     api = create_api(settings, pool, lambda: readiness)
+    notifier = Notifier(pool, settings, producer, f"notify-{uuid.uuid4().hex[:8]}")
+    clock = SystemClock()
+    due_work = periodic("notify tick", lambda: notifier.tick(clock), settings.notify_tick_seconds)
     try:
-        await serve(api, settings.notify_port, [events.run], settings.http_host)
+        await serve(api, settings.notify_port, [events.run, due_work], settings.http_host)
     finally:
+        await producer.stop()
         await pool.close()
 
 

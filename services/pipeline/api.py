@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from services.pipeline import views as v
 from services.pipeline.app import NotFound, PipelineApp, StaleVersion
 from services.pipeline.domain import Opportunity, Refused
-from shared.auth import Principal, Role
+from shared.auth import Principal, Role, visible
 from shared.clock import Clock
 from shared.http_auth import bearer
 from shared.runtime import Readiness, correlate, correlation_id, health_router
@@ -34,14 +34,6 @@ class Hidden(Exception):
 
 class Forbidden(Exception):
     pass
-
-
-def visible(principal: Principal, owner: str | None, team: str | None) -> bool:
-    if principal.role in (Role.admin, Role.ops):
-        return True
-    if principal.role is Role.manager:
-        return team is not None and team == principal.team
-    return owner is not None and owner == principal.user
 
 
 def check_change(principal: Principal, o: Opportunity, command: str) -> None:

@@ -15,9 +15,10 @@ from pydantic.json_schema import models_json_schema
 from shared.contracts import topics
 from shared.contracts.envelope import Envelope
 from shared.contracts.events import EVENT_TYPES
+from shared.contracts.notifications import NOTIFICATION_EVENT_TYPES, NotificationUndeliverable
 from shared.contracts.partner import DeadLetter, PartnerLeadMessage, PartnerReply
 
-CONTRACTS_VERSION = "1.0.0"
+CONTRACTS_VERSION = "1.1.0"
 REF = "#/components/schemas/{model}"
 
 LEAD_EVENT_TYPES = (
@@ -66,8 +67,9 @@ def _message(name: str, payload: dict[str, Any], summary: str, headers: dict[str
 
 
 def document() -> dict[str, Any]:
-    models: list[type[BaseModel]] = [Envelope, PartnerLeadMessage, PartnerReply, DeadLetter]
-    models += [model for model, _ in EVENT_TYPES.values()]
+    models: list[type[BaseModel]] = [Envelope, PartnerLeadMessage, PartnerReply, DeadLetter,
+                                     NotificationUndeliverable]  # fmt: skip
+    models += [model for model, _ in (EVENT_TYPES | NOTIFICATION_EVENT_TYPES).values()]
     _, top = models_json_schema([(m, "validation") for m in models], ref_template=REF)
     schemas: dict[str, Any] = top.get("$defs", {})
     messages: dict[str, Any] = {
@@ -83,12 +85,16 @@ def document() -> dict[str, Any]:
             "DeadLetter", {"$ref": REF.format(model="DeadLetter")},
             "What could not be processed, and why.", None, "partner_id",
         ),
+        "NotificationUndeliverable": _message(
+            "NotificationUndeliverable", {"$ref": REF.format(model="NotificationUndeliverable")},
+            "A notification a channel gave up on, with the last error.", None, "notification_id",
+        ),
         "Envelope": _message(
             "Envelope", {"$ref": REF.format(model="Envelope")},
             "Any event in the v1 envelope.", ENVELOPE_HEADERS, "stream_id",
         ),
     }  # fmt: skip
-    for event_type, (model, version) in EVENT_TYPES.items():
+    for event_type, (model, version) in (EVENT_TYPES | NOTIFICATION_EVENT_TYPES).items():
         payload = {
             "allOf": [
                 {"$ref": REF.format(model="Envelope")},
@@ -120,8 +126,14 @@ def document() -> dict[str, Any]:
             "address": topics.OPPORTUNITY_EVENTS,
             "messages": refs(*OPPORTUNITY_EVENT_TYPES),
         },
-        "notificationEvents": {"address": topics.NOTIFICATION_EVENTS, "messages": refs("Envelope")},
-        "deadLetter": {"address": topics.DEAD_LETTER, "messages": refs("DeadLetter")},
+        "notificationEvents": {
+            "address": topics.NOTIFICATION_EVENTS,
+            "messages": refs(*NOTIFICATION_EVENT_TYPES),
+        },
+        "deadLetter": {
+            "address": topics.DEAD_LETTER,
+            "messages": refs("DeadLetter", "NotificationUndeliverable"),
+        },
     }
 
     def operation(action: str, channel: str, summary: str) -> dict[str, Any]:

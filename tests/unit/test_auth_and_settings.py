@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from services.notify.domain import follow_up_due
+from services.notify.domain import follow_up_days
 from shared.auth import InvalidToken, Principal, Role, issue_token, verify_token
 from shared.bus.consumer import _fresh
 from shared.settings import Rules, load_rules
@@ -37,11 +37,14 @@ def test_rules_default_to_the_spec_and_load_from_toml(tmp_path: Path) -> None:
     config.write_text(
         '[rules]\nregistration_days = 30\n[rules.stages.A]\nname = "understand"\n'
         'name_zh = "了解商机"\nprobability = 5\nfollow_up_days = 2\n'
+        "[notify]\nescalate_after_days = 3\n"
+        "[notify.follow_up_days_by_tier.major]\nA = 1\n"
     )
     rules = load_rules(config)
     assert rules.registration_days == 30 and rules.probability("A") == 5
-    assert follow_up_due("A", NOW, rules) == NOW + timedelta(days=2)
-    assert follow_up_due("F", NOW, Rules()) is None
+    assert follow_up_days("A", "small", rules) == 2 and follow_up_days("A", "major", rules) == 1
+    assert follow_up_days("F", "small", Rules()) is None
+    assert rules.notify.escalate_after_days == 3
 
 
 def test_republished_ids_are_applied_once_in_order() -> None:

@@ -1,0 +1,218 @@
+"""Notify (SPEC §5) with time under control: reminders at the due time, escalation two days
+later, nothing after a follow-up; major deals to the branch manager at once; Monday digests in
+the team's zone; real SMTP and webhook deliveries; replays that send nothing new."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from shared.contracts.topics import DEAD_LETTER, NOTIFICATION_EVENTS
+from tests.integration.notify_fixtures import NotifyRig, rig, smtp, webhook  # noqa: F401
+from tests.notify_support import Deal
+from tests.support import read_topic
+
+T = datetime(2026, 11, 16, 2, 0, tzinfo=UTC)
+DAY = timedelta(days=1)
+MINUTE = timedelta(minutes=1)
+
+
+def kinds(notifications: list[dict[str, Any]]) -> list[tuple[str, str | None]]:
+    return [(n["kind"], n["recipient"]) for n in notifications]
+
+
+async def test_a_slipping_follow_up_is_reminded_then_escalated_and_a_follow_up_stops_it(
+    rig: NotifyRig,  # noqa: F811
+    smtp: Any,  # noqa: F811
+) -> None:
+    port, mailbox = smtp
+    mailing = rig.settings.model_copy(update={"smtp_host": "127.0.0.1", "smtp_port": port})
+    deal = Deal(T)
+    await rig.feed(deal.take())
+
+    assert (await rig.tick(T + 3 * DAY - MINUTE, mailing))["notifications"] == 0
+    done = await rig.tick(T + 3 * DAY, mailing)
+    assert done["notifications"] == 1 and done["sent"] == 2  # the bus and e-mail
+    [reminder] = await rig.notifications()
+    assert (reminder["kind"], reminder["recipient"], reminder["locale"]) == (
+        "follow_up_due", "rep.wang", "zh-CN"
+    )  # fmt: skip
+    assert reminder["derived_from"] == [str(deal.log[0].event_id)]  # the opening started it
+    assert reminder["link"].endswith(f"/v1/opportunities/{deal.id}")
+    [mail] = mailbox.messages
+    assert mail["To"] == "wang@example.cn" and "跟进到期" in mail["Subject"]
+    assert mail["Message-ID"] == f"<{reminder['notification_id']}@dealstream>"
+    assert str(deal.id) in mail.get_content()
+
+    assert (await rig.tick(T + 3 * DAY + MINUTE, mailing))["notifications"] == 0  # once
+    assert (await rig.tick(T + 5 * DAY - MINUTE, mailing))["notifications"] == 0
+    await rig.tick(T + 5 * DAY, mailing)
+    escalation = (await rig.notifications("escalation"))[0]
+    assert (escalation["recipient"], escalation["overdue_days"]) == ("mgr.zhao", 2)
+    assert escalation["chain"] == ["rep.wang", "mgr.zhao", "vp.sun"]
+    assert escalation["after"]["escalated_to"] == "mgr.zhao"
+    assert mailbox.envelopes[-1][1] == ["zhao@example.cn"]
+
+    deal.o.log_follow_up("call", "called back", "rep.wang", T + 5 * DAY + MINUTE)
+    await rig.feed(deal.take())
+    for later in (6, 7, 8):  # the old clock's timers are gone; the new one is due at +8d 1min
+        await rig.tick(T + later * DAY, mailing)
+    # Only the Monday digests (T + 7d is a Monday morning) came after the follow-up.
+    assert [k for k in kinds(await rig.notifications()) if k[0] != "weekly_digest"] == [
+        ("follow_up_due", "rep.wang"),
+        ("escalation", "mgr.zhao"),
+    ]
+
+    # The bus carries each notification as a NotificationIssued envelope.
+    ids = {n["notification_id"] for n in await rig.notifications() if n["opportunity_id"]}
+    records = await read_topic(
+        rig.settings.bootstrap_servers(),
+        NOTIFICATION_EVENTS,
+        lambda rs: ids <= {json.loads(r.value)["event_id"] for r in rs},
+    )
+    mine = [json.loads(r.value) for r in records if json.loads(r.value)["event_id"] in ids]
+    assert len(mine) == len(ids) == 2
+    for envelope in mine:
+        assert envelope["event_type"] == "NotificationIssued" and envelope["stream_version"] == 1
+        assert envelope["data"]["opportunity_id"] == str(deal.id)
+        assert envelope["causation_id"] == envelope["data"]["derived_from"][0]
+
+
+async def test_a_major_deal_goes_to_the_branch_manager_at_once(rig: NotifyRig) -> None:  # noqa: F811
+    deal = Deal(T, amount="500000.00")
+    await rig.feed(deal.take())
+    await rig.tick(T + 3 * DAY)
+    assert sorted(kinds(await rig.notifications())) == [
+        ("escalation", "vp.sun"),
+        ("follow_up_due", "rep.wang"),
+    ]
+    [escalation] = await rig.notifications("escalation")
+    assert escalation["recipient_role"] == "branch_manager" and escalation["overdue_days"] == 0
+
+
+async def test_stale_expected_close_and_recycling_notices(rig: NotifyRig) -> None:  # noqa: F811
+    deal = Deal(T, expected_close="2026-11-20")
+    await rig.feed(deal.take())
+    await rig.tick(datetime(2026, 11, 20, 16, 0, tzinfo=UTC))  # Nov 21 00:00 in Shanghai
+    assert ("expected_close_passed", "rep.wang") in kinds(await rig.notifications())
+    await rig.tick(T + 30 * DAY)
+    stale = await rig.notifications("stale_warning")
+    assert sorted(n["recipient"] for n in stale) == ["mgr.zhao", "rep.wang"]
+    deal.o.recycle(T + 60 * DAY, rig.rules)
+    await rig.feed(deal.take())
+    await rig.tick(T + 60 * DAY)
+    [notice] = await rig.notifications("recycled")
+    assert notice["recipient"] == "mgr.zhao" and notice["after"]["owner"] is None
+    assert notice["derived_from"] == [str(deal.log[-1].event_id)]
+
+
+async def test_the_monday_digest_lists_exactly_the_teams_overdue_and_quiet_deals_across_dst(
+    rig: NotifyRig,  # noqa: F811
+) -> None:
+    # Berlin switched to summer time on Sunday 2026-03-29: Monday 09:00 is 07:00 UTC.
+    berlin = {"owner": "rep.anna", "team": "berlin"}
+    overdue = Deal(datetime(2026, 3, 25, 10, tzinfo=UTC), **berlin)
+    fresh = Deal(datetime(2026, 3, 29, 10, tzinfo=UTC), **berlin)
+    quiet = Deal(datetime(2026, 3, 10, 10, tzinfo=UTC), amount="100000.00", **berlin)
+    busy = Deal(datetime(2026, 3, 10, 10, tzinfo=UTC), amount="100000.00", **berlin)
+    busy.o.log_follow_up("visit", "demo", "rep.anna", datetime(2026, 3, 29, 12, tzinfo=UTC))
+    elsewhere = Deal(datetime(2026, 3, 20, 10, tzinfo=UTC))  # team east
+    for deal in (overdue, fresh, quiet, busy, elsewhere):
+        await rig.feed(deal.take())
+
+    await rig.tick(datetime(2026, 3, 30, 6, 59, tzinfo=UTC))
+    assert not [n for n in await rig.notifications("weekly_digest") if n["team"] == "berlin"]
+    await rig.tick(datetime(2026, 3, 30, 7, 0, tzinfo=UTC))
+    await rig.tick(datetime(2026, 3, 30, 7, 30, tzinfo=UTC))
+    [digest] = [n for n in await rig.notifications("weekly_digest") if n["team"] == "berlin"]
+    assert (digest["recipient"], digest["locale"]) == ("mgr.karl", "en")
+    lines = digest["lines"]
+    late = {line["opportunity_id"] for line in lines if line["overdue_days"] is not None}
+    still = {line["opportunity_id"] for line in lines if line["overdue_days"] is None}
+    assert late == {str(overdue.id), str(quiet.id)}
+    assert still == {str(quiet.id)}
+    assert "Overdue follow-ups" in digest["body"] and "Weekly pipeline digest" in digest["subject"]
+    assert digest["issued_at"] == "2026-03-30T07:00:00Z"
+    [east] = [n for n in await rig.notifications("weekly_digest") if n["team"] == "east"]
+    assert {line["opportunity_id"] for line in east["lines"]} == {str(elsewhere.id)}
+    assert "漏跟进预警" in east["body"]
+
+
+async def test_a_webhook_that_fails_twice_gets_one_delivery_in_three_attempts(
+    rig: NotifyRig,  # noqa: F811
+    webhook: Any,  # noqa: F811
+) -> None:
+    hook = await webhook(failures=2)
+    hooked = rig.settings.model_copy(update={
+        "webhook_url": f"http://127.0.0.1:{hook.port}/dealstream", "webhook_secret": "s3cret",
+        "delivery_backoff_seconds": 0.01,
+    })  # fmt: skip
+    deal = Deal(T)
+    await rig.feed(deal.take())
+    await rig.tick(T + 3 * DAY, hooked)
+    [reminder] = await rig.notifications()
+    delivery = (await rig.deliveries(reminder["notification_id"]))["webhook"]
+    assert (delivery["status"], delivery["attempts"]) == ("sent", 3)
+    attempts = await rig.pool.fetch(
+        "SELECT attempt, ok FROM delivery_attempt WHERE delivery_id = $1 ORDER BY attempt",
+        delivery["id"],
+    )
+    assert [(a["attempt"], a["ok"]) for a in attempts] == [(1, False), (2, False), (3, True)]
+    assert len(hook.requests) == 3
+    for headers, body in hook.requests:
+        expected = "sha256=" + hmac.new(b"s3cret", body, hashlib.sha256).hexdigest()
+        assert headers["x-dealstream-signature"] == expected
+        assert headers["x-dealstream-delivery"] == f"{reminder['notification_id']}:webhook"
+        payload = json.loads(body)
+        assert payload["before"]["follow_up"] == "due" and payload["after"]["stage"] == "A"
+    await rig.tick(T + 3 * DAY + MINUTE, hooked)
+    assert len(hook.requests) == 3  # sent is sent
+
+
+async def test_a_webhook_that_never_answers_goes_to_the_dead_letter_topic(
+    rig: NotifyRig,  # noqa: F811
+    webhook: Any,  # noqa: F811
+) -> None:
+    hook = await webhook(failures=100)
+    hooked = rig.settings.model_copy(update={
+        "webhook_url": f"http://127.0.0.1:{hook.port}/x", "delivery_attempts": 3,
+        "delivery_backoff_seconds": 0.01,
+    })  # fmt: skip
+    await rig.feed(Deal(T).take())
+    await rig.tick(T + 3 * DAY, hooked)
+    [reminder] = await rig.notifications()
+    deliveries = await rig.deliveries(reminder["notification_id"])
+    assert (deliveries["webhook"]["status"], deliveries["webhook"]["attempts"]) == ("dead", 3)
+    assert deliveries["kafka"]["status"] == "sent"  # one channel's failure spares the others
+    assert "500" in deliveries["webhook"]["last_error"]
+    records = await read_topic(
+        rig.settings.bootstrap_servers(),
+        DEAD_LETTER,
+        lambda rs: any(reminder["notification_id"].encode() in r.value for r in rs),
+    )
+    [letter] = [json.loads(r.value) for r in records
+                if reminder["notification_id"].encode() in r.value]  # fmt: skip
+    assert letter["kind"] == "notification_undeliverable" and letter["attempts"] == 3
+    assert letter["notification"]["notification_id"] == reminder["notification_id"]
+
+
+async def test_replaying_every_event_from_the_start_sends_nothing_new(rig: NotifyRig) -> None:  # noqa: F811
+    deals = [Deal(T), Deal(T, amount="500000.00"), Deal(T + DAY)]
+    deals[2].o.log_follow_up("call", "x", "rep.wang", T + 2 * DAY)
+    for deal in deals:
+        await rig.feed(deal.take())
+    await rig.tick(T + 40 * DAY)
+    issued = await rig.notifications()
+    assert len(issued) >= 8
+    everything = [e for deal in deals for e in deal.log]
+    assert await rig.feed(everything) == []  # a redelivery is skipped outright
+    # A rebuild from an empty read model (what an operator's replay does) re-arms every timer;
+    # the notifications behind them keep their keys, so nothing goes out again.
+    await rig.pool.execute("TRUNCATE stream_position, opportunity_picture, timer")
+    assert len(await rig.feed(everything)) == len(everything)
+    done = await rig.tick(T + 40 * DAY)
+    assert done["timers_fired"] > 0 and done["notifications"] == 0 and done["deliveries"] == 0
+    assert await rig.notifications() == issued
