@@ -12,10 +12,13 @@ import subprocess
 import sys
 import time
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 
+from services.capture.domain import partner_lead_id
+from services.pipeline.domain import opportunity_id_for
 from shared.devstack import free_port
 from tests.e2e.conftest import cli
 from tests.support import eventually, lead_value, read_topic, send_partner_messages, signed_headers
@@ -69,6 +72,24 @@ async def test_make_run_path_from_partner_message_and_web_form_to_funnel(tmp_pat
             return int(body["stages"][0]["count"])
 
         assert await eventually(stage_a, lambda n: n == 1) == 1
+
+        # Nobody follows it up: notify's tick, run as an operator would, reminds on the bus.
+        opportunity = opportunity_id_for(partner_lead_id("acme", message_id))
+        notify = f"http://127.0.0.1:{ports['notify']}/v1"
+
+        async def armed() -> set[str]:
+            timers = await http.get(f"{notify}/timers?opportunity_id={opportunity}", headers=auth)
+            return {t["kind"] for t in timers.json()} if timers.is_success else set()
+
+        assert "follow_up" in await eventually(armed, lambda kinds: "follow_up" in kinds)
+        later = (datetime.now(UTC) + timedelta(days=4)).isoformat()
+        # A major deal (the lead's budget is 350,000): the branch manager is told at once.
+        assert "notifications=2 " in cli(env, "notify", "tick", "--now", later)
+        told = await http.get(f"{notify}/notifications?opportunity_id={opportunity}", headers=auth)
+        assert sorted(n["kind"] for n in told.json()) == ["escalation", "follow_up_due"]
+        for notification in told.json():
+            assert notification["overdue_days"] == 1
+            assert notification["deliveries"][0]["status"] == "sent"
 
         posted = await http.post(
             f"http://127.0.0.1:{ports['capture']}/v1/leads",

@@ -52,7 +52,8 @@ async def counts(db: asyncpg.Connection, lead_ids: list[uuid.UUID]) -> dict[str,
             opportunities,
         ),
         "timers": await db.fetchval(
-            "SELECT count(*) FROM notify.follow_up_timer WHERE opportunity_id = ANY($1::uuid[])",
+            "SELECT count(*) FROM notify.timer"
+            " WHERE kind = 'follow_up' AND opportunity_id = ANY($1::uuid[])",
             opportunities,
         ),
     }

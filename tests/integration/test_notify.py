@@ -4,13 +4,21 @@ the team's zone; real SMTP and webhook deliveries; replays that send nothing new
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
+import os
+import sys
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import httpx
+
+from services.notify.api import create_api
+from shared.auth import Principal, Role, issue_token
 from shared.contracts.topics import DEAD_LETTER, NOTIFICATION_EVENTS
+from shared.devstack import DevStack
 from tests.integration.notify_fixtures import NotifyRig, rig, smtp, webhook  # noqa: F401
 from tests.notify_support import Deal
 from tests.support import read_topic
@@ -216,3 +224,98 @@ async def test_replaying_every_event_from_the_start_sends_nothing_new(rig: Notif
     done = await rig.tick(T + 40 * DAY)
     assert done["timers_fired"] > 0 and done["notifications"] == 0 and done["deliveries"] == 0
     assert await rig.notifications() == issued
+
+
+async def test_two_notify_processes_on_one_backlog_send_every_reminder_exactly_once(
+    rig: NotifyRig,  # noqa: F811
+    stack: DevStack,
+    schema: str,
+) -> None:
+    deals = [Deal(T) for _ in range(3000)]
+    for start in range(0, len(deals), 500):
+        await rig.feed([e for deal in deals[start : start + 500] for e in deal.take()])
+    env = {**os.environ, **stack.env()}
+    now = (T + 3 * DAY).isoformat()
+    workers = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "tests.integration.notify_worker",
+            schema,
+            now,
+            name,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        for name in ("replica-a", "replica-b")
+    ]
+    outputs = [json.loads((await w.communicate())[0].decode().splitlines()[-1]) for w in workers]
+    assert [w.returncode for w in workers] == [0, 0]
+    assert sum(o["timers_fired"] for o in outputs) == 3000
+    assert sum(o["notifications"] for o in outputs) == 3000
+    assert sum(o["sent"] for o in outputs) == 3000
+    print("work split between the replicas:", outputs)
+    counts = await rig.pool.fetchrow(
+        "SELECT count(*) AS n, count(*) FILTER (WHERE status = 'sent' AND attempts = 1) AS once"
+        " FROM delivery"
+    )
+    assert (counts["n"], counts["once"]) == (3000, 3000)
+    ids = {
+        str(r["notification_id"])
+        for r in await rig.pool.fetch("SELECT notification_id FROM notification")
+    }
+    records = await read_topic(
+        rig.settings.bootstrap_servers(),
+        NOTIFICATION_EVENTS,
+        lambda rs: ids <= {json.loads(r.value)["event_id"] for r in rs},
+        within=60,
+    )
+    sent = [json.loads(r.value)["event_id"] for r in records]
+    mine = [i for i in sent if i in ids]
+    assert len(mine) == len(set(mine)) == 3000  # on the bus once each
+
+
+async def test_who_was_told_what_is_readable_by_the_roles_that_may_see_the_opportunity(
+    rig: NotifyRig,  # noqa: F811
+) -> None:
+    deal = Deal(T)
+    await rig.feed(deal.take())
+    await rig.tick(T + 3 * DAY)
+    await rig.tick(T + 5 * DAY)
+    api = create_api(rig.settings, rig.pool, lambda: None)
+    secret = rig.settings.secret_for_tokens()
+
+    def auth(role: Role, user: str, team: str | None = None) -> dict[str, str]:
+        token = issue_token(Principal(role=role, user=user, team=team), secret,
+                            datetime.now(UTC), timedelta(hours=1))  # fmt: skip
+        return {"Authorization": f"Bearer {token}"}
+
+    url = f"/v1/notifications?opportunity_id={deal.id}"
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://n") as http:
+        assert (await http.get(url)).status_code == 401
+        seen = {}
+        for who in [
+            auth(Role.rep, "rep.wang"), auth(Role.rep, "rep.li"),
+            auth(Role.manager, "mgr.zhao", "east"), auth(Role.manager, "mgr.karl", "berlin"),
+            auth(Role.ops, "ops1"), auth(Role.admin, "root"), auth(Role.partner, "acme"),
+        ]:  # fmt: skip
+            answer = await http.get(url, headers=who)
+            seen[len(seen)] = (answer.status_code, len(answer.json()) if answer.is_success else 0)
+        assert list(seen.values()) == [(200, 2), (404, 0), (200, 2), (404, 0), (200, 2), (200, 2),
+                                       (403, 0)]  # fmt: skip
+        body = (await http.get(url, headers=auth(Role.ops, "ops1"))).json()
+        assert [(n["kind"], n["recipient"]) for n in body] == [
+            ("follow_up_due", "rep.wang"),
+            ("escalation", "mgr.zhao"),
+        ]
+        assert body[0]["deliveries"] == [
+            {"channel": "kafka", "address": None, "status": "sent", "attempts": 1,
+             "last_error": None, "sent_at": body[0]["deliveries"][0]["sent_at"]},
+        ]  # fmt: skip
+        assert body[0]["deliveries"][0]["sent_at"].startswith("2026-11-19")  # the tick's time
+        mine = await http.get("/v1/notifications", headers=auth(Role.rep, "rep.li"))
+        assert mine.status_code == 200 and mine.json() == []
+        timers = await http.get(f"/v1/timers?opportunity_id={deal.id}",
+                                headers=auth(Role.rep, "rep.wang"))  # fmt: skip
+        assert {t["kind"] for t in timers.json()} == {"follow_up", "escalate_manager", "stale"}
+        assert all(t["fired_at"] for t in timers.json() if t["kind"] != "stale")

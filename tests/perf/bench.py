@@ -11,7 +11,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from shared.runtime import open_schema
 from shared.settings import Rules, Settings
 from tests.factories import lead_captured, opened
 from tests.perf.capture_bench import bench_partner_intake
+from tests.perf.notify_bench import bench_reminders
 from tests.perf.pipeline_bench import bench_command_latency, bench_opening
 
 N = 5000
@@ -152,20 +153,30 @@ async def main() -> int:
     stack = DevStack(Settings(data_dir=data_dir, kafka_port=free_port()))
     await asyncio.to_thread(stack.start)
     settings = stack.child_settings()
+    # `python -m tests.perf.bench notify relay` runs only the benchmarks named so.
+    chosen = sys.argv[1:]
+    benches: dict[str, Callable[[], Awaitable[dict[str, Any]]]] = {
+        "consumer": lambda: bench_tracked_consumer(settings),
+        "read-model": lambda: bench_read_model(settings),
+        "relay": lambda: bench_relay(settings),
+        "pipeline": lambda: bench_opening(stack),
+        "capture": lambda: bench_partner_intake(stack),
+        "notify": lambda: bench_reminders(stack.child_settings()),
+    }
+    rows: list[dict[str, Any]] = []
+    latency: dict[str, Any] | None = None
     try:
-        rows = [
-            await bench_tracked_consumer(settings),
-            await bench_read_model(settings),
-            await bench_relay(settings),
-            await bench_opening(stack),
-            await bench_partner_intake(stack),
-        ]
-        latency = await bench_command_latency(stack.child_settings())
+        for name, bench in benches.items():
+            if not chosen or name in chosen:
+                print(f"{name} ...", flush=True)
+                rows.append(await bench())
+        if not chosen or "latency" in chosen:
+            latency = await bench_command_latency(stack.child_settings())
     finally:
         await asyncio.to_thread(stack.stop)
     for row in rows:
         row["ratio"] = row["ours"] / row["baseline"]
-    width = max(len(r["name"]) for r in rows)
+    width = max((len(r["name"]) for r in rows), default=10)
     print(f"\n{'benchmark':<{width}}  {'ours':>9}  {'baseline':>9}  {'ratio':>6}  baseline is")
     for r in rows:
         numbers = f"{r['ours']:>9.0f}  {r['baseline']:>9.0f}  {r['ratio']:>5.2f}x"
@@ -182,11 +193,12 @@ async def main() -> int:
         indent=2,
     )
     await asyncio.to_thread(Path("bench-results.json").write_text, report)
-    print(
-        f"\n{latency['name']}: p50 {latency['p50_ms']:.1f} ms, p99 {latency['p99_ms']:.1f} ms"
-        f" ({latency['received']}/{latency['commands']} events seen,"
-        f" {latency['achieved_rate']:.0f} commands/s sent)"
-    )
+    if latency is not None:
+        print(
+            f"\n{latency['name']}: p50 {latency['p50_ms']:.1f} ms, p99 {latency['p99_ms']:.1f} ms"
+            f" ({latency['received']}/{latency['commands']} events seen,"
+            f" {latency['achieved_rate']:.0f} commands/s sent)"
+        )
     print("\nwrote bench-results.json")
     return 0
 
