@@ -1,28 +1,216 @@
-"""Reporting's HTTP API: the report routes of SPEC §6 (bearer token required)."""
+"""Reporting's HTTP API: the report routes of SPEC §6 as JSON or `?format=csv`, with the roles
+of SPEC §8 (a rep sees own numbers, a manager the team's, ops and admin all, a partner only its
+own commissions), and the dashboard at `GET /`."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import csv
+import io
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Literal
 
 import asyncpg
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, HTTPException, Query
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 
-from services.reporting.queries import Funnel, funnel
-from shared.auth import Principal
+from services.reporting import queries
+from services.reporting.domain import next_period, period_start, year_before
+from services.reporting.queries import Filters
+from shared.auth import Principal, Role
+from shared.clock import Clock, SystemClock, utc_iso
 from shared.http_auth import bearer
-from shared.runtime import Readiness, health_router
+from shared.runtime import Readiness, correlate, health_router
 from shared.settings import Settings
+
+STATIC = Path(__file__).parent / "static"
+Grain = Literal["day", "week", "month", "quarter"]
+GroupBy = Literal["owner", "team", "region", "source", "partner", "tier"]
+MAX_BUCKETS = 60
+
+
+def plain(value: Any) -> Any:
+    """JSON-ready values: money and rates stay exact decimal strings, times UTC with Z."""
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, datetime):
+        return utc_iso(value)
+    if isinstance(value, date):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    return value
+
+
+def as_csv(rows: list[dict[str, Any]]) -> str:
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k, v in row.items() if k not in columns and not isinstance(v, list)]
+    out = io.StringIO()
+    writer = csv.DictWriter(out, columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if v is None else v for k, v in plain(row).items()})
+    return out.getvalue()
 
 
 def create_api(
-    settings: Settings, pool: asyncpg.Pool, readiness: Callable[[], Readiness | None]
+    settings: Settings,
+    pool: asyncpg.Pool,
+    readiness: Callable[[], Readiness | None],
+    clock: Clock | None = None,
 ) -> FastAPI:
-    api = FastAPI(title="DealStream reporting", version="1")
+    api = correlate(FastAPI(title="DealStream reporting", version="1"))
     api.include_router(health_router(readiness))
-    authenticated = bearer(settings)
+    time = clock or SystemClock()
+    authenticated = bearer(settings, time)
 
-    @api.get("/v1/reports/funnel", response_model=Funnel)
-    async def get_funnel(principal: Principal = Depends(authenticated)) -> Funnel:
-        return await funnel(pool, settings.rules())
+    def filters(
+        principal: Principal = Depends(authenticated),
+        as_of: datetime | None = None,
+        group_by: GroupBy | None = None,
+        currency: str = Query("CNY", pattern=r"^[A-Z]{3}$"),
+        owner: str | None = None,
+        team: str | None = None,
+        region: str | None = None,
+        source: str | None = None,
+        partner: str | None = None,
+        tier: str | None = None,
+    ) -> Filters:
+        if as_of is not None and as_of.tzinfo is None:
+            raise HTTPException(422, "as_of needs a time zone, e.g. 2026-12-01T00:00:00Z")
+        where = {k: v for k, v in (("owner", owner), ("team", team), ("region", region),
+                                   ("source", source), ("partner", partner), ("tier", tier))
+                 if v is not None}  # fmt: skip
+        if principal.role is Role.rep:
+            where["owner"] = principal.user  # a rep's own numbers, whatever was asked
+        elif principal.role is Role.manager:
+            if principal.team is None:
+                raise HTTPException(403, "a manager token needs a team")
+            where["team"] = principal.team
+        elif principal.role is Role.partner:
+            where["partner"] = principal.user
+        return Filters(as_of.astimezone(UTC) if as_of else None, currency, where, group_by)
+
+    def internal(principal: Principal = Depends(authenticated)) -> Principal:
+        if principal.role is Role.partner:
+            raise HTTPException(403, "partners read only their commissions")
+        return principal
+
+    def period(
+        at: datetime, start: datetime | None, end: datetime | None
+    ) -> tuple[datetime, datetime]:
+        """[from, to): by default the month so far."""
+        for value in (start, end):
+            if value is not None and value.tzinfo is None:
+                raise HTTPException(422, "from and to need a time zone, e.g. 2026-01-01T00:00:00Z")
+        end = end or at
+        start = start or period_start(at, "month")
+        if start >= end:
+            raise HTTPException(422, "from must be before to")
+        return start, end
+
+    def answer(report: str, f: Filters, body: dict[str, Any], fmt: str | None) -> Response:
+        if fmt == "csv":
+            disposition = f'attachment; filename="{report}.csv"'
+            return Response(as_csv(body["rows"]), media_type="text/csv; charset=utf-8",
+                            headers={"content-disposition": disposition})  # fmt: skip
+        head = {"report": report, "as_of": f.as_of, "currency": f.currency,
+                "group_by": f.group_by, "filters": f.where}  # fmt: skip
+        return JSONResponse(plain({**head, **body}))
+
+    PeriodReport = Callable[[asyncpg.Pool, Filters, datetime, datetime], Awaitable[dict[str, Any]]]
+
+    async def periodic(report: str, run: PeriodReport, f: Filters, start: datetime | None,
+                       end: datetime | None, grain: Grain | None, compare: bool,
+                       fmt: str | None) -> Response:  # fmt: skip
+        at = f.as_of or time.now()
+        begin, finish = period(at, start, end)
+        body = await run(pool, f, begin, finish)
+        body["period"] = {"from": begin, "to": finish}
+        if compare:
+            length = finish - begin
+            body["compare"] = {
+                "previous": {"from": begin - length, "to": begin,
+                             "total": (await run(pool, f, begin - length, begin))["total"]},
+                "year_ago": {"from": year_before(begin), "to": year_before(finish),
+                             "total": (await run(pool, f, year_before(begin),
+                                                 year_before(finish)))["total"]},
+            }  # fmt: skip
+        if grain is not None:
+            series = []
+            bucket = period_start(begin, grain)
+            while bucket < finish and len(series) < MAX_BUCKETS:
+                upper = next_period(bucket, grain)
+                part = await run(pool, f, max(bucket, begin), min(upper, finish))
+                series.append({"from": bucket, "to": upper, "total": part["total"]})
+                bucket = upper
+            body["series"] = series
+        return answer(report, f, body, fmt)
+
+    base = "/v1/reports"
+    csv_format = Query(None, alias="format", pattern="^(json|csv)$")
+
+    @api.get(f"{base}/funnel", dependencies=[Depends(internal)])
+    async def funnel(f: Filters = Depends(filters), fmt: str | None = csv_format) -> Response:
+        return answer("funnel", f, await queries.funnel(pool, f, settings.rules()), fmt)
+
+    def period_route(path: str, report: str, run: PeriodReport) -> None:
+        async def route(
+            f: Filters = Depends(filters),
+            start: datetime | None = Query(None, alias="from"),
+            end: datetime | None = Query(None, alias="to"),
+            grain: Grain | None = None,
+            compare: bool = False,
+            fmt: str | None = csv_format,
+        ) -> Response:
+            return await periodic(report, run, f, start, end, grain, compare, fmt)
+
+        api.get(f"{base}/{path}", dependencies=[Depends(internal)], name=report)(route)
+
+    period_route("pass-through", "pass_through", queries.pass_through)
+    period_route("win-rate", "win_rate", queries.win_rate)
+    period_route("cycle-time", "cycle_time", queries.cycle_time)
+    period_route("loss-reasons", "loss_reasons", queries.loss_reasons)
+
+    @api.get(f"{base}/fresh", dependencies=[Depends(internal)])
+    async def fresh(f: Filters = Depends(filters), fmt: str | None = csv_format) -> Response:
+        return answer("fresh", f, await queries.fresh(pool, f, f.as_of or time.now()), fmt)
+
+    @api.get(f"{base}/forecast", dependencies=[Depends(internal)])
+    async def forecast(f: Filters = Depends(filters), fmt: str | None = csv_format) -> Response:
+        return answer("forecast", f, await queries.forecast(pool, f, f.as_of or time.now()), fmt)
+
+    @api.get(f"{base}/partner-commissions")
+    async def commissions(
+        f: Filters = Depends(filters),
+        start: datetime | None = Query(None, alias="from"),
+        end: datetime | None = Query(None, alias="to"),
+        fmt: str | None = csv_format,
+    ) -> Response:
+        at = f.as_of or time.now()
+        begin, finish = period(at, start or datetime(2000, 1, 1, tzinfo=UTC), end)
+        partner = f.where.pop("partner", None)  # commissions filter on the registering partner
+        body = await queries.partner_commissions(pool, f, begin, finish, partner, at)
+        body["period"] = {"from": begin, "to": finish}
+        return answer("partner_commissions", f, body, fmt)
+
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def dashboard() -> FileResponse:
+        return FileResponse(STATIC / "dashboard.html")
+
+    @api.get("/static/{name}", include_in_schema=False)
+    async def static(name: str) -> FileResponse:
+        path = (STATIC / name).resolve()
+        if path.parent != STATIC.resolve() or not path.is_file():
+            raise HTTPException(404, "no such file")
+        return FileResponse(path)
 
     return api

@@ -1,4 +1,5 @@
-"""Reporting on the bus: the consumer of `opportunity.events.v1` into the read models."""
+"""Reporting on the bus: the consumer of `opportunity.events.v1` (and, for partner
+registrations, `lead.events.v1`) into the read models."""
 
 from __future__ import annotations
 
@@ -8,12 +9,18 @@ from aiokafka.structs import TopicPartition
 from services.reporting.projection import project
 from shared.bus.consumer import BatchConsumer, Record, apply_read_model
 from shared.bus.envelopes import decode_records
-from shared.contracts.topics import OPPORTUNITY_EVENTS
+from shared.contracts.topics import LEAD_EVENTS, OPPORTUNITY_EVENTS
 from shared.settings import Settings
+
+LEAD_ONLY = {"LeadCaptured", "LeadMerged"}
 
 
 def opportunity_events(pool: asyncpg.Pool, settings: Settings) -> BatchConsumer:
     async def handle(_: TopicPartition, records: list[Record]) -> None:
-        await apply_read_model(pool, [e for _, e in decode_records(records)], project)
+        # Leads themselves are not reported on (and carry contact data): only registrations.
+        wanted = [e for _, e in decode_records(records) if e.event_type not in LEAD_ONLY]
+        if wanted:
+            await apply_read_model(pool, wanted, project)
 
-    return BatchConsumer("opportunity-events", settings, "reporting", [OPPORTUNITY_EVENTS], handle)
+    topics = [OPPORTUNITY_EVENTS, LEAD_EVENTS]
+    return BatchConsumer("opportunity-events", settings, "reporting", topics, handle)

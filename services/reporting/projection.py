@@ -1,19 +1,56 @@
-"""Projection of opportunity events into reporting's tables (written through the idempotent
-read-model consumer, one transaction per batch)."""
+"""Projection of opportunity and registration events into reporting's tables, through the
+idempotent read-model consumer (one transaction per batch, COPY for the rows): the current
+version of each opportunity in `opportunity_now`, every earlier version with its validity in
+`opportunity_history` (so reports can be answered as known at any moment), the stays in each
+stage, the payments, and partner registrations."""
 
 from __future__ import annotations
 
+import itertools
+import uuid
 from collections.abc import Sequence
-from decimal import Decimal
+from dataclasses import astuple, fields
+from datetime import datetime
 from typing import Any
 
 import asyncpg
 
+from services.reporting.domain import Payment, State, Stay, fold
 from shared.contracts.envelope import Envelope
-from shared.contracts.events import OpportunityOpened, OpportunityStageChanged
 from shared.store.migrations import BUS_TABLES, READ_MODEL_TABLES, Migration
 
 SCHEMA = "reporting"
+STATE_COLUMNS = [f.name for f in fields(State)]
+_STATE_DDL = """
+    opportunity_id uuid NOT NULL,
+    version integer NOT NULL,
+    valid_from timestamptz NOT NULL,
+    lead_ids uuid[] NOT NULL,
+    company text NOT NULL,
+    source text NOT NULL,
+    partner_id text,
+    region text,
+    industry text,
+    owner text,
+    team text,
+    tier text NOT NULL,
+    status text NOT NULL,
+    stage char(1) NOT NULL,
+    probability integer NOT NULL,
+    currency char(3),
+    amount numeric(18, 2),
+    expected_close date,
+    opened_at timestamptz NOT NULL,
+    stage_entered_at timestamptz NOT NULL,
+    reached char(1) NOT NULL,
+    won_at timestamptz,
+    won_amount numeric(18, 2),
+    lost_at timestamptz,
+    lost_stage char(1),
+    reason_code text,
+    competitor text,
+    received numeric(18, 2) NOT NULL
+"""
 MIGRATIONS: list[Migration] = [
     BUS_TABLES,
     READ_MODEL_TABLES,
@@ -38,58 +75,167 @@ MIGRATIONS: list[Migration] = [
         CREATE INDEX opportunity_stage ON opportunity (status, stage);
         """,
     ),
+    (
+        4,
+        f"""
+        DROP TABLE opportunity;
+        CREATE TABLE opportunity_now ({_STATE_DDL}, PRIMARY KEY (opportunity_id));
+        CREATE INDEX opportunity_now_open ON opportunity_now (status, stage);
+        CREATE INDEX opportunity_now_opened ON opportunity_now (opened_at);
+        CREATE INDEX opportunity_now_won ON opportunity_now (won_at) WHERE won_at IS NOT NULL;
+        CREATE INDEX opportunity_now_lost ON opportunity_now (lost_at) WHERE lost_at IS NOT NULL;
+        CREATE TABLE opportunity_history ({_STATE_DDL}, valid_to timestamptz NOT NULL,
+                                          PRIMARY KEY (opportunity_id, version));
+        CREATE INDEX opportunity_history_valid ON opportunity_history (valid_from, valid_to);
+        CREATE TABLE stage_stay (
+            opportunity_id uuid NOT NULL,
+            stage char(1) NOT NULL,
+            entered_at timestamptz NOT NULL,
+            left_at timestamptz NOT NULL,
+            PRIMARY KEY (opportunity_id, left_at, stage)
+        );
+        CREATE INDEX stage_stay_left ON stage_stay (left_at);
+        CREATE TABLE payment (
+            opportunity_id uuid NOT NULL,
+            version integer NOT NULL,
+            amount numeric(18, 2) NOT NULL,
+            received_at timestamptz NOT NULL,
+            PRIMARY KEY (opportunity_id, version)
+        );
+        CREATE INDEX payment_received ON payment (received_at);
+        CREATE TABLE registration (
+            registration_id uuid PRIMARY KEY,
+            partner_id text NOT NULL,
+            lead_id uuid NOT NULL,
+            company text NOT NULL,
+            registered_at timestamptz NOT NULL,
+            expires_at timestamptz NOT NULL,
+            expired_at timestamptz
+        );
+        CREATE INDEX registration_lead ON registration (lead_id);
+        CREATE INDEX registration_partner ON registration (partner_id);
+        CREATE TABLE registration_conflict (
+            registration_id uuid NOT NULL,
+            partner_id text NOT NULL,
+            lead_id uuid NOT NULL,
+            at timestamptz NOT NULL,
+            PRIMARY KEY (registration_id, partner_id, lead_id)
+        );
+        """,
+    ),
 ]
 
-
-def _opened_row(envelope: Envelope) -> tuple[Any, ...]:
-    opened = OpportunityOpened.model_validate(envelope.data)
-    amount: Decimal | None = opened.amount.amount if opened.amount else None
-    return (
-        opened.opportunity_id,
-        opened.lead_id,
-        opened.stage,
-        opened.probability,
-        amount,
-        opened.amount.currency if opened.amount else None,
-        opened.source,
-        opened.partner_id,
-        opened.region,
-        opened.industry,
-        opened.opened_at,
-        envelope.occurred_at,
-    )
-
-
-def _stage_row(envelope: Envelope) -> tuple[Any, ...]:
-    changed = OpportunityStageChanged.model_validate(envelope.data)
-    status = "won" if changed.to_stage == "F" else "open"
-    return (
-        changed.opportunity_id,
-        changed.to_stage,
-        changed.probability,
-        status,
-        envelope.occurred_at,
-    )
+REGISTRATION_EVENTS = {"PartnerRegistered", "RegistrationConflicted", "RegistrationExpired"}
 
 
 async def project(conn: asyncpg.Connection, envelopes: Sequence[Envelope]) -> None:
-    """One `executemany` per kind per batch: every opening first (version 1 precedes all else in
-    its stream), then each opportunity's last stage change (each one sets the whole stage)."""
-    opened = [_opened_row(e) for e in envelopes if e.event_type == "OpportunityOpened"]
-    if opened:
-        await conn.executemany(
-            "INSERT INTO opportunity (opportunity_id, lead_id, stage, probability, amount,"
-            " currency, source, partner_id, region, industry, opened_at, updated_at)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-            opened,
+    opportunity = [e for e in envelopes if e.event_type.startswith(("Opportunity", "Payment",
+                                                                     "LeadAttached"))]  # fmt: skip
+    if opportunity:
+        await _project_opportunities(conn, opportunity)
+    registrations = [e for e in envelopes if e.event_type in REGISTRATION_EVENTS]
+    if registrations:
+        await _project_registrations(conn, registrations)
+
+
+async def _project_opportunities(conn: asyncpg.Connection, envelopes: Sequence[Envelope]) -> None:
+    ids = list({e.stream_id for e in envelopes})
+    rows = await conn.fetch(
+        f"SELECT {', '.join(STATE_COLUMNS)} FROM opportunity_now"
+        " WHERE opportunity_id = ANY($1::uuid[])",
+        ids,
+    )
+    current: dict[uuid.UUID, State] = {r["opportunity_id"]: _state(r) for r in rows}
+    versions: dict[uuid.UUID, list[State]] = {}
+    stays: list[Stay] = []
+    payments: list[Payment] = []
+    for e in envelopes:
+        chain = versions.setdefault(e.stream_id, [])
+        before = chain[-1] if chain else current.get(e.stream_id)
+        after, ended, paid = fold(before, e.event_type, e.stream_version, e.occurred_at, e.data)
+        stays += ended
+        payments += paid
+        if after is None or after is before:
+            continue
+        if chain and chain[-1].valid_from == after.valid_from:
+            chain[-1] = after  # same moment: one version
+        else:
+            chain.append(after)
+    history: list[tuple[Any, ...]] = []
+    replaced: list[uuid.UUID] = []
+    latest: list[State] = []
+    for opportunity_id, chain in versions.items():
+        if not chain:
+            continue
+        previous = current.get(opportunity_id)
+        if previous is not None:
+            replaced.append(opportunity_id)
+            chain = [previous, *chain]
+        for older, newer in itertools.pairwise(chain):
+            if newer.valid_from > older.valid_from:
+                history.append((*_row(older), newer.valid_from))
+        latest.append(chain[-1])
+    if replaced:
+        await conn.execute(
+            "DELETE FROM opportunity_now WHERE opportunity_id = ANY($1::uuid[])", replaced
         )
-    staged = {
-        row[0]: row
-        for row in (_stage_row(e) for e in envelopes if e.event_type == "OpportunityStageChanged")
-    }
-    if staged:
-        await conn.executemany(
-            "UPDATE opportunity SET stage = $2, probability = $3, status = $4, updated_at = $5"
-            " WHERE opportunity_id = $1",
-            list(staged.values()),
+    if latest:
+        await conn.copy_records_to_table(
+            "opportunity_now", records=[_row(s) for s in latest], columns=STATE_COLUMNS
         )
+    if history:
+        await conn.copy_records_to_table(
+            "opportunity_history", records=history, columns=[*STATE_COLUMNS, "valid_to"]
+        )
+    if stays:
+        await conn.copy_records_to_table(
+            "stage_stay", records=[astuple(s) for s in stays],
+            columns=["opportunity_id", "stage", "entered_at", "left_at"],
+        )  # fmt: skip
+    if payments:
+        await conn.copy_records_to_table(
+            "payment", records=[astuple(p) for p in payments],
+            columns=["opportunity_id", "version", "amount", "received_at"],
+        )  # fmt: skip
+
+
+def _row(state: State) -> tuple[Any, ...]:
+    row = astuple(state)
+    index = STATE_COLUMNS.index("lead_ids")
+    return (*row[:index], list(state.lead_ids), *row[index + 1 :])
+
+
+def _state(record: asyncpg.Record) -> State:
+    values = {c: record[c] for c in STATE_COLUMNS}
+    values["lead_ids"] = tuple(values["lead_ids"])
+    return State(**values)
+
+
+async def _project_registrations(conn: asyncpg.Connection, envelopes: Sequence[Envelope]) -> None:
+    for e in envelopes:
+        d = e.data
+        if e.event_type == "PartnerRegistered":
+            await conn.execute(
+                "INSERT INTO registration (registration_id, partner_id, lead_id, company,"
+                " registered_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6)"
+                " ON CONFLICT DO NOTHING",
+                uuid.UUID(d["registration_id"]), d["partner_id"], uuid.UUID(d["lead_id"]),
+                d["company"], _at(d["registered_at"]), _at(d["expires_at"]),
+            )  # fmt: skip
+        elif e.event_type == "RegistrationExpired":
+            await conn.execute(
+                "UPDATE registration SET expired_at = $2 WHERE registration_id = $1",
+                uuid.UUID(d["registration_id"]),
+                _at(d["expired_at"]),
+            )
+        else:
+            await conn.execute(
+                "INSERT INTO registration_conflict (registration_id, partner_id, lead_id, at)"
+                " VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                uuid.UUID(d["registration_id"]), d["partner_id"], uuid.UUID(d["lead_id"]),
+                _at(d["at"]),
+            )  # fmt: skip
+
+
+def _at(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))

@@ -69,7 +69,7 @@ async def test_make_run_path_from_partner_message_and_web_form_to_funnel(tmp_pat
 
         async def stage_a() -> int:
             body = (await http.get(funnel_url, headers=auth)).json()
-            return int(body["stages"][0]["count"])
+            return int(body["rows"][0]["count"])  # stage A
 
         assert await eventually(stage_a, lambda n: n == 1) == 1
 

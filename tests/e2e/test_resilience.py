@@ -48,7 +48,7 @@ async def counts(db: asyncpg.Connection, lead_ids: list[uuid.UUID]) -> dict[str,
             opportunities,
         ),
         "funnel_rows": await db.fetchval(
-            "SELECT count(*) FROM reporting.opportunity WHERE opportunity_id = ANY($1::uuid[])",
+            "SELECT count(*) FROM reporting.opportunity_now WHERE opportunity_id = ANY($1::uuid[])",
             opportunities,
         ),
         "timers": await db.fetchval(

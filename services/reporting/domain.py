@@ -1,0 +1,217 @@
+"""Reporting's rules, free of I/O: each opportunity's reportable state folded from its events
+(a new version at each moment it changed, so any report can be answered as known then), the
+stays in each stage, and the payments; and the calendar arithmetic of periods."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, replace
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+STAGE_ORDER = "ABCDEF"
+
+
+@dataclass(frozen=True)
+class State:
+    """One version of an opportunity, valid from `valid_from` until the next version."""
+
+    opportunity_id: uuid.UUID
+    version: int
+    valid_from: datetime
+    lead_ids: tuple[uuid.UUID, ...]
+    company: str
+    source: str
+    partner_id: str | None
+    region: str | None
+    industry: str | None
+    owner: str | None
+    team: str | None
+    tier: str
+    status: str  # open | won | lost | recycled
+    stage: str
+    probability: int
+    currency: str | None
+    amount: Decimal | None  # the expected amount
+    expected_close: date | None
+    opened_at: datetime
+    stage_entered_at: datetime
+    reached: str  # the furthest stage ever reached
+    won_at: datetime | None
+    won_amount: Decimal | None  # the contract amount
+    lost_at: datetime | None
+    lost_stage: str | None
+    reason_code: str | None
+    competitor: str | None
+    received: Decimal
+
+
+@dataclass(frozen=True)
+class Stay:
+    opportunity_id: uuid.UUID
+    stage: str
+    entered_at: datetime
+    left_at: datetime
+
+
+@dataclass(frozen=True)
+class Payment:
+    opportunity_id: uuid.UUID
+    version: int
+    amount: Decimal
+    received_at: datetime
+
+
+def _time(value: Any) -> datetime:
+    if isinstance(value, datetime):
+        return value
+    return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+
+
+def _date(value: Any) -> date | None:
+    try:
+        return date.fromisoformat(str(value)[:10]) if value else None
+    except ValueError:
+        return None
+
+
+def _money(value: Any) -> tuple[Decimal | None, str | None]:
+    if not value:
+        return None, None
+    return Decimal(str(value["amount"])), str(value["currency"])
+
+
+def furthest(a: str, b: str) -> str:
+    return a if STAGE_ORDER.index(a) >= STAGE_ORDER.index(b) else b
+
+
+def fold(
+    state: State | None, event_type: str, version: int, at: datetime, data: dict[str, Any]
+) -> tuple[State | None, list[Stay], list[Payment]]:
+    """The state after one event, the stays it ended and the payment it recorded."""
+    if event_type == "OpportunityOpened":
+        amount, currency = _money(data.get("amount"))
+        opened = _time(data["opened_at"])
+        return (
+            State(
+                opportunity_id=uuid.UUID(str(data["opportunity_id"])), version=version,
+                valid_from=at, lead_ids=(uuid.UUID(str(data["lead_id"])),),
+                company=data["company"], source=data["source"], partner_id=data.get("partner_id"),
+                region=data.get("region"), industry=data.get("industry"), owner=None, team=None,
+                tier="small", status="open", stage=data["stage"],
+                probability=int(data["probability"]), currency=currency, amount=amount,
+                expected_close=_date(data.get("expected_close")), opened_at=opened,
+                stage_entered_at=opened, reached=data["stage"], won_at=None, won_amount=None,
+                lost_at=None, lost_stage=None, reason_code=None, competitor=None,
+                received=Decimal(0),
+            ),
+            [],
+            [],
+        )  # fmt: skip
+    if state is None:
+        return None, [], []  # opened before reporting's history began
+    s = replace(state, version=version, valid_from=at)
+    stays: list[Stay] = []
+    payments: list[Payment] = []
+
+    def leave(when: datetime) -> None:
+        stays.append(Stay(s.opportunity_id, s.stage, s.stage_entered_at, when))
+
+    if event_type == "OpportunityScored":
+        s = replace(s, tier=data["tier"])
+    elif event_type in ("OpportunityAssigned", "OpportunityReactivated"):
+        s = replace(s, owner=data.get("owner"), team=data.get("team"))
+        if event_type == "OpportunityReactivated":
+            s = replace(s, status="open")
+    elif event_type == "OpportunityStageChanged":
+        when = _time(data["changed_at"])
+        leave(when)
+        reached = furthest(s.reached, data["to_stage"])
+        s = replace(s, stage=data["to_stage"], probability=int(data["probability"]),
+                    stage_entered_at=when, reached=reached)  # fmt: skip
+        if data["to_stage"] == "F":
+            s = replace(s, status="won", won_at=when)
+    elif event_type == "OpportunityProbabilityOverridden":
+        s = replace(s, probability=int(data["probability"]))
+    elif event_type == "OpportunityAmountChanged":
+        amount, currency = _money(data["amount"])
+        s = replace(s, amount=amount, currency=currency, tier=data["tier"])
+    elif event_type == "OpportunityWon":
+        when = _time(data["won_at"])
+        leave(when)
+        won, currency = _money(data["contract_amount"])
+        s = replace(s, status="won", stage="F", probability=100, stage_entered_at=when,
+                    reached="F", won_at=when, won_amount=won,
+                    currency=s.currency or currency)  # fmt: skip
+    elif event_type == "PaymentReceived":
+        paid, _ = _money(data["amount"])
+        assert paid is not None
+        payments.append(Payment(s.opportunity_id, version, paid, _time(data["received_at"])))
+        s = replace(s, received=s.received + paid)
+    elif event_type == "OpportunityLost":
+        when = _time(data["lost_at"])
+        leave(when)
+        s = replace(s, status="lost", lost_at=when, lost_stage=data["stage"],
+                    reason_code=data["reason_code"], competitor=data.get("competitor"))  # fmt: skip
+    elif event_type == "OpportunityReopened":
+        s = replace(s, status="open", stage=data["stage"], probability=int(data["probability"]),
+                    stage_entered_at=_time(data["reopened_at"]), lost_at=None, lost_stage=None,
+                    reason_code=None, competitor=None)  # fmt: skip
+    elif event_type == "OpportunityRecycled":
+        s = replace(s, status="recycled", owner=None, team=data.get("team"))
+    elif event_type == "LeadAttached":
+        s = replace(s, lead_ids=(*s.lead_ids, uuid.UUID(str(data["lead_id"]))))
+    else:
+        return state, [], []  # nothing reportable changed (a follow-up, say)
+    return s, stays, payments
+
+
+# -- periods ---------------------------------------------------------------------------------
+
+
+def month_start(day: date, shift: int = 0) -> date:
+    months = day.year * 12 + day.month - 1 + shift
+    return date(months // 12, months % 12 + 1, 1)
+
+
+def at_midnight(day: date) -> datetime:
+    return datetime(day.year, day.month, day.day, tzinfo=UTC)
+
+
+def period_start(at: datetime, grain: str) -> datetime:
+    day = at.astimezone(UTC).date()
+    if grain == "day":
+        return at_midnight(day)
+    if grain == "week":
+        return at_midnight(day - timedelta(days=day.weekday()))
+    if grain == "month":
+        return at_midnight(month_start(day))
+    if grain == "quarter":
+        return at_midnight(date(day.year, (day.month - 1) // 3 * 3 + 1, 1))
+    raise ValueError(f"unknown grain {grain!r}")
+
+
+def next_period(start: datetime, grain: str) -> datetime:
+    if grain == "day":
+        return start + timedelta(days=1)
+    if grain == "week":
+        return start + timedelta(days=7)
+    months = {"month": 1, "quarter": 3}[grain]
+    return at_midnight(month_start(start.date(), months))
+
+
+def year_before(at: datetime) -> datetime:
+    try:
+        return at.replace(year=at.year - 1)
+    except ValueError:  # 29 February
+        return at.replace(year=at.year - 1, day=28)
+
+
+def fresh_window(at: datetime) -> tuple[datetime, date]:
+    """鲜活商机 at `at`: created from the start of the month two months back (the last three
+    calendar months, this one included), expected to close by the end of next month."""
+    day = at.astimezone(UTC).date()
+    created_from = at_midnight(month_start(day, -2))
+    close_by = month_start(day, 2) - timedelta(days=1)
+    return created_from, close_by
