@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install run test test-unit bench lint clean
+.PHONY: install browser run test test-unit bench lint vendor clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "DealStream needs Python 3.11 or newer")'
@@ -16,10 +16,19 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The dashboard's browser test drives Debian's Chromium (and a CJK font for the Chinese page).
+browser:
+	@command -v chromium >/dev/null && fc-list 2>/dev/null | grep -qi wenquanyi || { \
+	  echo "installing Debian's chromium and fonts-wqy-microhei for the browser test"; \
+	  SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
+	  $$SUDO apt-get install -y -qq --no-install-recommends chromium fonts-wqy-microhei >/dev/null \
+	  || { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends \
+	       chromium fonts-wqy-microhei >/dev/null; }; }
+
 run: install
 	$(VENV)/bin/dealstream dev
 
-test: install
+test: install browser
 	$(PY) -m pytest -q -p no:cacheprovider
 
 test-unit: install
@@ -32,6 +41,13 @@ lint: install
 	$(VENV)/bin/ruff check shared services tests
 	$(VENV)/bin/ruff format --check shared services tests
 	$(VENV)/bin/mypy shared services/*/domain.py services/pipeline/rules.py
+
+# Refresh the dashboard's vendored chart library from the npm registry (version in its package.json).
+vendor:
+	cd services/reporting/static && rm -rf .pack && mkdir .pack && cd .pack \
+	  && npm pack --silent chart.js@$$(python3 -c 'import json; print(json.load(open("../package.json"))["dependencies"]["chart.js"])') \
+	  && tar xzf chart.js-*.tgz && cp package/dist/chart.umd.min.js .. && cp package/LICENSE.md ../chart.js.LICENSE.md \
+	  && cd .. && rm -rf .pack
 
 clean:
 	rm -rf $(VENV) .dealstream test-artifacts bench-results.json
