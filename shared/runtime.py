@@ -150,9 +150,11 @@ async def serve(app: FastAPI, port: int, loops: Sequence[Loop], host: str = "127
                 log.error("loop ended with %r", task.exception())
 
 
-async def open_schema(settings: Settings, schema: str, steps: Sequence[Migration]) -> asyncpg.Pool:
+async def open_schema(
+    settings: Settings, schema: str, steps: Sequence[Migration], **server: str
+) -> asyncpg.Pool:
     """A pool on the service's own schema, migrated to the steps this code knows."""
-    pool = await create_pool(settings.dsn(), schema)
+    pool = await create_pool(settings.dsn(), schema, **server)
     async with pool.acquire() as conn:
         await migrate(conn, schema, steps)
     return pool

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from dataclasses import astuple, fields
+from dataclasses import fields
 
 import asyncpg
 
@@ -143,7 +143,9 @@ def timer_projector(rules: Rules) -> Projector:
         changed = [p for key, p in pictures.items() if before.get(key) != p]
         if not changed:
             return
-        await conn.executemany(_UPSERT_PICTURE, [astuple(p) for p in changed])
+        # A shallow tuple: dataclasses.astuple deep-copies every field.
+        rows = [tuple(getattr(p, c) for c in PICTURE_COLUMNS) for p in changed]
+        await conn.executemany(_UPSERT_PICTURE, rows)
         await set_timers(conn, changed, rules)
 
     return project

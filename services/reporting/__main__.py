@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from services.reporting.api import create_api
 from services.reporting.bus import opportunity_events
-from services.reporting.projection import MIGRATIONS, SCHEMA
+from services.reporting.projection import MIGRATIONS, POOL_SETTINGS, SCHEMA
 from shared.logs import setup_logging
 from shared.runtime import Readiness, open_schema, run_service, serve
 from shared.settings import Settings
@@ -12,7 +12,7 @@ from shared.settings import Settings
 
 async def main(settings: Settings) -> None:
     setup_logging("reporting", settings.log_level)
-    pool = await open_schema(settings, SCHEMA, MIGRATIONS)
+    pool = await open_schema(settings, SCHEMA, MIGRATIONS, **POOL_SETTINGS)
     events = opportunity_events(pool, settings)
     readiness = Readiness(settings, pool, [events])
     api = create_api(settings, pool, lambda: readiness)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import uuid
 from collections.abc import Sequence
-from dataclasses import astuple, fields
 from datetime import datetime
 from typing import Any
 
@@ -20,7 +19,7 @@ from shared.contracts.envelope import Envelope
 from shared.store.migrations import BUS_TABLES, READ_MODEL_TABLES, Migration
 
 SCHEMA = "reporting"
-STATE_COLUMNS = [f.name for f in fields(State)]
+STATE_COLUMNS = list(State._fields)
 _STATE_DDL = """
     opportunity_id uuid NOT NULL,
     version integer NOT NULL,
@@ -123,8 +122,18 @@ MIGRATIONS: list[Migration] = [
         );
         """,
     ),
+    (
+        5,
+        """
+        -- As known at a recent moment, few old versions were still valid: find them by valid_to.
+        CREATE INDEX opportunity_history_valid_to ON opportunity_history (valid_to);
+        CREATE INDEX stage_stay_stage ON stage_stay (stage, left_at);
+        """,
+    ),
 ]
 
+# Reports sort and aggregate tens of thousands of rows (percentiles, groupings): in memory.
+POOL_SETTINGS = {"work_mem": "64MB"}
 REGISTRATION_EVENTS = {"PartnerRegistered", "RegistrationConflicted", "RegistrationExpired"}
 
 
@@ -189,20 +198,18 @@ async def _project_opportunities(conn: asyncpg.Connection, envelopes: Sequence[E
         )
     if stays:
         await conn.copy_records_to_table(
-            "stage_stay", records=[astuple(s) for s in stays],
+            "stage_stay", records=stays,
             columns=["opportunity_id", "stage", "entered_at", "left_at"],
         )  # fmt: skip
     if payments:
         await conn.copy_records_to_table(
-            "payment", records=[astuple(p) for p in payments],
+            "payment", records=payments,
             columns=["opportunity_id", "version", "amount", "received_at"],
         )  # fmt: skip
 
 
 def _row(state: State) -> tuple[Any, ...]:
-    row = astuple(state)
-    index = STATE_COLUMNS.index("lead_ids")
-    return (*row[:index], list(state.lead_ids), *row[index + 1 :])
+    return state  # lead_ids, a tuple, is written as the uuid[] it is
 
 
 def _state(record: asyncpg.Record) -> State:

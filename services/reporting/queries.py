@@ -219,11 +219,14 @@ async def cycle_time(
     ))  # fmt: skip
     q = Query()
     known = f" AND st.left_at <= {q.arg(f.as_of)}" if f.as_of else ""
+    # A stay knows its stage and times; the opportunity is joined only to filter or group.
+    scoped = bool(f.where or f.group_by)
+    joined = f" JOIN {q.snapshot(f)} USING (opportunity_id)" if scoped else ""
     stays = await _fetch(pool, q, (
         f"SELECT grp, GROUPING(grp) AS total, 'stage_' || stage AS measure, {STATS} FROM"
         f" (SELECT {q.group(f)} AS grp, st.stage,"
         " extract(epoch FROM st.left_at - st.entered_at) / 86400.0 AS d"
-        f" FROM stage_stay st JOIN {q.snapshot(f)} USING (opportunity_id)"
+        f" FROM stage_stay st{joined}"
         f" WHERE st.left_at >= {q.arg(start)} AND st.left_at < {q.arg(end)}{known}) w"
         " GROUP BY GROUPING SETS ((grp, stage), (stage)) ORDER BY 3"
     ))  # fmt: skip

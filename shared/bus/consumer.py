@@ -291,12 +291,20 @@ async def _apply_once(
         await project(conn, applied)
         updates = [(s, v) for s, v in versions.items() if s in known and v != known[s]]
         inserts = [(s, v) for s, v in versions.items() if s not in known]
+        # One statement each (arrays), not a round of statements per stream.
         if updates:
-            await conn.executemany(
-                "UPDATE stream_position SET version = $2 WHERE stream_id = $1", updates
+            await conn.execute(
+                "UPDATE stream_position p SET version = u.version"
+                " FROM unnest($1::uuid[], $2::int[]) AS u(stream_id, version)"
+                " WHERE p.stream_id = u.stream_id",
+                [s for s, _ in updates],
+                [v for _, v in updates],
             )
         if inserts:
-            await conn.executemany(
-                "INSERT INTO stream_position (stream_id, version) VALUES ($1, $2)", inserts
+            await conn.execute(
+                "INSERT INTO stream_position (stream_id, version)"
+                " SELECT * FROM unnest($1::uuid[], $2::int[])",
+                [s for s, _ in inserts],
+                [v for _, v in inserts],
             )
         return applied

@@ -33,7 +33,10 @@ def eventsourcing_env(dsn: str, schema: str, pool_size: int = 5) -> dict[str, st
     }
 
 
-async def create_pool(dsn: str, schema: str, min_size: int = 1, max_size: int = 5) -> asyncpg.Pool:
+async def create_pool(
+    dsn: str, schema: str, min_size: int = 1, max_size: int = 5, **server: str
+) -> asyncpg.Pool:
+    """A pool on `schema`; `server` adds session settings (reporting's `work_mem`, say)."""
     pool = await asyncpg.create_pool(
         dsn,
         min_size=min_size,
@@ -41,6 +44,7 @@ async def create_pool(dsn: str, schema: str, min_size: int = 1, max_size: int = 
         server_settings={
             "search_path": f"{schema},public",
             "application_name": f"dealstream-{schema}",
+            **server,
         },
     )
     assert pool is not None

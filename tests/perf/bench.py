@@ -32,6 +32,7 @@ from tests.factories import lead_captured, opened
 from tests.perf.capture_bench import bench_partner_intake
 from tests.perf.notify_bench import bench_reminders
 from tests.perf.pipeline_bench import bench_command_latency, bench_opening
+from tests.perf.reporting_bench import bench_report_latency, bench_reporting_consumer
 
 N = 5000
 BATCH = 500
@@ -162,9 +163,11 @@ async def main() -> int:
         "pipeline": lambda: bench_opening(stack),
         "capture": lambda: bench_partner_intake(stack),
         "notify": lambda: bench_reminders(stack.child_settings()),
+        "reporting": lambda: bench_reporting_consumer(stack),
     }
     rows: list[dict[str, Any]] = []
     latency: dict[str, Any] | None = None
+    reports: dict[str, Any] | None = None
     try:
         for name, bench in benches.items():
             if not chosen or name in chosen:
@@ -172,6 +175,8 @@ async def main() -> int:
                 rows.append(await bench())
         if not chosen or "latency" in chosen:
             latency = await bench_command_latency(stack.child_settings())
+        if not chosen or "reports" in chosen:
+            reports = await bench_report_latency(stack.child_settings())
     finally:
         await asyncio.to_thread(stack.stop)
     for row in rows:
@@ -189,6 +194,7 @@ async def main() -> int:
             "batch": BATCH,
             "results": rows,
             "latency": latency,
+            "reports": reports,
         },
         indent=2,
     )
@@ -199,6 +205,10 @@ async def main() -> int:
             f" ({latency['received']}/{latency['commands']} events seen,"
             f" {latency['achieved_rate']:.0f} commands/s sent)"
         )
+    if reports is not None:
+        print(f"\n{reports['name']}:")
+        for route, ms in reports["p95_ms"].items():
+            print(f"  {route:<22} {ms:7.1f}")
     print("\nwrote bench-results.json")
     return 0
 
