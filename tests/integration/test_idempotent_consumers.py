@@ -13,7 +13,7 @@ from services.pipeline.app import PipelineApp
 from services.pipeline.domain import opportunity_id_for
 from services.reporting.projection import MIGRATIONS as REPORTING_MIGRATIONS
 from services.reporting.projection import project
-from services.reporting.queries import funnel
+from services.reporting.queries import Filters, funnel
 from shared.bus.consumer import apply_read_model
 from shared.settings import Rules, Settings
 from tests.factories import lead_captured, moved, opened
@@ -85,12 +85,12 @@ async def test_read_model_skips_what_it_applied_and_records_gaps(
         "SELECT expected_version, received_version FROM stream_gap WHERE stream_id = $1", c
     )
     assert (gap["expected_version"], gap["received_version"]) == (1, 4)
-    report = await funnel(pool, Rules())
-    counts = {s.stage: s.count for s in report.stages}
+    report = await funnel(pool, Filters(), Rules())
+    counts = {s["stage"]: s["count"] for s in report["rows"]}
     assert counts == {"A": 1, "B": 1, "C": 0, "D": 0, "E": 0, "F": 0}
-    stage_b = next(s for s in report.stages if s.stage == "B")
-    assert stage_b.amount[0].amount == Decimal("100000.00")
-    assert stage_b.weighted[0].amount == Decimal("25000.00")
+    stage_b = next(s for s in report["rows"] if s["stage"] == "B")
+    assert stage_b["amount"] == Decimal("100000.00")
+    assert stage_b["weighted"] == Decimal("25000.00")
 
 
 async def test_read_model_replicas_racing_apply_a_new_stream_once(
@@ -103,4 +103,4 @@ async def test_read_model_replicas_racing_apply_a_new_stream_once(
     batch = [opened(s, "1000.00") for s in streams]
     results = await asyncio.gather(*(apply_read_model(pool, batch, project) for _ in range(3)))
     assert sorted(len(r) for r in results) == [0, 0, 50]
-    assert await pool.fetchval("SELECT count(*) FROM opportunity") == 50
+    assert await pool.fetchval("SELECT count(*) FROM opportunity_now") == 50
