@@ -91,6 +91,16 @@ async def _notify_tick(settings: Settings, now: datetime) -> int:
     return 0
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    """Rebuild reporting's read models from the event stores; --verify compares instead of
+    swapping (exit 1 when a row differs). Prints a JSON summary; progress goes to stderr."""
+    from services.reporting.replay import replay
+
+    done = asyncio.run(replay(Settings(), args.verify))
+    print(json.dumps(done, indent=2, ensure_ascii=False))
+    return 1 if args.verify and not done["verified"] else 0
+
+
 def cmd_service(args: argparse.Namespace) -> int:
     import importlib
 
@@ -329,6 +339,14 @@ def parser() -> argparse.ArgumentParser:
             tick.add_argument("--now", required=True, type=_aware_time, help="ISO-8601 time")
             tick.set_defaults(run=cmd_tick)
     commands.add_parser("migrate", help="apply schema migrations").set_defaults(run=cmd_migrate)
+    replay = commands.add_parser("replay", help="rebuild read models from the event stores")
+    replay.add_argument("target", choices=["reporting"])
+    replay.add_argument(
+        "--verify",
+        action="store_true",
+        help="compare the rebuild with the live tables; report every difference",
+    )
+    replay.set_defaults(run=cmd_replay)
 
     partner = commands.add_parser("partner", help="manage channel partners")
     actions = partner.add_subparsers(dest="action", required=True)
