@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -99,6 +100,71 @@ def cmd_replay(args: argparse.Namespace) -> int:
     done = asyncio.run(replay(Settings(), args.verify))
     print(json.dumps(done, indent=2, ensure_ascii=False))
     return 1 if args.verify and not done["verified"] else 0
+
+
+def _pipeline_store(settings: Settings) -> Any:
+    from services.pipeline.app import MIGRATIONS, PipelineApp
+    from shared.runtime import open_schema
+
+    async def migrated() -> None:
+        await (await open_schema(settings, "pipeline", MIGRATIONS)).close()
+
+    asyncio.run(migrated())
+    return PipelineApp(settings.dsn(), "pipeline", 2)
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """`audit lost`: every lost deal with its timeline and findings; `audit show`: one
+    opportunity as at a moment."""
+    from services.pipeline import audit
+
+    settings = Settings()
+    app = _pipeline_store(settings)
+    try:
+        if args.action == "show":
+            shown = audit.audit_show(app, args.opportunity_id, args.as_of)
+            print(json.dumps(shown, indent=2, ensure_ascii=False))
+            return 0
+        report = audit.audit_lost(app, settings.rules(), args.since, args.until, args.reason,
+                                  args.team)  # fmt: skip
+    finally:
+        app.close()
+    if args.format == "json":
+        print(json.dumps(audit.plain(report), indent=2, ensure_ascii=False))
+    elif args.format == "csv":
+        sys.stdout.write(audit.as_csv(report))
+    else:
+        print(audit.as_table(report))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """The raw history as JSON lines, one v1 envelope per event, in store order."""
+    from services.capture.app import CaptureApp
+    from shared.bus.envelopes import envelope_of
+
+    settings = Settings()
+    stores = {"pipeline": lambda: _pipeline_store(settings),
+              "capture": lambda: CaptureApp(settings.dsn(), "capture", 2)}  # fmt: skip
+    count = 0
+    for name in ("capture", "pipeline") if args.store == "all" else (args.store,):
+        app = stores[name]()
+        try:
+            position = 0
+            while notifications := app.notifications_after(position, 2000):
+                position = notifications[-1].id
+                for notification in notifications:
+                    if args.stream and notification.originator_id != args.stream:
+                        continue
+                    envelope = envelope_of(app.to_event(notification))
+                    if args.since and envelope.occurred_at < args.since:
+                        continue
+                    sys.stdout.write(envelope.model_dump_json() + "\n")
+                    count += 1
+        finally:
+            app.close()
+    print(f"{count} events", file=sys.stderr)
+    return 0
 
 
 def cmd_service(args: argparse.Namespace) -> int:
@@ -339,6 +405,25 @@ def parser() -> argparse.ArgumentParser:
             tick.add_argument("--now", required=True, type=_aware_time, help="ISO-8601 time")
             tick.set_defaults(run=cmd_tick)
     commands.add_parser("migrate", help="apply schema migrations").set_defaults(run=cmd_migrate)
+    audit = commands.add_parser("audit", help="audit lost deals; any opportunity at any time")
+    audits = audit.add_subparsers(dest="action", required=True)
+    lost = audits.add_parser("lost", help="every lost deal with its timeline and findings")
+    lost.add_argument("--since", type=_aware_time, help="lost at or after (ISO-8601)")
+    lost.add_argument("--until", type=_aware_time, help="lost before (ISO-8601)")
+    lost.add_argument("--reason", help="a loss reason code")
+    lost.add_argument("--team")
+    lost.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    show = audits.add_parser("show", help="one opportunity's state and history as at a moment")
+    show.add_argument("opportunity_id", type=uuid.UUID)
+    show.add_argument("--as-of", type=_aware_time, help="ISO-8601 time; default now")
+    audit.set_defaults(run=cmd_audit)
+    export = commands.add_parser("export", help="the raw event history for other tools")
+    export.add_argument("what", choices=["events"])
+    export.add_argument("--store", choices=["all", "capture", "pipeline"], default="all")
+    export.add_argument("--stream", type=uuid.UUID, help="one lead's or opportunity's events")
+    export.add_argument("--since", type=_aware_time, help="events at or after (ISO-8601)")
+    export.add_argument("--format", choices=["jsonl"], default="jsonl")
+    export.set_defaults(run=cmd_export)
     replay = commands.add_parser("replay", help="rebuild read models from the event stores")
     replay.add_argument("target", choices=["reporting"])
     replay.add_argument(

@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from contextvars import ContextVar
 from typing import Any, TypeVar
 
@@ -151,10 +151,14 @@ async def serve(app: FastAPI, port: int, loops: Sequence[Loop], host: str = "127
 
 
 async def open_schema(
-    settings: Settings, schema: str, steps: Sequence[Migration], **server: str
+    settings: Settings,
+    schema: str,
+    steps: Sequence[Migration],
+    server: Mapping[str, str] | None = None,
 ) -> asyncpg.Pool:
-    """A pool on the service's own schema, migrated to the steps this code knows."""
-    pool = await create_pool(settings.dsn(), schema, **server)
+    """A pool on the service's own schema, migrated to the steps this code knows; `server`
+    adds session settings (reporting's `work_mem`, say)."""
+    pool = await create_pool(settings.dsn(), schema, server=server)
     async with pool.acquire() as conn:
         await migrate(conn, schema, steps)
     return pool

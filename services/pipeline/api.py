@@ -268,13 +268,7 @@ def create_api(
                       p: Principal = Depends(authenticated)) -> list[v.HistoryEntry]:  # fmt: skip
         await load_visible(opportunity_id, p)
         events = await asyncio.to_thread(app.history, opportunity_id)
-        return [
-            v.HistoryEntry(
-                version=e.originator_version, event_type=e.public_name, occurred_at=e.timestamp,
-                actor=e.payload.get("actor", "system"), data=e.payload,
-            )
-            for e in events
-        ]  # fmt: skip
+        return [v.HistoryEntry.of(e) for e in events]
 
     @api.get("/v1/opportunities", response_model=v.OpportunityPage)
     async def list_opportunities(

@@ -116,6 +116,13 @@ class HistoryEntry(BaseModel):
     actor: str
     data: dict[str, Any]
 
+    @classmethod
+    def of(cls, event: Any) -> HistoryEntry:
+        """One stored event of an opportunity, as the history and the audits show it."""
+        return cls(version=event.originator_version, event_type=event.public_name,
+                   occurred_at=event.timestamp, actor=event.payload.get("actor", "system"),
+                   data=event.payload)  # fmt: skip
+
 
 class OpportunityPage(BaseModel):
     items: list[dict[str, Any]]

@@ -12,7 +12,7 @@ from shared.settings import Settings
 
 async def main(settings: Settings) -> None:
     setup_logging("reporting", settings.log_level)
-    pool = await open_schema(settings, SCHEMA, MIGRATIONS, **POOL_SETTINGS)
+    pool = await open_schema(settings, SCHEMA, MIGRATIONS, server=POOL_SETTINGS)
     events = opportunity_events(pool, settings)
     readiness = Readiness(settings, pool, [events])
     api = create_api(settings, pool, lambda: readiness)

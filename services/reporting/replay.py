@@ -176,7 +176,7 @@ async def replay(
 ) -> dict[str, Any]:
     """`dealstream replay reporting [--verify]`."""
     fresh = f"{live}_replay"
-    pool = await open_schema(settings, fresh, MIGRATIONS, **POOL_SETTINGS)
+    pool = await open_schema(settings, fresh, MIGRATIONS, server=POOL_SETTINGS)
     stores = stores if stores is not None else sources(settings)
     try:
         total = 0
@@ -196,7 +196,7 @@ async def replay(
         # Events the live consumer applied to the old tables during the swap are in the stores:
         # one more pass from where the rebuild stopped puts them in the new ones.
         await pool.close()
-        pool = await open_schema(settings, live, MIGRATIONS, **POOL_SETTINGS)
+        pool = await open_schema(settings, live, MIGRATIONS, server=POOL_SETTINGS)
         caught_up = await rebuild(pool, stores, Progress(0, out))
         return {"swapped": True, "applied": applied + caught_up, "seconds": seconds}
     finally:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from urllib.parse import parse_qs, unquote, urlparse
 
 import asyncpg
@@ -34,7 +35,11 @@ def eventsourcing_env(dsn: str, schema: str, pool_size: int = 5) -> dict[str, st
 
 
 async def create_pool(
-    dsn: str, schema: str, min_size: int = 1, max_size: int = 5, **server: str
+    dsn: str,
+    schema: str,
+    min_size: int = 1,
+    max_size: int = 5,
+    server: Mapping[str, str] | None = None,
 ) -> asyncpg.Pool:
     """A pool on `schema`; `server` adds session settings (reporting's `work_mem`, say)."""
     pool = await asyncpg.create_pool(
@@ -44,7 +49,7 @@ async def create_pool(
         server_settings={
             "search_path": f"{schema},public",
             "application_name": f"dealstream-{schema}",
-            **server,
+            **(server or {}),
         },
     )
     assert pool is not None

@@ -10,7 +10,13 @@ from typing import Any
 
 from eventsourcing.application import Application, ProcessingEvent
 from eventsourcing.domain import Aggregate, DomainEventProtocol
-from eventsourcing.persistence import Notification, ProcessRecorder, Recording, Tracking
+from eventsourcing.persistence import (
+    Notification,
+    ProcessRecorder,
+    Recording,
+    StoredEvent,
+    Tracking,
+)
 from psycopg.sql import SQL, Composable, Composed, Identifier
 
 from shared.store.db import eventsourcing_env
@@ -67,6 +73,24 @@ class EventStoreApp(Application[uuid.UUID]):
             "SELECT DISTINCT originator_id FROM {schema}.{table} WHERE originator_id = ANY(%s)"
         ).format(schema=Identifier(self.schema), table=Identifier(f"{self.name.lower()}_events"))
         return {row["originator_id"] for row in self.query(statement, [list(ids)])}
+
+    def events_of(
+        self, ids: Sequence[uuid.UUID]
+    ) -> dict[uuid.UUID, list[DomainEventProtocol[uuid.UUID]]]:
+        """Every event of these aggregates, in order: one query for a whole page of streams
+        (what audits and exports read, instead of a query per stream)."""
+        if not ids:
+            return {}
+        statement = SQL(
+            "SELECT originator_id, originator_version, topic, state FROM {schema}.{table}"
+            " WHERE originator_id = ANY(%s) ORDER BY originator_id, originator_version"
+        ).format(schema=Identifier(self.schema), table=Identifier(f"{self.name.lower()}_events"))
+        found: dict[uuid.UUID, list[DomainEventProtocol[uuid.UUID]]] = {i: [] for i in ids}
+        for row in self.query(statement, [list(ids)]):
+            stored = StoredEvent(row["originator_id"], row["originator_version"], row["topic"],
+                                 bytes(row["state"]))  # fmt: skip
+            found[row["originator_id"]].append(self.mapper.to_domain_event(stored))
+        return found
 
     def query(
         self, statement: Composable | str, params: Sequence[Any] = ()

@@ -6,6 +6,8 @@ keeps answering."""
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 import json
 import subprocess
 import sys
@@ -65,6 +67,12 @@ async def history(services: Services, e2e_stack: DevStack) -> dict[str, Any]:
             moved = await http.post(f"/v1/opportunities/{opportunity}/stage",
                                     json={"expected_version": 3, "to_stage": "B"})  # fmt: skip
             assert moved.status_code == 200, moved.text
+        skipped = await http.post(f"/v1/opportunities/{ids[0]}/stage",
+                                  json={"expected_version": 4, "to_stage": "D"})  # fmt: skip
+        assert skipped.status_code == 409 and skipped.json()["code"] == "stage_skip"
+        await asyncio.sleep(0.3)
+        between = datetime.now(UTC)
+        await asyncio.sleep(0.3)
         for opportunity in ids[:4]:
             lost = await http.post(f"/v1/opportunities/{opportunity}/lose",
                                    json={"expected_version": 4, "reason_code": "price",
@@ -74,7 +82,7 @@ async def history(services: Services, e2e_stack: DevStack) -> dict[str, Any]:
     assert await eventually(lambda: in_reporting("stage = 'B'"), lambda n: n == 10) == 10
     await asyncio.sleep(1)  # let anything in flight land
     await db.close()
-    return {"ids": ids, "token": token, "secret": secret}
+    return {"ids": ids, "token": token, "secret": secret, "between": between}
 
 
 async def test_replay_verifies_finds_a_tampered_row_and_rebuilds_while_serving(
@@ -143,3 +151,55 @@ async def test_replay_verifies_finds_a_tampered_row_and_rebuilds_while_serving(
         await db.close()
     code, after = run(env, "replay", "reporting", "--verify")
     assert (code, after["differences"]) == (0, [])
+
+
+async def test_audit_lost_tells_each_lost_deal_event_for_event_with_findings(
+    services: Services, history: dict[str, Any]
+) -> None:
+    env = services.env
+    report = json.loads(cli(env, "audit", "lost", "--format", "json"))
+    mine = {d["opportunity_id"]: d for d in report["deals"]}
+    lost_ids = [str(i) for i in history["ids"][:4]]
+    assert set(lost_ids) <= set(mine)
+    assert report["summary"]["by_reason"]["price"] >= 4
+    chosen = mine[lost_ids[0]]
+    assert (chosen["reason"], chosen["stage"], chosen["note"]) == ("price", "B", "too dear")
+    bearer = {"Authorization": f"Bearer {history['token']}"}
+    async with httpx.AsyncClient(base_url=services.url("pipeline"), headers=bearer) as http:
+        events = (await http.get(f"/v1/opportunities/{lost_ids[0]}/history")).json()
+    told = [e for e in chosen["timeline"] if e["source"] == "event"]
+    assert [(e["version"], e["type"], e["at"]) for e in told] == [
+        (e["version"], e["event_type"], e["occurred_at"]) for e in events
+    ]
+    refused = [e for e in chosen["timeline"] if e["source"] == "refused"]
+    assert [(e["type"], e["detail"]) for e in refused] == [("stage", "stage_skip")]
+    assert "refused commands: stage_skip x1" in chosen["findings"]
+    assert set(chosen["stage_days"]) == {"A", "B"}
+    rows = list(csv.DictReader(io.StringIO(cli(env, "audit", "lost", "--format", "csv",
+                                               "--reason", "price"))))  # fmt: skip
+    assert {r["opportunity_id"] for r in rows} >= set(lost_ids)
+    assert all(r["reason"] == "price" for r in rows)
+    table = cli(env, "audit", "lost")
+    assert f"{len(report['deals'])} lost deal(s)" in table and "! refused commands" in table
+
+
+async def test_audit_show_and_export_tell_the_same_history_as_of_any_moment(
+    services: Services, history: dict[str, Any]
+) -> None:
+    env = services.env
+    chosen = str(history["ids"][1])
+    then = json.loads(cli(env, "audit", "show", chosen, "--as-of",
+                          history["between"].isoformat()))  # fmt: skip
+    assert (then["state"]["status"], then["state"]["stage"], then["state"]["version"]) == (
+        "open",
+        "B",
+        4,
+    )
+    assert [h["event_type"] for h in then["history"]][-1] == "OpportunityStageChanged"
+    now = json.loads(cli(env, "audit", "show", chosen))
+    assert (now["state"]["status"], now["state"]["version"]) == ("lost", 5)
+    lines = cli(env, "export", "events", "--stream", chosen, "--format", "jsonl").splitlines()
+    exported = [json.loads(line) for line in lines]
+    assert [e["stream_version"] for e in exported] == [1, 2, 3, 4, 5]
+    assert [e["event_type"] for e in exported] == [h["event_type"] for h in now["history"]]
+    assert all(e["stream_id"] == chosen for e in exported)

@@ -200,7 +200,7 @@ async def bench_reporting_consumer(stack: DevStack) -> dict[str, Any]:
 
 async def bench_report_latency(settings: Settings) -> dict[str, Any]:
     """p95 of each report route over a loaded read model (100,000 opportunities)."""
-    pool = await open_schema(settings, "bench_reporting_loaded", MIGRATIONS, **POOL_SETTINGS)
+    pool = await open_schema(settings, "bench_reporting_loaded", MIGRATIONS, server=POOL_SETTINGS)
     loaded = 0
     started = time.perf_counter()
     for first in range(0, LOADED_OPPORTUNITIES, 5000):
