@@ -28,7 +28,8 @@ async def main(settings: Settings) -> None:
         lambda: app.recycle_idle(clock.now(), settings.rules()),
         settings.recycle_tick_seconds,
     )
-    loops = [relay.run, leads.run, recycle]
+    merges = scheduled("pending merges", app.settle_pending_merges, 5.0)
+    loops = [relay.run, leads.run, recycle, merges]
     try:
         await serve(api, settings.pipeline_port, loops, settings.http_host)
     finally:

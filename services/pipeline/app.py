@@ -70,6 +70,22 @@ MIGRATIONS: list[Migration] = [
         CREATE INDEX refused_command_opportunity ON refused_command (opportunity_id);
         """,
     ),
+    (
+        3,
+        """
+        -- A merged lead whose customer's lead has no opportunity yet (it is on another
+        -- partition, not read yet) waits here, and is attached when that lead gets one.
+        CREATE TABLE pending_merge (
+            lead_id uuid PRIMARY KEY,
+            into_lead_id uuid NOT NULL,
+            rule text NOT NULL,
+            merged_at timestamptz NOT NULL,
+            event_id text NOT NULL,
+            correlation_id text NOT NULL
+        );
+        CREATE INDEX pending_merge_into ON pending_merge (into_lead_id);
+        """,
+    ),
 ]
 
 INDEX_COLUMNS = (
@@ -89,8 +105,7 @@ class NotFound(Exception):
     pass
 
 
-class MergeTargetPending(Exception):
-    """A merged lead arrived before the opportunity of the lead it joins: try again later."""
+PENDING_COLUMNS = ("lead_id", "into_lead_id", "rule", "merged_at", "event_id", "correlation_id")
 
 
 def index_row(o: Opportunity) -> tuple[Any, ...]:
@@ -145,7 +160,10 @@ class PipelineApp(EventStoreApp):
         """Open an opportunity per captured lead (scored, tiered, routed); attach merged leads
         to the opportunity of the lead they were merged into. Exactly once per upstream event."""
 
+        pending: list[SideWrite] = []
+
         def decide(envelopes: list[Envelope]) -> list[Aggregate]:
+            pending.clear()  # decide runs again when a concurrent writer won a race
             captured = {
                 e.event_id: LeadCaptured.model_validate(e.data)
                 for e in envelopes
@@ -154,6 +172,11 @@ class PipelineApp(EventStoreApp):
             known = self.existing_ids([opportunity_id_for(c.lead_id) for c in captured.values()])
             loads = self.owner_loads() if captured else {}
             changed: dict[uuid.UUID, Opportunity] = {}
+            home: dict[uuid.UUID, uuid.UUID] = {}  # lead -> opportunity, for this batch
+            waiting: list[tuple[Any, ...]] = []
+            settled: list[uuid.UUID] = []
+
+            attach = self._attacher(changed, home)
             for envelope in envelopes:
                 if envelope.event_type == "LeadCaptured":
                     lead = captured[envelope.event_id]
@@ -167,22 +190,105 @@ class PipelineApp(EventStoreApp):
                     changed[opportunity_id] = Opportunity.open_from_lead(
                         lead, rules, assignment, str(envelope.event_id), envelope.correlation_id
                     )
+                    home[lead.lead_id] = opportunity_id
                 elif envelope.event_type == "LeadMerged":
                     merged = LeadMerged.model_validate(envelope.data)
-                    target_id = opportunity_id_for(merged.into_lead_id)
-                    if target_id not in changed:
-                        target_id = self.opportunity_of_lead(merged.into_lead_id)
+                    target_id = home.get(merged.into_lead_id) or self.opportunity_of_lead(
+                        merged.into_lead_id
+                    )
                     if target_id is None:
                         # The customer's first lead is on another partition and not opened yet:
-                        # fail the batch, so it is read again (nothing is tracked past it).
-                        raise MergeTargetPending(merged.into_lead_id)
-                    target = changed.get(target_id) or self.repository.get(target_id)
-                    with target.acting(envelope.correlation_id, str(envelope.event_id)):
-                        target.attach_lead(merged.lead_id, merged.rule, merged.merged_at)
-                    changed[target_id] = target
+                        # the merge waits for it instead of holding up this partition.
+                        waiting.append((merged.lead_id, merged.into_lead_id, merged.rule,
+                                        merged.merged_at, str(envelope.event_id),
+                                        envelope.correlation_id))  # fmt: skip
+                        continue
+                    attach(target_id, merged.lead_id, merged.rule, merged.merged_at,
+                           str(envelope.event_id), envelope.correlation_id)  # fmt: skip
+            # Leads that found a home may be what earlier merges were waiting for (in turn); and
+            # a merge that started waiting while another partition's batch was opening its
+            # customer (neither saw the other's uncommitted rows) is settled by the next batch.
+            settled += self._settle(home, waiting, attach)
+            still = [w for w in waiting if w[0] not in home]
+            if still:
+                pending.append((SQL(
+                    "INSERT INTO {} (" + ", ".join(PENDING_COLUMNS) + ") VALUES"
+                    " (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING").format(
+                    self.table("pending_merge")), still))  # fmt: skip
+            if settled:
+                pending.append((SQL("DELETE FROM {} WHERE lead_id = %s").format(
+                    self.table("pending_merge")), [(lead,) for lead in settled]))  # fmt: skip
             return list(changed.values())
 
-        return record_tracked(self, tracking_name, items, decide, self.index_writes)
+        def side_writes(aggregates: Sequence[Aggregate]) -> list[SideWrite]:
+            return [*self.index_writes(aggregates), *pending]
+
+        return record_tracked(self, tracking_name, items, decide, side_writes)
+
+    def _attacher(
+        self, changed: dict[uuid.UUID, Opportunity], home: dict[uuid.UUID, uuid.UUID]
+    ) -> Callable[[uuid.UUID, uuid.UUID, str, datetime, str, str], None]:
+        """Attach a merged lead to an opportunity (loaded once per batch, changed in place)."""
+
+        def attach(opportunity_id: uuid.UUID, lead_id: uuid.UUID, rule: str, at: datetime,
+                   event_id: str, correlation_id: str) -> None:  # fmt: skip
+            target = changed.get(opportunity_id) or self.repository.get(opportunity_id)
+            with target.acting(correlation_id, event_id):
+                target.attach_lead(lead_id, rule, at)
+            changed[opportunity_id] = target
+            home[lead_id] = opportunity_id
+
+        return attach
+
+    def _settle(
+        self,
+        home: dict[uuid.UUID, uuid.UUID],
+        waiting: Sequence[tuple[Any, ...]],
+        attach: Callable[[uuid.UUID, uuid.UUID, str, datetime, str, str], None],
+    ) -> list[uuid.UUID]:
+        """Attach every waiting merge whose customer's lead now has an opportunity — in this
+        batch (`home`) or stored — following chains of merges; the leads settled."""
+        pending = self.table("pending_merge")
+        stored = self.query(
+            SQL("SELECT p.*, l.opportunity_id FROM {} p JOIN {} l ON l.lead_id = p.into_lead_id"
+                ).format(pending, self.table("opportunity_lead")),
+        )  # fmt: skip
+        for row in stored:
+            home.setdefault(row["into_lead_id"], row["opportunity_id"])
+        settled: list[uuid.UUID] = []
+        homed = list(home)
+        while homed:
+            rows = self.query(
+                SQL("SELECT * FROM {} WHERE into_lead_id = ANY(%s)").format(pending), [homed]
+            ) + [dict(zip(PENDING_COLUMNS, w, strict=True)) for w in waiting if w[1] in homed]
+            homed = []
+            for row in rows:
+                if row["lead_id"] in home:
+                    continue
+                attach(home[row["into_lead_id"]], row["lead_id"], row["rule"], row["merged_at"],
+                       row["event_id"], row["correlation_id"])  # fmt: skip
+                settled.append(row["lead_id"])
+                homed.append(row["lead_id"])
+        return settled
+
+    def settle_pending_merges(self) -> list[uuid.UUID]:
+        """The scheduler's sweep for a quiet time: attach waiting merges whose customer got an
+        opportunity since (a batch on another partition opened it while they started waiting)."""
+        for _attempt in range(3):
+            changed: dict[uuid.UUID, Opportunity] = {}
+            home: dict[uuid.UUID, uuid.UUID] = {}
+            settled = self._settle(home, [], self._attacher(changed, home))
+            if not settled:
+                return []
+            delete = SQL("DELETE FROM {} WHERE lead_id = %s").format(self.table("pending_merge"))
+            writes = [*self.index_writes(list(changed.values())),
+                      (delete, [(lead,) for lead in settled])]  # fmt: skip
+            try:
+                self.record(changed.values(), side_writes=writes)
+                return settled
+            except IntegrityError:
+                continue  # a lead batch attached some of them first: look again
+        return []
 
     def opportunity_of_lead(self, lead_id: uuid.UUID) -> uuid.UUID | None:
         rows = self.query(

@@ -9,7 +9,6 @@ from datetime import timedelta
 
 import pytest
 
-from services.pipeline.app import MergeTargetPending
 from services.pipeline.domain import opportunity_id_for
 from shared.auth import Principal, Role
 from tests.factories import lead_captured, opportunity_event
@@ -262,7 +261,9 @@ async def test_a_merged_lead_joins_the_opportunity_of_the_lead_it_was_merged_int
     assert await p.pool.fetchval("SELECT count(*) FROM opportunity_index") == 1
 
 
-async def test_a_merge_waits_for_the_customers_opportunity(pipeline: Pipeline) -> None:  # noqa: F811
+async def test_a_merge_waits_for_the_customers_opportunity_without_holding_up_others(
+    pipeline: Pipeline,  # noqa: F811
+) -> None:
     p = pipeline
     root, duplicate = uuid.uuid4(), uuid.uuid4()
     opened = lead_captured(root)
@@ -272,16 +273,40 @@ async def test_a_merge_waits_for_the_customers_opportunity(pipeline: Pipeline) -
         "lead_id": str(duplicate), "into_lead_id": str(root), "rule": "phone",
         "merged_at": "2026-11-02T10:00:00Z",
     })  # fmt: skip
-    # On its own partition, before the customer's lead is opened: refused, nothing tracked.
-    with pytest.raises(MergeTargetPending):
-        await asyncio.to_thread(p.app.apply_lead_events, "capture:p4", [(3, captured), (4, merged)],
-                                p.settings.rules())  # fmt: skip
-    assert p.app.tracked_position("capture:p4") == 0
-    # Read again once the customer's lead opened (here: in the same batch): attached.
-    batch = [(2, opened), (3, captured), (4, merged)]
+    # On its own partition, before the customer's lead is opened: the merge waits, and the
+    # partition goes on (it does not hold up every lead behind it).
+    later = lead_captured(uuid.uuid4())
+    batch = [(3, captured), (4, merged), (5, later)]
     await asyncio.to_thread(p.app.apply_lead_events, "capture:p4", batch, p.settings.rules())
+    assert p.app.tracked_position("capture:p4") == 5
+    assert await p.pool.fetchval("SELECT into_lead_id FROM pending_merge") == root
+    assert await asyncio.to_thread(p.app.opportunity_of_lead, later.stream_id) is not None
+    # The customer's lead opens on its partition: the waiting lead is attached with it.
+    await asyncio.to_thread(p.app.apply_lead_events, "capture:p2", [(2, opened)],
+                            p.settings.rules())  # fmt: skip
     view = await asyncio.to_thread(p.app.get, opportunity_id_for(root))
     assert view.lead_ids == [root, duplicate]
+    assert await p.pool.fetchval("SELECT count(*) FROM pending_merge") == 0
+    # Both orders leave the same: a merge whose customer is already open attaches at once.
+    again = lead_captured(uuid.uuid4())
+    merged_again = opportunity_event(again.stream_id, 2, "LeadMerged", {
+        "lead_id": str(again.stream_id), "into_lead_id": str(root), "rule": "email",
+        "merged_at": "2026-11-03T10:00:00Z",
+    })  # fmt: skip
+    await asyncio.to_thread(p.app.apply_lead_events, "capture:p4", [(6, merged_again)],
+                            p.settings.rules())  # fmt: skip
+    view = await asyncio.to_thread(p.app.get, opportunity_id_for(root))
+    assert view.lead_ids == [root, duplicate, again.stream_id]
+    # The race: a merge that started waiting while the customer's lead was being opened by a
+    # batch on another partition (each saw nothing of the other): the sweep settles it.
+    raced = uuid.uuid4()
+    await p.pool.execute(
+        "INSERT INTO pending_merge VALUES ($1, $2, 'phone', now(), 'e-race', 'c-race')", raced, root
+    )
+    assert await asyncio.to_thread(p.app.settle_pending_merges) == [raced]
+    assert await asyncio.to_thread(p.app.settle_pending_merges) == []
+    view = await asyncio.to_thread(p.app.get, opportunity_id_for(root))
+    assert view.lead_ids[-1] == raced and view.version == 6
 
 
 async def test_managers_stay_within_their_team(pipeline: Pipeline) -> None:  # noqa: F811
