@@ -167,6 +167,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Load a year of demo data into the running system (see services/demo.py)."""
+    from services.demo import main as demo
+
+    return demo(Settings(), args.weeks, args.per_week)
+
+
 def cmd_service(args: argparse.Namespace) -> int:
     import importlib
 
@@ -355,7 +362,10 @@ def cmd_dev(_: argparse.Namespace) -> int:
             print(f"{service:<10} http://127.0.0.1:{port}  ready", flush=True)
         print(
             f"DealStream is up in {time.monotonic() - started:.1f}s. "
-            "Add a partner: `dealstream partner add acme`. Ctrl-C stops everything.",
+            "Load a year of demo data: `.venv/bin/dealstream demo` (then open"
+            f" http://127.0.0.1:{settings.reporting_port}/ with a token from `dealstream token"
+            " issue --role ops --user me`). Add a partner: `dealstream partner add acme`."
+            " Ctrl-C stops everything.",
             flush=True,
         )
         while not stopping:
@@ -405,6 +415,10 @@ def parser() -> argparse.ArgumentParser:
             tick.add_argument("--now", required=True, type=_aware_time, help="ISO-8601 time")
             tick.set_defaults(run=cmd_tick)
     commands.add_parser("migrate", help="apply schema migrations").set_defaults(run=cmd_migrate)
+    demo = commands.add_parser("demo", help="load a year of demo data into the running system")
+    demo.add_argument("--weeks", type=int, default=52, help="how far back it starts")
+    demo.add_argument("--per-week", type=int, default=12, help="leads a week")
+    demo.set_defaults(run=cmd_demo)
     audit = commands.add_parser("audit", help="audit lost deals; any opportunity at any time")
     audits = audit.add_subparsers(dest="action", required=True)
     lost = audits.add_parser("lost", help="every lost deal with its timeline and findings")
