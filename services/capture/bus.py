@@ -75,7 +75,6 @@ def partner_intake(
     app: CaptureApp, settings: Settings, secrets: PartnerSecrets, clock: Clock
 ) -> BatchConsumer:
     """The consumer of `partner.leads.v1`: every message answered once, none ever blocks it."""
-    rules = settings.rules()
 
     async def handle(partition: TopicPartition, records: list[Record]) -> None:
         messages = [incoming(r) for r in records]
@@ -92,7 +91,7 @@ def partner_intake(
             messages,
             secrets_of,
             now,
-            rules,
+            settings.rules(),  # per batch: an edited dealstream.toml applies without a restart
         )
 
     consumer = BatchConsumer("partner-intake", settings, "capture", [PARTNER_LEADS], handle)

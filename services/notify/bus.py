@@ -13,9 +13,8 @@ from shared.settings import Settings
 
 
 def opportunity_events(pool: asyncpg.Pool, settings: Settings) -> BatchConsumer:
-    project = timer_projector(settings.rules())
-
     async def handle(_: TopicPartition, records: list[Record]) -> None:
+        project = timer_projector(settings.rules())  # per batch: dealstream.toml edits apply
         await apply_read_model(pool, [e for _, e in decode_records(records)], project)
 
     return BatchConsumer("opportunity-events", settings, "notify", [OPPORTUNITY_EVENTS], handle)

@@ -26,11 +26,11 @@ def route(event: DomainEventProtocol[uuid.UUID], _: Notification) -> Sequence[Ou
 
 
 def lead_events(app: PipelineApp, settings: Settings) -> BatchConsumer:
-    rules = settings.rules()
-
     async def handle(partition: TopicPartition, records: list[Record]) -> None:
         items = decode_records(records)
         name = f"capture:p{partition.partition}"
-        await asyncio.to_thread(app.apply_lead_events, name, items, rules)
+        # Rules are read per batch (cached by the file's mtime): an edited dealstream.toml —
+        # a new team, a routing rule — applies without a restart.
+        await asyncio.to_thread(app.apply_lead_events, name, items, settings.rules())
 
     return BatchConsumer("lead-events", settings, "pipeline", [LEAD_EVENTS], handle)

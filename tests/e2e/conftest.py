@@ -32,6 +32,7 @@ class Services:
             **os.environ,
             **stack.env(),
             "DEALSTREAM_DATA_DIR": str(stack.settings.data_dir),
+            "DEALSTREAM_CONFIG_FILE": str(stack.settings.config_file),
             "DEALSTREAM_CONSUMER_SESSION_TIMEOUT_MS": "3000",
             **{f"DEALSTREAM_{n.upper()}_PORT": str(p) for n, p in self.ports.items()},
         }

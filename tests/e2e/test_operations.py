@@ -203,3 +203,26 @@ async def test_audit_show_and_export_tell_the_same_history_as_of_any_moment(
     assert [e["stream_version"] for e in exported] == [1, 2, 3, 4, 5]
     assert [e["event_type"] for e in exported] == [h["event_type"] for h in now["history"]]
     assert all(e["stream_id"] == chosen for e in exported)
+
+
+async def test_demo_loads_a_living_year_that_the_reports_and_audit_show(
+    services: Services, history: dict[str, Any]
+) -> None:
+    env = services.env
+    loaded = json.loads(cli(env, "demo", "--weeks", "10", "--per-week", "10").splitlines()[-1])
+    assert loaded["leads"] == loaded["opportunities"] == 100
+    assert loaded["commands"] > 100 and loaded["notifications"] > 0
+    bearer = {"Authorization": f"Bearer {history['token']}"}
+    async with httpx.AsyncClient(base_url=services.url("reporting"), headers=bearer) as http:
+
+        async def demo_partners() -> int:
+            total = 0
+            for partner in ("acme", "bolt", "cathay"):
+                body = (await http.get("/v1/reports/win-rate", params={
+                    "partner": partner, "from": "2020-01-01T00:00:00Z"})).json()  # fmt: skip
+                total += body["total"]["won"] + body["total"]["lost"]
+            return total
+
+        assert await eventually(demo_partners, lambda n: n > 0) > 0
+    lost = json.loads(cli(env, "audit", "lost", "--format", "json"))
+    assert any(d["team"] in ("east", "north", "south", "europe") for d in lost["deals"])
