@@ -31,6 +31,7 @@ from shared.settings import Rules, Settings
 from tests.factories import lead_captured, opened
 from tests.perf.capture_bench import bench_partner_intake
 from tests.perf.notify_bench import bench_reminders
+from tests.perf.operations_bench import bench_operations
 from tests.perf.pipeline_bench import bench_command_latency, bench_opening
 from tests.perf.reporting_bench import bench_report_latency, bench_reporting_consumer
 
@@ -168,6 +169,7 @@ async def main() -> int:
     rows: list[dict[str, Any]] = []
     latency: dict[str, Any] | None = None
     reports: dict[str, Any] | None = None
+    audit: dict[str, Any] | None = None
     try:
         for name, bench in benches.items():
             if not chosen or name in chosen:
@@ -177,6 +179,11 @@ async def main() -> int:
             latency = await bench_command_latency(stack.child_settings())
         if not chosen or "reports" in chosen:
             reports = await bench_report_latency(stack.child_settings())
+        if not chosen or "operations" in chosen:
+            print("operations ...", flush=True)
+            operations = await bench_operations(stack.child_settings())
+            rows.append(operations["replay"])
+            audit = operations["audit"]
     finally:
         await asyncio.to_thread(stack.stop)
     for row in rows:
@@ -195,6 +202,7 @@ async def main() -> int:
             "results": rows,
             "latency": latency,
             "reports": reports,
+            "audit": audit,
         },
         indent=2,
     )
@@ -209,6 +217,8 @@ async def main() -> int:
         print(f"\n{reports['name']}:")
         for route, ms in reports["p95_ms"].items():
             print(f"  {route:<22} {ms:7.1f}")
+    if audit is not None:
+        print(f"\n{audit['name']}: {audit['seconds']:.1f} s ({audit['lost_deals']} lost deals)")
     print("\nwrote bench-results.json")
     return 0
 
