@@ -130,7 +130,37 @@ MIGRATIONS: list[Migration] = [
         CREATE INDEX stage_stay_stage ON stage_stay (stage, left_at);
         """,
     ),
+    (
+        6,
+        """
+        -- The current opportunities summed by everything a funnel is filtered or grouped by,
+        -- kept with each batch: the funnel now reads hundreds of rows, not every opportunity.
+        -- '' stands for none (a key column cannot be NULL).
+        CREATE TABLE funnel_now (
+            status text NOT NULL,
+            stage char(1) NOT NULL,
+            currency text NOT NULL,
+            owner text NOT NULL,
+            team text NOT NULL,
+            region text NOT NULL,
+            source text NOT NULL,
+            partner_id text NOT NULL,
+            tier text NOT NULL,
+            n bigint NOT NULL,
+            amount numeric(20, 2) NOT NULL,
+            weighted numeric(22, 4) NOT NULL,
+            PRIMARY KEY (status, stage, currency, owner, team, region, source, partner_id, tier)
+        );
+        INSERT INTO funnel_now
+        SELECT status, stage, coalesce(currency, ''), coalesce(owner, ''), coalesce(team, ''),
+               coalesce(region, ''), source, coalesce(partner_id, ''), tier, count(*),
+               coalesce(sum(amount), 0), coalesce(sum(amount * probability / 100.0), 0)
+        FROM opportunity_now GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9;
+        """,
+    ),
 ]
+FUNNEL_KEY = ("status", "stage", "currency", "owner", "team", "region", "source", "partner_id",
+              "tier")  # fmt: skip
 
 # Reports sort and aggregate tens of thousands of rows (percentiles, groupings): in memory.
 POOL_SETTINGS = {"work_mem": "64MB"}
@@ -184,6 +214,7 @@ async def _project_opportunities(conn: asyncpg.Connection, envelopes: Sequence[E
             if newer.valid_from > older.valid_from:
                 history.append((*_row(older), newer.valid_from))
         latest.append(chain[-1])
+    await _add_to_funnel(conn, [current[i] for i in replaced], latest)
     if replaced:
         await conn.execute(
             "DELETE FROM opportunity_now WHERE opportunity_id = ANY($1::uuid[])", replaced
@@ -206,6 +237,46 @@ async def _project_opportunities(conn: asyncpg.Connection, envelopes: Sequence[E
             "payment", records=payments,
             columns=["opportunity_id", "version", "amount", "received_at"],
         )  # fmt: skip
+
+
+async def _add_to_funnel(
+    conn: asyncpg.Connection, gone: Sequence[State], came: Sequence[State]
+) -> None:
+    """Move the replaced versions out of `funnel_now` and the new ones in: one upsert, its rows
+    in key order (so two partitions' batches lock them in the same order)."""
+    deltas: dict[tuple[str, ...], list[Any]] = {}
+    for sign, states in ((-1, gone), (1, came)):
+        for st in states:
+            key = (st.status, st.stage, st.currency or "", st.owner or "", st.team or "",
+                   st.region or "", st.source, st.partner_id or "", st.tier)  # fmt: skip
+            amount = st.amount or 0
+            delta = deltas.setdefault(key, [0, 0, 0])
+            delta[0] += sign
+            delta[1] += sign * amount
+            delta[2] += sign * amount * st.probability / 100
+    changed = sorted((k, v) for k, v in deltas.items() if any(v))
+    if not changed:
+        return
+    columns = [[k[i] for k, _ in changed] for i in range(len(FUNNEL_KEY))]
+    await conn.execute(
+        f"INSERT INTO funnel_now ({', '.join(FUNNEL_KEY)}, n, amount, weighted)"
+        " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],"
+        " $6::text[], $7::text[], $8::text[], $9::text[], $10::bigint[], $11::numeric[],"
+        " $12::numeric[]) ON CONFLICT (" + ", ".join(FUNNEL_KEY) + ") DO UPDATE SET"
+        " n = funnel_now.n + EXCLUDED.n, amount = funnel_now.amount + EXCLUDED.amount,"
+        " weighted = funnel_now.weighted + EXCLUDED.weighted",
+        *columns,
+        [v[0] for _, v in changed],
+        [v[1] for _, v in changed],
+        [v[2] for _, v in changed],
+    )
+    # Emptied sums go, so the table is the same however the events were batched.
+    await conn.execute(
+        "DELETE FROM funnel_now WHERE n = 0 AND (" + ", ".join(FUNNEL_KEY) + ") IN"
+        " (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],"
+        " $6::text[], $7::text[], $8::text[], $9::text[]))",
+        *columns,
+    )
 
 
 def _row(state: State) -> tuple[Any, ...]:

@@ -98,15 +98,27 @@ def _groups(rows: list[asyncpg.Record]) -> list[str | None]:
 
 
 async def funnel(pool: asyncpg.Pool, f: Filters, rules: Rules) -> dict[str, Any]:
-    """Open opportunities per stage: count, amount, weighted pipeline (amount x probability)."""
+    """Open opportunities per stage: count, amount, weighted pipeline (amount x probability).
+    Now: from the running sums; as known at a past moment: from that moment's versions."""
     q = Query()
-    amount = q.money(f, "o.amount")
-    weighted = q.money(f, "o.amount * o.probability / 100.0")
-    rows = await _fetch(pool, q, (
-        f"SELECT {q.group(f)} AS grp, o.stage, count(*) AS n, {amount} AS amount,"
-        f" {weighted} AS weighted FROM {q.snapshot(f)} WHERE o.status = 'open'"
-        " GROUP BY 1, 2"
-    ))  # fmt: skip
+    if f.as_of is None:
+        group = f"NULLIF(o.{GROUPS[f.group_by]}, '')" if f.group_by else "NULL::text"
+        where = "".join(f" AND o.{FILTERS[k]} = {q.arg(v)}" for k, v in f.where.items())
+        cur = q.arg(f.currency)
+        rows = await _fetch(pool, q, (
+            f"SELECT {group} AS grp, o.stage, sum(o.n) AS n,"
+            f" coalesce(sum(o.amount) FILTER (WHERE o.currency = {cur}), 0) AS amount,"
+            f" coalesce(sum(o.weighted) FILTER (WHERE o.currency = {cur}), 0) AS weighted"
+            f" FROM funnel_now o WHERE o.status = 'open'{where} GROUP BY 1, 2 HAVING sum(o.n) > 0"
+        ))  # fmt: skip
+    else:
+        amount = q.money(f, "o.amount")
+        weighted = q.money(f, "o.amount * o.probability / 100.0")
+        rows = await _fetch(pool, q, (
+            f"SELECT {q.group(f)} AS grp, o.stage, count(*) AS n, {amount} AS amount,"
+            f" {weighted} AS weighted FROM {q.snapshot(f)} WHERE o.status = 'open'"
+            " GROUP BY 1, 2"
+        ))  # fmt: skip
     found = {(r["grp"], r["stage"]): r for r in rows}
     out = []
     for grp in _groups(rows) or [None]:
@@ -116,7 +128,7 @@ async def funnel(pool: asyncpg.Pool, f: Filters, rules: Rules) -> dict[str, Any]
                 "group": grp, "stage": stage, "name": rules.stages[stage].name,
                 "name_zh": rules.stages[stage].name_zh, "count": int(r["n"]) if r else 0,
                 "amount": money(r["amount"] if r else 0),
-                "weighted": money(r["weighted"] if r else 0),
+                "weighted": money(Decimal(r["weighted"]).quantize(Decimal("0.01")) if r else 0),
             })  # fmt: skip
     total = {
         "count": sum(r["count"] for r in out),

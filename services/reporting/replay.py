@@ -29,6 +29,17 @@ READ_MODEL_TABLES = {
     "payment": ["opportunity_id", "version"],
     "registration": ["registration_id"],
     "registration_conflict": ["registration_id", "partner_id", "lead_id"],
+    "funnel_now": [
+        "status",
+        "stage",
+        "currency",
+        "owner",
+        "team",
+        "region",
+        "source",
+        "partner_id",
+        "tier",
+    ],
 }
 PAGE = 5000
 

@@ -204,7 +204,8 @@ async def tables(pool: asyncpg.Pool) -> dict[str, list[Any]]:
                          ("stage_stay", "opportunity_id, left_at"),
                          ("payment", "opportunity_id, version"),
                          ("registration", "registration_id"),
-                         ("registration_conflict", "registration_id")):  # fmt: skip
+                         ("registration_conflict", "registration_id"),
+                         ("funnel_now", "status, stage, owner, team, partner_id")):  # fmt: skip
         found[table] = [
             tuple(r) for r in await pool.fetch(f"SELECT * FROM {table} ORDER BY {order}")
         ]
