@@ -158,6 +158,17 @@ MIGRATIONS: list[Migration] = [
         FROM opportunity_now GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9;
         """,
     ),
+    (
+        7,
+        """
+        -- Days in the stage, kept beside the stay, and an index that answers cycle-time
+        -- percentiles over a period without reading the table.
+        ALTER TABLE stage_stay ADD COLUMN days double precision
+            GENERATED ALWAYS AS (extract(epoch FROM left_at - entered_at) / 86400.0) STORED;
+        CREATE INDEX stage_stay_period ON stage_stay (left_at)
+            INCLUDE (stage, days, opportunity_id);
+        """,
+    ),
 ]
 FUNNEL_KEY = ("status", "stage", "currency", "owner", "team", "region", "source", "partner_id",
               "tier")  # fmt: skip

@@ -210,9 +210,10 @@ def _win_line(grp: str | None, r: Any) -> dict[str, Any]:
 
 # -- cycle time --------------------------------------------------------------------------------
 
+# One sort serves both percentiles.
 STATS = (
-    "count(*) AS n, avg(d) AS mean, percentile_cont(0.5) WITHIN GROUP (ORDER BY d) AS median,"
-    " percentile_cont(0.9) WITHIN GROUP (ORDER BY d) AS p90"
+    "count(*) AS n, avg(d) AS mean,"
+    " percentile_cont(ARRAY[0.5, 0.9]) WITHIN GROUP (ORDER BY d) AS pct"
 )
 
 
@@ -234,19 +235,20 @@ async def cycle_time(
     # A stay knows its stage and times; the opportunity is joined only to filter or group.
     scoped = bool(f.where or f.group_by)
     joined = f" JOIN {q.snapshot(f)} USING (opportunity_id)" if scoped else ""
+    sets = "GROUPING SETS ((grp, stage), (stage))" if f.group_by else "stage"
     stays = await _fetch(pool, q, (
-        f"SELECT grp, GROUPING(grp) AS total, 'stage_' || stage AS measure, {STATS} FROM"
-        f" (SELECT {q.group(f)} AS grp, st.stage,"
-        " extract(epoch FROM st.left_at - st.entered_at) / 86400.0 AS d"
-        f" FROM stage_stay st{joined}"
+        f"SELECT {'grp, GROUPING(grp)' if f.group_by else 'NULL AS grp, 1'} AS total,"
+        f" 'stage_' || stage AS measure, {STATS} FROM"
+        f" (SELECT {q.group(f)} AS grp, st.stage, st.days AS d FROM stage_stay st{joined}"
         f" WHERE st.left_at >= {q.arg(start)} AND st.left_at < {q.arg(end)}{known}) w"
-        " GROUP BY GROUPING SETS ((grp, stage), (stage)) ORDER BY 3"
+        f" GROUP BY {sets} ORDER BY 3"
     ))  # fmt: skip
 
     def line(r: Any) -> dict[str, Any]:
         return {"group": None if r["total"] else r["grp"], "measure": r["measure"],
                 "n": int(r["n"]), "mean_days": days(r["mean"]),
-                "median_days": days(r["median"]), "p90_days": days(r["p90"])}  # fmt: skip
+                "median_days": days(r["pct"][0] if r["pct"] else None),
+                "p90_days": days(r["pct"][1] if r["pct"] else None)}  # fmt: skip
 
     totals = [line(r) for r in [*won, *stays] if r["total"]]
     rows = [line(r) for r in [*won, *stays] if not r["total"]] if f.group_by else totals
@@ -282,7 +284,9 @@ async def loss_reasons(
 # -- fresh opportunities, conversion, attainment, forecast -------------------------------------
 
 
-async def fresh(pool: asyncpg.Pool, f: Filters, at: datetime) -> dict[str, Any]:
+async def fresh(
+    pool: asyncpg.Pool, f: Filters, at: datetime, current: bool = False
+) -> dict[str, Any]:
     """鲜活商机 and 商机转化率 at `at` (as known then): the cohort created in the last three
     calendar months with expected close by the end of next month; fresh = still open; the
     conversion = won / all of the cohort, by count and by expected amount."""
@@ -294,7 +298,8 @@ async def fresh(pool: asyncpg.Pool, f: Filters, at: datetime) -> dict[str, Any]:
         f" {q.money(f, 'o.amount', is_open)} AS fresh_amount, count(*) AS cohort_count,"
         f" count(*) FILTER (WHERE {is_won}) AS won_count,"
         f" {q.money(f, 'o.amount')} AS cohort_amount,"
-        f" {q.money(f, 'o.amount', is_won)} AS won_amount FROM {q.snapshot(f.at(at))}"
+        f" {q.money(f, 'o.amount', is_won)} AS won_amount"
+        f" FROM {q.snapshot(f if current else f.at(at))}"
         f" WHERE o.opened_at >= {q.arg(created_from)} AND o.opened_at <= {q.arg(at)}"
         f" AND o.expected_close <= {q.arg(close_by)} GROUP BY 1"
     ))  # fmt: skip
@@ -328,21 +333,21 @@ async def attainment(pool: asyncpg.Pool, f: Filters, month: date) -> dict[str | 
     q = Query()
     known = f.at(paid_to - EPSILON)
     rows = await _fetch(pool, q, (
-        f"SELECT {q.group(f)} AS grp, GROUPING({q.group(f)}) AS total,"
-        f" {q.money(f, 'o.won_amount')} AS won,"
+        f"SELECT {q.group(f)} AS grp, {q.money(f, 'o.won_amount')} AS won,"
         f" {q.money(f, 'p.paid')} AS paid FROM {q.snapshot(known)} LEFT JOIN"
         " (SELECT opportunity_id, sum(amount) AS paid FROM payment"
         f" WHERE received_at >= {q.arg(paid_from)} AND received_at < {q.arg(paid_to)}"
         " GROUP BY 1) p USING (opportunity_id)"
         f" WHERE o.status = 'won' AND o.won_at >= {q.arg(won_from)}"
-        f" AND o.won_at < {q.arg(paid_from)} GROUP BY ROLLUP (1)"
+        f" AND o.won_at < {q.arg(paid_from)} GROUP BY 1"
     ))  # fmt: skip
     found: dict[str | None, Any] = {}
+    total_won, total_paid = Decimal(0), Decimal(0)
     for r in rows:
-        found["*" if r["total"] else r["grp"]] = {
-            "won_amount": money(r["won"]), "paid": money(r["paid"]),
-            "rate": rate(money(r["paid"]), money(r["won"])),
-        }  # fmt: skip
+        won, paid = money(r["won"]), money(r["paid"])
+        total_won, total_paid = total_won + won, total_paid + paid
+        found[r["grp"]] = {"won_amount": won, "paid": paid, "rate": rate(paid, won)}
+    found["*"] = {"won_amount": total_won, "paid": total_paid, "rate": rate(total_paid, total_won)}
     return found
 
 
@@ -353,7 +358,7 @@ async def forecast(pool: asyncpg.Pool, f: Filters, at: datetime) -> dict[str, An
     this_month = month_start(at.date())
     last_month = month_start(this_month, -1)
     end_of_last = at_midnight(this_month) - EPSILON
-    now = await fresh(pool, f, at)
+    now = await fresh(pool, f, at, current=f.as_of is None)
     then = await fresh(pool, f, end_of_last)
     attained = await attainment(pool, f, last_month)
     before = {r["group"]: r for r in then["rows"]}
