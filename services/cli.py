@@ -167,6 +167,28 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_forget(args: argparse.Namespace) -> int:
+    """Erase a lead's contact data (SPEC §8): its key is destroyed; the erasure is an event."""
+    from datetime import UTC
+
+    from services.capture.app import MIGRATIONS, CaptureApp
+    from shared.runtime import open_schema
+
+    settings = Settings()
+
+    async def migrated() -> None:
+        await (await open_schema(settings, "capture", MIGRATIONS)).close()
+
+    asyncio.run(migrated())
+    app = CaptureApp(settings.dsn(), "capture", 2)
+    try:
+        done = app.forget(args.lead_id, datetime.now(UTC))
+    finally:
+        app.close()
+    print(f"lead {args.lead_id}: contact " + ("erased" if done else "was erased before"))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Load a year of demo data into the running system (see services/demo.py)."""
     from services.demo import main as demo
@@ -415,6 +437,9 @@ def parser() -> argparse.ArgumentParser:
             tick.add_argument("--now", required=True, type=_aware_time, help="ISO-8601 time")
             tick.set_defaults(run=cmd_tick)
     commands.add_parser("migrate", help="apply schema migrations").set_defaults(run=cmd_migrate)
+    forget = commands.add_parser("forget", help="erase a lead's contact data (PIPL/GDPR)")
+    forget.add_argument("lead_id", type=uuid.UUID)
+    forget.set_defaults(run=cmd_forget)
     demo = commands.add_parser("demo", help="load a year of demo data into the running system")
     demo.add_argument("--weeks", type=int, default=52, help="how far back it starts")
     demo.add_argument("--per-week", type=int, default=12, help="leads a week")

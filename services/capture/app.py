@@ -9,8 +9,10 @@ import hashlib
 import uuid
 from collections.abc import Mapping, Sequence
 from datetime import datetime
+from typing import Any
 
-from eventsourcing.domain import Aggregate
+from eventsourcing.domain import Aggregate, DomainEventProtocol
+from eventsourcing.persistence import Notification
 from psycopg.sql import SQL
 
 from services.capture.domain import (
@@ -32,6 +34,7 @@ from shared.contracts.partner import (
     WebFormLead,
 )
 from shared.contracts.partner import Registration as RegistrationView
+from shared.privacy import is_sealed, keyed_hash, new_key, unseal
 from shared.settings import Rules
 from shared.store.eventstore import EventStoreApp
 from shared.store.migrations import BUS_TABLES, Migration
@@ -95,11 +98,91 @@ MIGRATIONS: list[Migration] = [
         );
         """,
     ),
+    (
+        6,
+        """
+        -- Each lead's contact is sealed with a key of its own; forgetting destroys the key.
+        CREATE TABLE subject_key (
+            lead_id uuid PRIMARY KEY,
+            key bytea NOT NULL
+        );
+        -- The secret of the keyed hashes that e-mail and phone are matched by.
+        CREATE TABLE capture_secret (
+            name text PRIMARY KEY,
+            value bytea NOT NULL
+        );
+        """,
+    ),
 ]
+HASHED_RULES = ("email", "phone")
 
 
 class CaptureApp(EventStoreApp):
     name = "Capture"
+
+    def __init__(self, dsn: str, schema: str, pool_size: int = 5) -> None:
+        super().__init__(dsn, schema, pool_size)
+        self._keys: dict[uuid.UUID, bytes | None] = {}
+        self.secret = self._matching_secret()
+
+    def _matching_secret(self) -> bytes:
+        """The keyed hashes' secret, made once per store (the first replica to ask makes it)."""
+        table = self.table("capture_secret")
+        if not self.query("SELECT to_regclass(%s) IS NOT NULL AS here",
+                          [f"{self.schema}.capture_secret"])[0]["here"]:  # fmt: skip
+            return b""  # not migrated yet (the event tables are made before the service's own)
+        datastore: Any = getattr(self.recorder, "datastore")  # noqa: B009
+        with datastore.transaction(commit=True) as cursor:
+            cursor.execute(
+                SQL("INSERT INTO {} (name, value) VALUES ('matching', %s) ON CONFLICT DO NOTHING"
+                    ).format(table), [new_key()],
+            )  # fmt: skip
+            cursor.execute(SQL("SELECT value FROM {} WHERE name = 'matching'").format(table))
+            return bytes(cursor.fetchone()["value"])
+
+    # -- reading: a sealed contact is opened with its key, or shown erased ------------------
+
+    def notifications_after(self, position: int, limit: int) -> Sequence[Notification]:
+        notifications = super().notifications_after(position, limit)
+        leads = [n.originator_id for n in notifications if n.topic.endswith(":Lead.Captured")]
+        self._keys = self.subject_keys(leads)  # for to_event, one query per page
+        return notifications
+
+    def subject_keys(self, lead_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, bytes | None]:
+        found: dict[uuid.UUID, bytes | None] = dict.fromkeys(lead_ids)
+        if lead_ids:
+            rows = self.query(SQL("SELECT lead_id, key FROM {} WHERE lead_id = ANY(%s)").format(
+                self.table("subject_key")), [list(lead_ids)])  # fmt: skip
+            found.update({r["lead_id"]: bytes(r["key"]) for r in rows})
+        return found
+
+    def to_event(self, notification: Notification) -> DomainEventProtocol[uuid.UUID]:
+        event = super().to_event(notification)
+        if isinstance(event, Lead.Captured) and is_sealed(event.payload.get("contact")):
+            lead = event.originator_id
+            key = self._keys[lead] if lead in self._keys else self.subject_keys([lead])[lead]
+            event.payload["contact"] = unseal(key, event.payload["contact"])
+        return event
+
+    def forget(self, lead_id: uuid.UUID, now: datetime) -> bool:
+        """Erase a lead's contact: destroy its key and its matching keys, and record the
+        erasure as an event, in one transaction. False when it was forgotten before."""
+        lead = self.repository.get(lead_id)
+        if lead.forgotten:
+            return False
+        contact = unseal(self.subject_keys([lead_id])[lead_id], lead.details["contact"])
+        company = lead.details["company"]
+        keys = [self.stored_key(k) for k in match_keys(contact.get("email"), contact.get("phone"),
+                company.get("name"), company.get("region")) if k[0] in HASHED_RULES]  # fmt: skip
+        lead.forget(now)
+        writes: list[SideWrite] = [
+            (SQL("DELETE FROM {} WHERE lead_id = %s").format(self.table("subject_key")),
+             [(lead_id,)]),
+            (SQL("DELETE FROM {} WHERE rule = %s AND key = %s").format(self.table("lead_key")),
+             keys),
+        ]  # fmt: skip
+        self.record([lead], side_writes=writes)
+        return True
 
     def capture_web_lead(self, form: WebFormLead, now: datetime, correlation_id: str) -> uuid.UUID:
         """Store a web-form lead (merged into a known customer it matches); durable when this
@@ -116,14 +199,18 @@ class CaptureApp(EventStoreApp):
             correlation_id=correlation_id,
             causation_id=correlation_id,
             duplicate_of=first_match(keys, self.known_customers(keys)),
+            contact_key=new_key(),
         )
         self.record([lead], side_writes=self.key_writes([lead]))
         return lead_id
 
     def known_customers(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Match]:
-        """The first lead each key belongs to: one query for a whole batch."""
+        """The first lead each key belongs to: one query for a whole batch (keys in clear; the
+        table holds e-mail and phone as keyed hashes)."""
         if not keys:
             return {}
+        stored = {self.stored_key(k): k for k in keys}
+        keys = list(stored)
         rows = self.query(
             # Joined on (rule, key) so the primary key's index serves it: a batch's lookups cost
             # the same however many leads are known.
@@ -136,25 +223,39 @@ class CaptureApp(EventStoreApp):
             [[rule for rule, _ in keys], [key for _, key in keys]],
         )
         return {
-            (r["rule"], r["key"]): Match(uuid.UUID(str(r["lead_id"])), r["partner_id"], r["rule"])
+            stored[(r["rule"], r["key"])]: Match(
+                uuid.UUID(str(r["lead_id"])), r["partner_id"], r["rule"]
+            )
             for r in rows
         }
 
+    def stored_key(self, key: tuple[str, str]) -> tuple[str, str]:
+        """A matching key as stored: e-mail and phone only as keyed hashes."""
+        rule, value = key
+        return (rule, keyed_hash(self.secret, value)) if rule in HASHED_RULES else key
+
     def key_writes(self, aggregates: Sequence[Aggregate]) -> list[SideWrite]:
         """Index new leads by their keys; a merged lead's keys lead to the customer's first lead
-        (so a later match finds the customer, not a chain of duplicates)."""
+        (so a later match finds the customer, not a chain of duplicates). A sealed contact's key
+        is stored with it."""
         rows = []
+        sealed: list[tuple[uuid.UUID, bytes]] = []
         for lead in aggregates:
             if isinstance(lead, Lead):
                 root = lead.merged_into or lead.id
                 partner = lead.details.get("partner_id")
                 at = lead.details["captured_at"]
-                rows += [(rule, key, root, partner, at) for rule, key in lead.keys()]
+                rows += [(*self.stored_key(k), root, partner, at) for k in lead.keys()]
+                if lead.contact_key is not None:
+                    sealed.append((lead.id, lead.contact_key))
         statement = SQL(
             "INSERT INTO {} (rule, key, lead_id, partner_id, captured_at)"
             " VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING"
         ).format(self.table("lead_key"))
-        return [(statement, rows)]
+        keys = SQL("INSERT INTO {} (lead_id, key) VALUES (%s, %s)").format(
+            self.table("subject_key")
+        )
+        return [(statement, rows), (keys, sealed)]
 
     def handle_partner_messages(
         self,
@@ -281,6 +382,7 @@ class _BatchIntake:
             verdict.lead_id, lead_in, source="partner", captured_at=self.now,
             correlation_id=lead_in.message_id, causation_id=_position(message),
             partner_id=partner, message_id=verdict.message_id, duplicate_of=match,
+            contact_key=new_key(),
         )  # fmt: skip
         self.stored.append(lead)
         for key in keys:  # later leads of this batch know this customer now

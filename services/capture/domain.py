@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from services.capture.normalize import match_keys
 from shared.contracts.events import (
     LeadCaptured,
+    LeadForgotten,
     LeadMerged,
     PartnerRegistered,
     RegistrationConflicted,
@@ -34,6 +35,7 @@ from shared.contracts.partner import (
     ReplyStatus,
 )
 from shared.domain import Published, PublishedCreated
+from shared.privacy import seal
 
 LEAD_NAMESPACE = uuid.UUID("a4b7c0e2-6a1f-4c55-8d0e-3c9f5f2a7b10")
 
@@ -67,6 +69,13 @@ class Lead(Aggregate):
     class Captured(PublishedCreated):
         public_name: ClassVar[str] = "LeadCaptured"
 
+    class Forgotten(Published):
+        public_name: ClassVar[str] = "LeadForgotten"
+
+        def apply(self, aggregate: Aggregate) -> None:
+            assert isinstance(aggregate, Lead)
+            aggregate.forgotten = True
+
     class Merged(Published):
         """Dedupe: this lead is a customer already known as another lead (`into_lead_id`)."""
 
@@ -80,6 +89,11 @@ class Lead(Aggregate):
         self.details = payload
         self.correlation_id = correlation_id
         self.merged_into: uuid.UUID | None = None
+        self.forgotten = False
+        # Known only while the lead is being captured (the stored contact is sealed): the
+        # contact's key, and the matching keys taken from the contact in clear.
+        self.contact_key: bytes | None = None
+        self.match_keys: list[tuple[str, str]] | None = None
 
     @classmethod
     def capture(
@@ -94,6 +108,7 @@ class Lead(Aggregate):
         message_id: str | None = None,
         channel: str | None = None,
         duplicate_of: Match | None = None,
+        contact_key: bytes | None = None,
     ) -> Lead:
         """Capture a lead; one that matches a known customer (`duplicate_of`) is stored all the
         same and merged into it, naming the rule that matched."""
@@ -107,10 +122,15 @@ class Lead(Aggregate):
             captured_at=captured_at,
             duplicate_of=duplicate_of.lead_id if duplicate_of else None,
         )
+        payload = contract.model_dump(mode="json")
+        keys = match_keys(details.contact.email, details.contact.phone, details.company.name,
+                          details.company.region)  # fmt: skip
+        if contact_key is not None:  # stored sealed from the start: see shared.privacy
+            payload["contact"] = seal(contact_key, payload["contact"])
         lead = cls._create(
             cls.Captured,
             id=lead_id,
-            payload=contract.model_dump(mode="json"),
+            payload=payload,
             correlation_id=correlation_id,
             causation_id=causation_id,
             timestamp=captured_at,
@@ -129,13 +149,25 @@ class Lead(Aggregate):
                 causation_id=causation_id,
                 timestamp=captured_at,
             )
+        lead.contact_key, lead.match_keys = contact_key, keys
         return lead
 
     def keys(self) -> list[tuple[str, str]]:
+        if self.match_keys is not None:
+            return self.match_keys
         contact, company = self.details["contact"], self.details["company"]
         return match_keys(
             contact.get("email"), contact.get("phone"), company.get("name"), company.get("region")
         )
+
+    def forget(self, at: datetime) -> None:
+        """Erase the contact (the caller destroys its key in the same transaction)."""
+        if self.forgotten:
+            return
+        forgotten = LeadForgotten(lead_id=self.id, forgotten_at=at)
+        self.trigger_event(self.Forgotten, payload=forgotten.model_dump(mode="json"),
+                           correlation_id=f"forget:{self.id}", causation_id=str(self.id),
+                           timestamp=at)  # fmt: skip
 
 
 REGISTRATION_NAMESPACE = uuid.UUID("6a0f5b2e-93d4-4c1a-8f57-2b1e0c9d7a33")

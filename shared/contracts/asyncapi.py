@@ -18,12 +18,13 @@ from shared.contracts.events import EVENT_TYPES
 from shared.contracts.notifications import NOTIFICATION_EVENT_TYPES, NotificationUndeliverable
 from shared.contracts.partner import DeadLetter, PartnerLeadMessage, PartnerReply
 
-CONTRACTS_VERSION = "1.1.0"
+CONTRACTS_VERSION = "1.2.0"
 REF = "#/components/schemas/{model}"
 
 LEAD_EVENT_TYPES = (
     "LeadCaptured",
     "LeadMerged",
+    "LeadForgotten",
     "PartnerRegistered",
     "RegistrationConflicted",
     "RegistrationExpired",

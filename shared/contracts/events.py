@@ -36,6 +36,14 @@ class LeadMerged(Contract):
     merged_at: UtcTime
 
 
+class LeadForgotten(Contract):
+    """The lead's contact data was erased on request (PIPL/GDPR): its key is destroyed, and
+    every read of its events shows the contact as erased from now on."""
+
+    lead_id: uuid.UUID
+    forgotten_at: UtcTime
+
+
 class PartnerRegistered(Contract):
     """Deal registration (报备): the first partner to submit a company holds it until expiry."""
 
@@ -213,6 +221,7 @@ class LeadAttached(Contract):
 EVENT_TYPES: dict[str, tuple[type[Contract], int]] = {
     "LeadCaptured": (LeadCaptured, 1),
     "LeadMerged": (LeadMerged, 1),
+    "LeadForgotten": (LeadForgotten, 1),
     "PartnerRegistered": (PartnerRegistered, 1),
     "RegistrationConflicted": (RegistrationConflicted, 1),
     "RegistrationExpired": (RegistrationExpired, 1),
