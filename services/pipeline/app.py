@@ -135,9 +135,16 @@ class PipelineApp(EventStoreApp):
         leads = SQL(
             "INSERT INTO {table} (lead_id, opportunity_id) VALUES (%s, %s) ON CONFLICT DO NOTHING"
         ).format(table=self.table("opportunity_lead"))
+        # Lead rows only where leads were added (opened, attached), not on every command.
+        joined = [
+            o
+            for o in opportunities
+            if any(isinstance(e, Opportunity.Opened | Opportunity.LeadAttached)
+                   for e in o.pending_events)
+        ]  # fmt: skip
         return [
             (upsert, [index_row(o) for o in opportunities]),
-            (leads, [(lead, o.id) for o in opportunities for lead in o.lead_ids]),
+            (leads, [(lead, o.id) for o in joined for lead in o.lead_ids]),
         ]
 
     def save(self, opportunities: Sequence[Opportunity], **tracking: Any) -> None:
