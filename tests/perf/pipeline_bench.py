@@ -40,6 +40,7 @@ from tests.factories import lead_captured
 
 OPEN_N = 5000
 READER_FETCH_WAIT_MS = 10
+CLIENTS, CONNECTIONS = 16, 2  # callers of the API, each an httpx client with its own pool
 
 
 async def produce_leads(settings: Settings, count: int, first_id: int) -> None:
@@ -191,12 +192,20 @@ async def bench_command_latency(
         )
     token = issue_token(Principal(role=Role.admin, user="bench"), settings.secret_for_tokens(),
                         datetime.now(UTC), timedelta(hours=1))  # fmt: skip
-    http = httpx.AsyncClient(
-        base_url=f"http://127.0.0.1:{port}",
-        headers={"Authorization": f"Bearer {token}"},
-        limits=httpx.Limits(max_connections=32, max_keepalive_connections=32),
-        timeout=httpx.Timeout(30.0),
-    )
+    # Several callers with small pools rather than one large pool: httpcore checks every pooled
+    # connection's socket on every request and scans its queue, so one pool of 32 (or of 8)
+    # cost the client 2.5-3.5 ms of CPU a request and, once a queue formed, the client fell
+    # behind its own schedule for good while the service sat idle (py-spy during the stall).
+    clients = [
+        httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{port}",
+            headers={"Authorization": f"Bearer {token}"},
+            limits=httpx.Limits(max_connections=CONNECTIONS, max_keepalive_connections=CONNECTIONS),
+            timeout=httpx.Timeout(30.0),
+        )
+        for _ in range(CLIENTS)
+    ]
+    http = clients[0]
     # Tansu answers a fetch that finds nothing new only after fetch_max_wait_ms (it does not wake
     # it when records arrive), so a reader on the default 500 ms adds up to 500 ms of its own.
     consumer = AIOKafkaConsumer(OPPORTUNITY_EVENTS, bootstrap_servers=settings.bootstrap_servers(),
@@ -224,11 +233,12 @@ async def bench_command_latency(
                         if event_type == b"OpportunityStageChanged" and key in scheduled:
                             latencies.append(now - scheduled.pop(key))
 
-        async def command(opportunity: str, version: int, at: float) -> None:
+        async def command(client: httpx.AsyncClient, opportunity: str, version: int,
+                          at: float) -> None:  # fmt: skip
             started.append(time.perf_counter())
             body = {"expected_version": version, "to_stage": "B"}
             try:
-                answer = await http.post(f"/v1/opportunities/{opportunity}/stage", json=body)
+                answer = await client.post(f"/v1/opportunities/{opportunity}/stage", json=body)
                 statuses.append(answer.status_code)
             except httpx.HTTPError:
                 statuses.append(0)
@@ -242,7 +252,8 @@ async def bench_command_latency(
             at = began + n * interval
             await asyncio.sleep(max(0.0, at - time.perf_counter()))
             scheduled[opportunity] = at
-            pending.append(asyncio.create_task(command(opportunity, version, at)))
+            client = clients[n % CLIENTS]
+            pending.append(asyncio.create_task(command(client, opportunity, version, at)))
         await asyncio.gather(*pending)
         span = max(started) - min(started)
         achieved = (len(started) - 1) / span if span > 0 else float(len(started))
@@ -250,7 +261,8 @@ async def bench_command_latency(
             await asyncio.wait_for(listener, 30)
     finally:
         await consumer.stop()
-        await http.aclose()
+        for client in clients:
+            await client.aclose()
         service.send_signal(signal.SIGTERM)
         try:
             await asyncio.to_thread(service.wait, 20)
@@ -273,6 +285,7 @@ async def bench_command_latency(
                 "seconds": seconds,
                 "service": "python -m services.pipeline (own process, uvicorn)",
                 "reader_fetch_max_wait_ms": READER_FETCH_WAIT_MS,
+                "clients": f"{CLIENTS} httpx clients x {CONNECTIONS} connections",
                 "http_p50_ms": round(1000 * statistics.median(http_ordered), 1),
                 "http_p99_ms": round(1000 * percentile(http_ordered, 0.99), 1),
                 "max_ms": round(1000 * ordered[-1], 1),
