@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install browser run test test-unit bench lint vendor clean
+.PHONY: install browser run test test-unit bench bench-latency lint vendor clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "DealStream needs Python 3.11 or newer")'
@@ -36,6 +36,9 @@ test-unit: install
 
 bench: install
 	$(PY) -m tests.perf.bench
+
+bench-latency: install
+	$(PY) -m tests.perf.latency
 
 lint: install
 	$(VENV)/bin/ruff check shared services tests

@@ -15,8 +15,10 @@ from typing import Any, TypeVar
 import asyncpg
 import uvicorn
 from aiokafka.admin import AIOKafkaAdminClient
-from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.bus.consumer import BatchConsumer
 from shared.bus.kafka import cluster_id, make_admin
@@ -90,19 +92,35 @@ _correlation: ContextVar[str] = ContextVar("correlation_id", default="")
 def correlate(api: FastAPI) -> FastAPI:
     """Every request gets a correlation id — the caller's `x-request-id`, or a new one — that
     the events it causes carry, and that the answer echoes."""
+    api.add_middleware(_Correlation)
+    return api
 
-    @api.middleware("http")
-    async def correlation(request: Request, call_next: Any) -> Response:
-        correlation_id = request.headers.get("x-request-id") or str(uuid.uuid4())
+
+class _Correlation:
+    """Plain ASGI middleware: the request runs in the caller's task, so the context variable
+    reaches the endpoint without the task group and streams of `BaseHTTPMiddleware` (a third
+    of the event loop's time per command, measured under load)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        correlation_id = Headers(scope=scope).get("x-request-id") or str(uuid.uuid4())
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                MutableHeaders(scope=message)["x-request-id"] = correlation_id
+            await send(message)
+
         token = _correlation.set(correlation_id)
         try:
-            response: Response = await call_next(request)
+            await self.app(scope, receive, send_with_id)
         finally:
             _correlation.reset(token)
-        response.headers["x-request-id"] = correlation_id
-        return response
-
-    return api
 
 
 def correlation_id() -> str:

@@ -16,13 +16,14 @@ from fastapi import Depends, FastAPI, HTTPException, Query
 from fastapi.responses import JSONResponse
 
 from services.pipeline import views as v
-from services.pipeline.app import NotFound, PipelineApp, StaleVersion
+from services.pipeline.app import Command, NotFound, PipelineApp, StaleVersion
 from services.pipeline.domain import Opportunity, Refused
 from shared.auth import Principal, Role, visible
 from shared.clock import Clock
 from shared.http_auth import bearer
 from shared.runtime import Readiness, correlate, correlation_id, health_router
 from shared.settings import Rules, Settings
+from shared.writer import BatchWriter
 
 # Refusals about the request itself; the others are conflicts with the opportunity's state.
 UNPROCESSABLE = {"unknown_reason", "unknown_stage", "invalid_probability", "currency_mismatch"}
@@ -68,6 +69,8 @@ def create_api(
     api.include_router(health_router(readiness))
     authenticated = bearer(settings, clock)
     rules = settings.rules
+    # Commands are stored by one writer thread, those that wait together in one transaction.
+    writer = BatchWriter(app.commands, lambda c: c.opportunity_id, "pipeline-commands")
 
     def authorize(principal: Principal, o: Opportunity, command: str, body: v.Command) -> None:
         """Who may: visibility first (hidden is 404), then the role, then a manager's team."""
@@ -93,13 +96,14 @@ def create_api(
         now = clock.now()
 
         try:
-            saved = await asyncio.to_thread(
-                app.command,
-                opportunity_id,
-                body.expected_version,
-                lambda o: change(o, now),
-                lambda o: authorize(principal, o, command, body),
-                correlation_id(),
+            saved = await writer.submit(
+                Command(
+                    opportunity_id,
+                    body.expected_version,
+                    lambda o: change(o, now),
+                    lambda o: authorize(principal, o, command, body),
+                    correlation_id(),
+                )
             )
         except (NotFound, Hidden):
             raise HTTPException(404, "no such opportunity") from None

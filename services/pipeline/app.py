@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -95,6 +96,18 @@ INDEX_COLUMNS = (
 )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class Command:
+    """One command on one opportunity: `authorize` raises for a caller who may not, `change`
+    applies it (raising Refused when the rules refuse)."""
+
+    opportunity_id: uuid.UUID
+    expected_version: int
+    change: Callable[[Opportunity], None]
+    authorize: Callable[[Opportunity], None] = lambda _: None
+    correlation_id: str = ""
+
+
 class StaleVersion(Exception):
     def __init__(self, current: int) -> None:
         super().__init__(f"stale expected_version; current version is {current}")
@@ -137,9 +150,16 @@ class PipelineApp(EventStoreApp):
         leads = SQL(
             "INSERT INTO {table} (lead_id, opportunity_id) VALUES (%s, %s) ON CONFLICT DO NOTHING"
         ).format(table=self.table("opportunity_lead"))
+        # Lead rows only where leads were added (opened, attached), not on every command.
+        joined = [
+            o
+            for o in opportunities
+            if any(isinstance(e, Opportunity.Opened | Opportunity.LeadAttached)
+                   for e in o.pending_events)
+        ]  # fmt: skip
         return [
             (upsert, [index_row(o) for o in opportunities]),
-            (leads, [(lead, o.id) for o in opportunities for lead in o.lead_ids]),
+            (leads, [(lead, o.id) for o in joined for lead in o.lead_ids]),
         ]
 
     def save(self, opportunities: Sequence[Opportunity], **tracking: Any) -> None:
@@ -339,16 +359,44 @@ class PipelineApp(EventStoreApp):
         """Apply one command with optimistic concurrency: `authorize` first (it raises for a
         caller who may not), then a stale `expected_version`, or a writer who got there first,
         is StaleVersion with the current version; refusals are Refused."""
-        opportunity = self.get(opportunity_id)
-        authorize(opportunity)
-        if opportunity.version != expected_version:
-            raise StaleVersion(opportunity.version)
-        with opportunity.acting(correlation_id):
-            change(opportunity)
+        command = Command(opportunity_id, expected_version, change, authorize, correlation_id)
+        outcome = self.commands([command])[0]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def commands(self, commands: Sequence[Command]) -> list[Opportunity | Exception]:
+        """Commands on distinct opportunities, stored in one transaction (one table lock, one
+        commit): each outcome is the opportunity as stored, or what refused that command alone
+        (as `command` raises it). If another writer stored first for any of them, each is run
+        again on its own, so that only the one it concerns is stale."""
+        outcomes: list[Opportunity | Exception] = []
+        for command in commands:
+            try:
+                outcomes.append(self._decide(command))
+            except Exception as exc:
+                outcomes.append(exc)
+        decided = [o for o in outcomes if isinstance(o, Opportunity)]
+        if not decided:
+            return outcomes
         try:
-            self.save([opportunity])
+            self.save(decided)
         except IntegrityError:
-            raise StaleVersion(self.get(opportunity_id).version) from None
+            if len(commands) == 1:
+                return [StaleVersion(self.get(commands[0].opportunity_id).version)]
+            return [
+                self.commands([command])[0] if isinstance(outcome, Opportunity) else outcome
+                for command, outcome in zip(commands, outcomes, strict=True)
+            ]
+        return outcomes
+
+    def _decide(self, command: Command) -> Opportunity:
+        opportunity = self.get(command.opportunity_id)
+        command.authorize(opportunity)
+        if opportunity.version != command.expected_version:
+            raise StaleVersion(opportunity.version)
+        with opportunity.acting(command.correlation_id):
+            command.change(opportunity)
         return opportunity
 
     def recycle_idle(self, now: datetime, rules: Rules, limit: int = 500) -> list[uuid.UUID]:

@@ -6,6 +6,14 @@ of the broker it was published to: a broker with another id is new and empty (th
 keeps nothing across restarts), so the relay creates the topics there and republishes from the
 start. One relay per store is active at a time (a PostgreSQL advisory lock), whatever the number
 of replicas.
+
+Latency: a commit's NOTIFY wakes the relay at once (nothing is polled while it is busy); a batch
+is one read of the notification log, in the relay's own thread so it never queues behind request
+handlers, then the sends, flushed without linger (the batch is already whole), then the position.
+The broker's cluster id is asked alongside the read, at most every CLUSTER_CHECK seconds, not
+before and after every batch: the position is only ever trusted under the cluster id it was
+recorded with, and that id changes only when the relay attaches afresh, so a batch that went to a
+broker not noticed yet is republished with everything else as soon as the new id is seen.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import logging
 import time
 import zlib
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -37,7 +46,8 @@ from shared.settings import Settings
 from shared.store.eventstore import EventStoreApp
 
 log = logging.getLogger(__name__)
-IDLE_CLUSTER_CHECK = 2.0  # seconds between cluster checks while there is nothing to publish
+IDLE_WAIT = 0.5  # seconds between looks at the log (and the broker) while nothing is stored
+CLUSTER_CHECK = 0.2  # seconds: the broker's cluster id is asked at most this often
 
 
 @dataclass(frozen=True)
@@ -73,20 +83,27 @@ class OutboxRelay:
         self._wake = asyncio.Event()
         self._checked_at = 0.0
         self.leading = False
+        # Reads of the notification log in a thread of their own: never behind request handlers.
+        self._reader: ThreadPoolExecutor | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         """Relay until `stop` is set; survive broker and database outages."""
         backoff = 0.2
-        while not stop.is_set():
-            try:
-                await self._lead(stop)
-                backoff = 0.2
-            except (asyncio.CancelledError, KeyboardInterrupt):
-                raise
-            except Exception:
-                log.exception("relay %s failed; retrying in %.1fs", self.name, backoff)
-                await _sleep_or_stop(stop, backoff)
-                backoff = min(backoff * 2, 5.0)
+        try:
+            while not stop.is_set():
+                try:
+                    await self._lead(stop)
+                    backoff = 0.2
+                except (asyncio.CancelledError, KeyboardInterrupt):
+                    raise
+                except Exception:
+                    log.exception("relay %s failed; retrying in %.1fs", self.name, backoff)
+                    await _sleep_or_stop(stop, backoff)
+                    backoff = min(backoff * 2, 5.0)
+        finally:
+            if self._reader is not None:
+                self._reader.shutdown(wait=False)
+                self._reader = None
 
     async def _lead(self, stop: asyncio.Event) -> None:
         lock_key = zlib.crc32(f"dealstream-relay-{self.app.schema}-{self.name}".encode())
@@ -96,7 +113,8 @@ class OutboxRelay:
                 return
             channel = f"{self.app.name.lower()}_events"
             await conn.add_listener(channel, self._on_notify)
-            producer = make_producer(self.settings)
+            # No linger: a batch is sent whole, and lingering would only delay its ack.
+            producer = make_producer(self.settings, linger_ms=0)
             admin = make_admin(self.settings)
             self.cluster = None
             self.leading = True
@@ -110,9 +128,9 @@ class OutboxRelay:
                     count = await self.publish_batch(producer, admin)
                     if count == 0:
                         await conn.fetchval("SELECT 1")  # still holding the lock's session?
-                    if count < self.settings.relay_batch:
+                    if count < self.settings.relay_batch:  # else more is waiting: go on
                         with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(self._wake.wait(), 0.5 if count == 0 else 0.01)
+                            await asyncio.wait_for(self._wake.wait(), IDLE_WAIT)
             finally:
                 self.leading = False
                 await conn.remove_listener(channel, self._on_notify)
@@ -130,21 +148,22 @@ class OutboxRelay:
         """Publish the next batch after the recorded position; return how many events."""
         if self.cluster is None:
             await self._attach(admin)
-        notifications = await asyncio.to_thread(
-            self.app.notifications_after, self.position, self.settings.relay_batch
-        )
-        if not notifications:
-            # Idle: still notice a fresh broker, so history and reply topics come back.
-            if time.monotonic() - self._checked_at > IDLE_CLUSTER_CHECK:
+        if self._reader is None:
+            self._reader = ThreadPoolExecutor(1, thread_name_prefix=f"relay-{self.name}")
+        # The read and the cluster check side by side: the check costs no time of its own.
+        read = asyncio.get_running_loop().run_in_executor(self._reader, self._read, self.position)
+        current = self.cluster
+        try:
+            if time.monotonic() - self._checked_at >= CLUSTER_CHECK:
                 self._checked_at = time.monotonic()
-                if await cluster_id(admin) != self.cluster:
-                    self.cluster = None
-            return 0
-        before = await cluster_id(admin)
-        if before != self.cluster:
+                current = await cluster_id(admin)
+        finally:
+            notifications, messages = await read
+        if current != self.cluster:
             self.cluster = None  # a new broker: attach again, republish from the start
             return 0
-        messages = await asyncio.to_thread(self._route_all, notifications)
+        if not notifications:
+            return 0
         new_topics = {m.topic for _, m in messages} - self._known_topics
         if new_topics:
             await ensure_topics(admin, self.settings, new_topics)
@@ -156,9 +175,6 @@ class OutboxRelay:
             for _, m in messages
         ]
         results = await asyncio.gather(*acks, return_exceptions=True)
-        if await cluster_id(admin) != before:
-            self.cluster = None  # the broker changed under the batch: republish it all
-            return 0
         failed = next((i for i, r in enumerate(results) if isinstance(r, BaseException)), None)
         if failed is None:
             done = notifications[-1].id
@@ -168,6 +184,8 @@ class OutboxRelay:
         if done > self.position:
             self.published += len(messages) if failed is None else failed
             self.position = done
+            # Under the cluster id of the attach: if the broker changed under this batch, the
+            # next check notices and everything is published again from the start.
             await self.pool.execute(
                 "UPDATE relay_position SET position = $2, updated_at = now() WHERE relay = $1",
                 self.name,
@@ -176,6 +194,10 @@ class OutboxRelay:
         if failed is not None:
             raise results[failed]
         return len(notifications)
+
+    def _read(self, position: int) -> tuple[Sequence[Notification], list[tuple[int, Outbound]]]:
+        notifications = self.app.notifications_after(position, self.settings.relay_batch)
+        return notifications, self._route_all(notifications)
 
     def _route_all(self, notifications: Sequence[Notification]) -> list[tuple[int, Outbound]]:
         messages: list[tuple[int, Outbound]] = []
@@ -192,6 +214,7 @@ class OutboxRelay:
         """Learn the broker's cluster id; a broker we have not published to gets the topics and
         everything from the start."""
         current = await cluster_id(admin)
+        self._checked_at = time.monotonic()
         await ensure_core_topics(admin, self.settings)
         self._known_topics = set()
         row = await self.pool.fetchrow(

@@ -75,14 +75,14 @@ class Services:
         self.processes.clear()
 
 
-def cli(env: dict[str, str], *args: str) -> str:
+def cli(env: dict[str, str], *args: str, timeout: float = 120) -> str:
     """Run the `dealstream` command as a subprocess, the way an operator does."""
     done = subprocess.run(
         [sys.executable, "-m", "services.cli", *args],
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
     )
     assert done.returncode == 0, done.stderr
     return done.stdout

@@ -209,7 +209,9 @@ async def test_demo_loads_a_living_year_that_the_reports_and_audit_show(
     services: Services, history: dict[str, Any]
 ) -> None:
     env = services.env
-    loaded = json.loads(cli(env, "demo", "--weeks", "10", "--per-week", "10").splitlines()[-1])
+    # (about 10 s on a quiet machine; the generous bound is for a busy one)
+    output = cli(env, "demo", "--weeks", "10", "--per-week", "10", timeout=400)
+    loaded = json.loads(output.splitlines()[-1])
     assert loaded["leads"] == loaded["opportunities"] == 100
     assert loaded["commands"] > 100 and loaded["notifications"] > 0
     bearer = {"Authorization": f"Bearer {history['token']}"}

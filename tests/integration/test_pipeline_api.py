@@ -9,7 +9,8 @@ from datetime import timedelta
 
 import pytest
 
-from services.pipeline.domain import opportunity_id_for
+from services.pipeline.app import Command, StaleVersion
+from services.pipeline.domain import Opportunity, opportunity_id_for
 from shared.auth import Principal, Role
 from tests.factories import lead_captured, opportunity_event
 from tests.integration.pipeline_fixtures import PRINCIPALS, Pipeline, pipeline  # noqa: F401
@@ -336,3 +337,29 @@ async def test_events_carry_the_request_that_began_them(pipeline: Pipeline) -> N
         (generated, generated),
     ]
     assert events[0].correlation_id == events[1].correlation_id  # opened, scored: one lead event
+
+
+async def test_commands_stored_together_and_only_the_raced_one_is_stale(pipeline: Pipeline) -> None:  # noqa: F811
+    """One transaction for a batch of commands; when another writer stores first for one of
+    them, the others are stored all the same and only that one is stale."""
+    p = pipeline
+    first, raced, third = [await p.open() for _ in range(3)]
+    app, now = p.app, p.clock.now()
+    raced_once = []
+
+    def to_b(o: Opportunity) -> None:
+        if o.id == raced and not raced_once:  # another writer stores between read and save
+            raced_once.append(app.command(raced, 3, lambda other: other.change_stage(
+                "B", "rep2", now, p.settings.rules())))  # fmt: skip
+        o.change_stage("B", "rep1", now, p.settings.rules())
+
+    outcomes = await asyncio.to_thread(
+        app.commands, [Command(o, 3, to_b) for o in (first, raced, third)]
+    )
+    assert isinstance(outcomes[0], Opportunity) and isinstance(outcomes[2], Opportunity)
+    assert isinstance(outcomes[1], StaleVersion) and outcomes[1].current == 4
+    for o in (first, raced, third):
+        stored = await asyncio.to_thread(app.get, o)
+        assert (stored.version, stored.stage) == (4, "B")
+    last = (await asyncio.to_thread(app.history, raced))[-1]
+    assert last.payload["actor"] == "rep2"  # the other writer's change, none on top of it

@@ -1,39 +1,46 @@
 """Pipeline benchmarks: opportunities opened from `lead.events.v1` into the store and out on
 `opportunity.events.v1` (ours vs a consumer that saves each lead in its own transaction), and
-the latency from a stage-change command to its event on Kafka at a steady command rate."""
+the latency from a stage-change command over HTTP to the pipeline process until its event is on
+Kafka, at a fixed command rate."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import math
+import os
+import signal
 import statistics
+import subprocess
+import sys
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 
-from services.pipeline.api import create_api
-from services.pipeline.app import MIGRATIONS, PipelineApp
+from services.pipeline.app import MIGRATIONS, SCHEMA, PipelineApp
 from services.pipeline.bus import lead_events, route
 from shared.auth import Principal, Role, issue_token
 from shared.bus.consumer import BatchConsumer, Record
 from shared.bus.envelopes import decode_records
 from shared.bus.kafka import make_producer
 from shared.bus.relay import OutboxRelay
-from shared.clock import SystemClock
-from shared.contracts.envelope import HEADER_NOTIFICATION_ID
+from shared.contracts.envelope import HEADER_EVENT_TYPE, HEADER_NOTIFICATION_ID
 from shared.contracts.topics import LEAD_EVENTS, OPPORTUNITY_EVENTS
-from shared.devstack import DevStack
+from shared.devstack import DevStack, free_port
 from shared.runtime import open_schema
 from shared.settings import Settings
 from tests.factories import lead_captured
 
 OPEN_N = 5000
+READER_FETCH_WAIT_MS = 10
+CLIENTS, CONNECTIONS = 16, 2  # callers of the API, each an httpx client with its own pool
 
 
 async def produce_leads(settings: Settings, count: int, first_id: int) -> None:
@@ -113,78 +120,175 @@ async def bench_opening(stack: DevStack) -> dict[str, Any]:
     }
 
 
+def service_env(settings: Settings, port: int) -> dict[str, str]:
+    """The environment of a pipeline process on the same stack as `settings`."""
+    env = {
+        **os.environ,
+        "DEALSTREAM_KAFKA": settings.bootstrap_servers(),
+        "DEALSTREAM_DATABASE_URL": settings.dsn(),
+        "DEALSTREAM_KAFKA_IDEMPOTENCE": str(settings.idempotent_producer()).lower(),
+        "DEALSTREAM_DATA_DIR": str(settings.data_dir),
+        "DEALSTREAM_CONFIG_FILE": str(settings.config_file),
+        "DEALSTREAM_TOKEN_SECRET": settings.secret_for_tokens(),
+        "DEALSTREAM_PIPELINE_PORT": str(port),
+        "DEALSTREAM_CONSUMER_SESSION_TIMEOUT_MS": str(settings.consumer_session_timeout_ms),
+    }
+    return env
+
+
+async def wait_caught_up(http: httpx.AsyncClient, service: subprocess.Popen[bytes],
+                         log_path: Path, within: float = 120.0) -> None:  # fmt: skip
+    """Until the service answers ready with nothing left to publish."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if service.poll() is not None:
+            raise RuntimeError(f"pipeline exited with {service.returncode}; see {log_path}")
+        with contextlib.suppress(httpx.HTTPError):
+            answer = await http.get("/readyz", timeout=5)
+            if answer.status_code == 200 and answer.json()["checks"].get("relay_lag") == 0:
+                return
+        await asyncio.sleep(0.2)
+    raise RuntimeError(f"pipeline not ready and caught up within {within}s; see {log_path}")
+
+
+def percentile(ordered: list[float], fraction: float) -> float:
+    return ordered[max(0, math.ceil(len(ordered) * fraction) - 1)]
+
+
 async def bench_command_latency(
     settings: Settings, rate: float = 200.0, seconds: float = 10.0
 ) -> dict[str, Any]:
-    """Stage-change commands over HTTP at `rate`/s; latency until each event is read back from
-    `opportunity.events.v1` by a plain consumer."""
-    schema = "bench_latency"
-    pool = await open_schema(settings, schema, MIGRATIONS)
-    app = await asyncio.to_thread(PipelineApp, settings.dsn(), schema, 8)
+    """Stage-change commands at a fixed `rate`/s (open loop: each sent on its schedule, whatever
+    the answers before it) over real HTTP to the pipeline service running as its own process
+    (uvicorn, relay, consumers: `python -m services.pipeline`); latency from each command's
+    scheduled send time until its event is read back from `opportunity.events.v1` by a plain
+    aiokafka consumer in this process. The broker should be empty of lead events (the service's
+    consumer would otherwise open them meanwhile)."""
     count = int(rate * seconds)
-    items = [(n, lead_captured(uuid.uuid4())) for n in range(1, count + 1)]
+    pool = await open_schema(settings, SCHEMA, MIGRATIONS)
+    app = await asyncio.to_thread(PipelineApp, settings.dsn(), SCHEMA, 2)
+    leads = [lead_captured(uuid.uuid4()) for _ in range(count)]
+    items = list(enumerate(leads, start=1))
     for start in range(0, count, 500):
-        await asyncio.to_thread(app.apply_lead_events, "capture:p0", items[start : start + 500],
+        await asyncio.to_thread(app.apply_lead_events, "bench:p0", items[start : start + 500],
                                 settings.rules())  # fmt: skip
-    ids = [
-        row["opportunity_id"]
-        for row in await pool.fetch("SELECT opportunity_id FROM opportunity_index")
-    ]
-    stop = asyncio.Event()
-    relay = OutboxRelay("bench-latency", app, route, settings, pool)
-    relay_task = asyncio.create_task(relay.run(stop))
-    while relay.published < count * 3:
-        await asyncio.sleep(0.05)
-    api = create_api(app, settings, pool, SystemClock(), lambda: None)
+    app.close()
+    rows = await pool.fetch(
+        "SELECT i.opportunity_id, i.version FROM opportunity_lead l"
+        " JOIN opportunity_index i USING (opportunity_id) WHERE l.lead_id = ANY($1::uuid[])",
+        [lead.stream_id for lead in leads],
+    )
+    await pool.close()
+    targets = [(str(row["opportunity_id"]), int(row["version"])) for row in rows]
+
+    port = free_port()
+    log_path = settings.data_dir / "bench-pipeline.log"
+    with log_path.open("ab") as log:
+        service = subprocess.Popen(
+            [sys.executable, "-m", "services.pipeline"],
+            env=service_env(settings, port),
+            stdout=log,
+            stderr=log,
+        )
     token = issue_token(Principal(role=Role.admin, user="bench"), settings.secret_for_tokens(),
                         datetime.now(UTC), timedelta(hours=1))  # fmt: skip
-    sent: dict[str, float] = {}
-    latencies: list[float] = []
+    # Several callers with small pools rather than one large pool: httpcore checks every pooled
+    # connection's socket on every request and scans its queue, so one pool of 32 (or of 8)
+    # cost the client 2.5-3.5 ms of CPU a request and, once a queue formed, the client fell
+    # behind its own schedule for good while the service sat idle (py-spy during the stall).
+    clients = [
+        httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{port}",
+            headers={"Authorization": f"Bearer {token}"},
+            limits=httpx.Limits(max_connections=CONNECTIONS, max_keepalive_connections=CONNECTIONS),
+            timeout=httpx.Timeout(30.0),
+        )
+        for _ in range(CLIENTS)
+    ]
+    http = clients[0]
+    # Tansu answers a fetch that finds nothing new only after fetch_max_wait_ms (it does not wake
+    # it when records arrive), so a reader on the default 500 ms adds up to 500 ms of its own.
     consumer = AIOKafkaConsumer(OPPORTUNITY_EVENTS, bootstrap_servers=settings.bootstrap_servers(),
-                                auto_offset_reset="latest", group_id=None)  # fmt: skip
-    await consumer.start()
-    await consumer.seek_to_end()
+                                auto_offset_reset="latest", group_id=None,
+                                fetch_max_wait_ms=READER_FETCH_WAIT_MS)  # fmt: skip
+    scheduled: dict[str, float] = {}
+    latencies: list[float] = []
+    answered: list[float] = []
+    statuses: list[int] = []
+    started: list[float] = []
+    try:
+        await wait_caught_up(http, service, log_path)  # the opened opportunities are out
+        await consumer.start()
+        await consumer.seek_to_end()
+        for partition in consumer.assignment():
+            await consumer.position(partition)  # the end is fixed before the first command
 
-    async def listen() -> None:
-        while len(latencies) < count:
-            for records in (await consumer.getmany(timeout_ms=100)).values():
-                now = time.perf_counter()
-                for record in records:
-                    key = record.key.decode()
-                    if key in sent and b"OpportunityStageChanged" in record.value:
-                        latencies.append(now - sent.pop(key))
+        async def listen() -> None:
+            while len(latencies) < count:
+                for records in (await consumer.getmany(timeout_ms=100)).values():
+                    now = time.perf_counter()
+                    for record in records:
+                        event_type = dict(record.headers).get(HEADER_EVENT_TYPE)
+                        key = record.key.decode() if record.key else ""
+                        if event_type == b"OpportunityStageChanged" and key in scheduled:
+                            latencies.append(now - scheduled.pop(key))
 
-    listener = asyncio.create_task(listen())
-    transport = httpx.ASGITransport(api)
-    async with httpx.AsyncClient(transport=transport, base_url="http://p",
-                                 headers={"Authorization": f"Bearer {token}"}) as http:  # fmt: skip
+        async def command(client: httpx.AsyncClient, opportunity: str, version: int,
+                          at: float) -> None:  # fmt: skip
+            started.append(time.perf_counter())
+            body = {"expected_version": version, "to_stage": "B"}
+            try:
+                answer = await client.post(f"/v1/opportunities/{opportunity}/stage", json=body)
+                statuses.append(answer.status_code)
+            except httpx.HTTPError:
+                statuses.append(0)
+            answered.append(time.perf_counter() - at)
+
+        listener = asyncio.create_task(listen())
         interval = 1.0 / rate
         began = time.perf_counter()
         pending = []
-        for n, opportunity in enumerate(ids):
-            await asyncio.sleep(max(0.0, began + n * interval - time.perf_counter()))
-            sent[str(opportunity)] = time.perf_counter()
-            body = {"expected_version": 3, "to_stage": "B"}
-            url = f"/v1/opportunities/{opportunity}/stage"
-            pending.append(asyncio.create_task(http.post(url, json=body)))
-        answers = await asyncio.gather(*pending)
-        achieved = count / (time.perf_counter() - began)
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(listener, 30)
-    await consumer.stop()
-    stop.set()
-    await relay_task
-    app.close()
-    await pool.close()
-    ok = sum(1 for a in answers if a.status_code == 200)
-    ordered = sorted(latencies)
+        for n, (opportunity, version) in enumerate(targets):
+            at = began + n * interval
+            await asyncio.sleep(max(0.0, at - time.perf_counter()))
+            scheduled[opportunity] = at
+            client = clients[n % CLIENTS]
+            pending.append(asyncio.create_task(command(client, opportunity, version, at)))
+        await asyncio.gather(*pending)
+        span = max(started) - min(started)
+        achieved = (len(started) - 1) / span if span > 0 else float(len(started))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(listener, 30)
+    finally:
+        await consumer.stop()
+        for client in clients:
+            await client.aclose()
+        service.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.to_thread(service.wait, 20)
+        except subprocess.TimeoutExpired:
+            service.kill()
+            await asyncio.to_thread(service.wait, 10)
+    ordered = sorted(latencies) or [math.nan]
+    http_ordered = sorted(answered) or [math.nan]
     return {
         "name": f"stage command -> event on Kafka at {rate:.0f}/s (ms)",
         "p50_ms": 1000 * statistics.median(ordered),
-        "p99_ms": 1000 * ordered[int(len(ordered) * 0.99) - 1],
+        "p99_ms": 1000 * percentile(ordered, 0.99),
         "commands": count,
-        "accepted": ok,
+        "accepted": sum(1 for status in statuses if status == 200),
         "received": len(latencies),
         "achieved_rate": achieved,
-        "detail": json.dumps({"rate": rate, "seconds": seconds}),
+        "detail": json.dumps(
+            {
+                "rate": rate,
+                "seconds": seconds,
+                "service": "python -m services.pipeline (own process, uvicorn)",
+                "reader_fetch_max_wait_ms": READER_FETCH_WAIT_MS,
+                "clients": f"{CLIENTS} httpx clients x {CONNECTIONS} connections",
+                "http_p50_ms": round(1000 * statistics.median(http_ordered), 1),
+                "http_p99_ms": round(1000 * percentile(http_ordered, 0.99), 1),
+                "max_ms": round(1000 * ordered[-1], 1),
+            }
+        ),
     }
