@@ -153,10 +153,10 @@ def cmd_export(args: argparse.Namespace) -> int:
             position = 0
             while notifications := app.notifications_after(position, 2000):
                 position = notifications[-1].id
-                for notification in notifications:
-                    if args.stream and notification.originator_id != args.stream:
-                        continue
-                    envelope = envelope_of(app.to_event(notification))
+                if args.stream:
+                    notifications = [n for n in notifications if n.originator_id == args.stream]
+                for event in app.to_events(notifications):
+                    envelope = envelope_of(event)
                     if args.since and envelope.occurred_at < args.since:
                         continue
                     sys.stdout.write(envelope.model_dump_json() + "\n")

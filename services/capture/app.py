@@ -122,7 +122,6 @@ class CaptureApp(EventStoreApp):
 
     def __init__(self, dsn: str, schema: str, pool_size: int = 5) -> None:
         super().__init__(dsn, schema, pool_size)
-        self._keys: dict[uuid.UUID, bytes | None] = {}
         self.secret = self._matching_secret()
 
     def _matching_secret(self) -> bytes:
@@ -142,12 +141,6 @@ class CaptureApp(EventStoreApp):
 
     # -- reading: a sealed contact is opened with its key, or shown erased ------------------
 
-    def notifications_after(self, position: int, limit: int) -> Sequence[Notification]:
-        notifications = super().notifications_after(position, limit)
-        leads = [n.originator_id for n in notifications if n.topic.endswith(":Lead.Captured")]
-        self._keys = self.subject_keys(leads)  # for to_event, one query per page
-        return notifications
-
     def subject_keys(self, lead_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, bytes | None]:
         found: dict[uuid.UUID, bytes | None] = dict.fromkeys(lead_ids)
         if lead_ids:
@@ -156,13 +149,19 @@ class CaptureApp(EventStoreApp):
             found.update({r["lead_id"]: bytes(r["key"]) for r in rows})
         return found
 
-    def to_event(self, notification: Notification) -> DomainEventProtocol[uuid.UUID]:
-        event = super().to_event(notification)
-        if isinstance(event, Lead.Captured) and is_sealed(event.payload.get("contact")):
-            lead = event.originator_id
-            key = self._keys[lead] if lead in self._keys else self.subject_keys([lead])[lead]
-            event.payload["contact"] = unseal(key, event.payload["contact"])
-        return event
+    def to_events(
+        self, notifications: Sequence[Notification]
+    ) -> list[DomainEventProtocol[uuid.UUID]]:
+        """Sealed contacts opened with their keys (one query for the page), or shown erased."""
+        events = super().to_events(notifications)
+        sealed = [
+            e for e in events
+            if isinstance(e, Lead.Captured) and is_sealed(e.payload.get("contact"))
+        ]  # fmt: skip
+        keys = self.subject_keys([e.originator_id for e in sealed])
+        for event in sealed:
+            event.payload["contact"] = unseal(keys[event.originator_id], event.payload["contact"])
+        return events
 
     def forget(self, lead_id: uuid.UUID, now: datetime) -> bool:
         """Erase a lead's contact: destroy its key and its matching keys, and record the

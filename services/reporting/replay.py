@@ -92,10 +92,8 @@ def _page(source: Source, position: int) -> tuple[list[Envelope], int, int]:
     notifications = source.app.notifications_after(position, PAGE)
     if not notifications:
         return [], position, 0
-    envelopes = []
-    for notification in notifications:
-        if source.wanted(notification.topic):
-            envelopes.append(envelope_of(source.app.to_event(notification)))
+    wanted = [n for n in notifications if source.wanted(n.topic)]
+    envelopes = [envelope_of(e) for e in source.app.to_events(wanted)]
     return envelopes, notifications[-1].id, len(notifications)
 
 

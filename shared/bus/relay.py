@@ -201,8 +201,8 @@ class OutboxRelay:
 
     def _route_all(self, notifications: Sequence[Notification]) -> list[tuple[int, Outbound]]:
         messages: list[tuple[int, Outbound]] = []
-        for notification in notifications:
-            event = self.app.to_event(notification)
+        for notification, event in zip(notifications, self.app.to_events(notifications),
+                                       strict=True):  # fmt: skip
             position = (HEADER_NOTIFICATION_ID, str(notification.id).encode())
             messages.extend(
                 (notification.id, replace(m, headers=(*m.headers, position)))

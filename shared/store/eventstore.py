@@ -63,7 +63,15 @@ class EventStoreApp(Application[uuid.UUID]):
         )
 
     def to_event(self, notification: Notification) -> DomainEventProtocol[uuid.UUID]:
-        return self.mapper.to_domain_event(notification)
+        return self.to_events([notification])[0]
+
+    def to_events(
+        self, notifications: Sequence[Notification]
+    ) -> list[DomainEventProtocol[uuid.UUID]]:
+        """A page of the notification log as domain events: what the relay, replays and exports
+        read. A store whose events need more than the mapper (capture opens sealed contacts)
+        does it here, once per page."""
+        return [self.mapper.to_domain_event(n) for n in notifications]
 
     def existing_ids(self, ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
         """Which of these aggregates already have events: one query for a whole batch."""
