@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-from typing import Protocol
+from datetime import UTC, date, datetime
+from typing import Any, Protocol
 
 
 class Clock(Protocol):
@@ -33,3 +33,18 @@ class FixedClock:
 def utc_iso(at: datetime) -> str:
     """UTC ISO-8601 with `Z`, as every DealStream contract writes times."""
     return at.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def from_iso(value: Any) -> datetime:
+    """A contract time (ISO-8601, `Z` or an offset) as an aware datetime; datetimes pass."""
+    if isinstance(value, datetime):
+        return value
+    return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+
+
+def date_or_none(value: Any) -> date | None:
+    """The date an ISO date or time starts with; None for none or free text (such as "Q3")."""
+    try:
+        return date.fromisoformat(str(value)[:10]) if value else None
+    except ValueError:
+        return None

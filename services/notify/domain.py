@@ -9,6 +9,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
+from shared.clock import date_or_none, from_iso
 from shared.settings import Rules
 
 TimerKind = Literal[
@@ -44,19 +45,6 @@ class Picture:
     opened_event: uuid.UUID
 
 
-def _time(value: Any) -> datetime:
-    if isinstance(value, datetime):
-        return value
-    return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-
-
-def _date(value: Any) -> date | None:
-    try:
-        return date.fromisoformat(str(value)[:10]) if value else None
-    except ValueError:
-        return None  # free text such as "Q3": no reminder can be derived from it
-
-
 # Events that count as activity on the opportunity (the stale clock restarts), as in pipeline.
 QUIET_EVENTS = frozenset({"OpportunityScored", "PaymentReceived", "LeadAttached"})
 
@@ -66,11 +54,12 @@ def fold(
 ) -> Picture | None:
     """The picture after one event (`data` is the validated contract payload as JSON)."""
     if event_type == "OpportunityOpened":
-        at = _time(data["opened_at"])
+        at = from_iso(data["opened_at"])
         return Picture(
             opportunity_id=uuid.UUID(str(data["opportunity_id"])),
             title=data["title"], company=data["company"], stage=data["stage"], status="open",
-            owner=None, team=None, tier="small", expected_close=_date(data.get("expected_close")),
+            owner=None, team=None, tier="small",
+            expected_close=date_or_none(data.get("expected_close")),
             clock_started_at=at, clock_event=event_id, next_follow_up_at=None,
             last_activity_at=at, last_activity_event=event_id, opened_event=event_id,
         )  # fmt: skip
@@ -83,15 +72,15 @@ def fold(
     elif event_type == "OpportunityAssigned":
         p = replace(p, owner=data["owner"], team=data["team"])
         if data.get("previous_owner") is not None:
-            restart = _time(data["assigned_at"])  # a new owner gets the stage's full period
+            restart = from_iso(data["assigned_at"])  # a new owner gets the stage's full period
     elif event_type == "OpportunityStageChanged":
         p = replace(p, stage=data["to_stage"])
-        restart = _time(data["changed_at"])
+        restart = from_iso(data["changed_at"])
     elif event_type == "FollowUpLogged":
-        restart = _time(data["logged_at"])
+        restart = from_iso(data["logged_at"])
         nxt = data.get("next_follow_up_at")
         p = replace(p, clock_started_at=restart, clock_event=event_id,
-                    next_follow_up_at=_time(nxt) if nxt else None)  # fmt: skip
+                    next_follow_up_at=from_iso(nxt) if nxt else None)  # fmt: skip
         restart = None  # set above, with the promised date
     elif event_type == "OpportunityAmountChanged":
         p = replace(p, tier=data["tier"])
@@ -101,15 +90,15 @@ def fold(
         p = replace(p, status="lost")
     elif event_type == "OpportunityReopened":
         p = replace(p, status="open", stage=data["stage"])
-        restart = _time(data["reopened_at"])
+        restart = from_iso(data["reopened_at"])
     elif event_type == "OpportunityRecycled":
-        recycled = _time(data["recycled_at"])
+        recycled = from_iso(data["recycled_at"])
         p = replace(p, status="recycled", owner=None, team=data.get("team"),
                     clock_started_at=recycled, clock_event=event_id,
                     next_follow_up_at=None)  # fmt: skip
     elif event_type == "OpportunityReactivated":
         p = replace(p, status="open", owner=data.get("owner"), team=data.get("team"))
-        restart = _time(data["reactivated_at"])
+        restart = from_iso(data["reactivated_at"])
     if restart is not None:
         p = replace(p, clock_started_at=restart, clock_event=event_id, next_follow_up_at=None)
     if event_type not in QUIET_EVENTS:
@@ -123,7 +112,7 @@ def _event_time(event_type: str, data: dict[str, Any]) -> datetime | None:
     for field in ("changed_at", "logged_at", "assigned_at", "won_at", "lost_at", "reopened_at",
                   "recycled_at", "reactivated_at", "overridden_at", "opened_at"):  # fmt: skip
         if field in data:
-            return _time(data[field])
+            return from_iso(data[field])
     return None
 
 

@@ -9,6 +9,8 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any, NamedTuple
 
+from shared.clock import date_or_none, from_iso
+
 STAGE_ORDER = "ABCDEF"
 
 
@@ -60,19 +62,6 @@ class Payment(NamedTuple):
     received_at: datetime
 
 
-def _time(value: Any) -> datetime:
-    if isinstance(value, datetime):
-        return value
-    return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-
-
-def _date(value: Any) -> date | None:
-    try:
-        return date.fromisoformat(str(value)[:10]) if value else None
-    except ValueError:
-        return None
-
-
 def _money(value: Any) -> tuple[Decimal | None, str | None]:
     if not value:
         return None, None
@@ -89,7 +78,7 @@ def fold(
     """The state after one event, the stays it ended and the payment it recorded."""
     if event_type == "OpportunityOpened":
         amount, currency = _money(data.get("amount"))
-        opened = _time(data["opened_at"])
+        opened = from_iso(data["opened_at"])
         return (
             State(
                 opportunity_id=uuid.UUID(str(data["opportunity_id"])), version=version,
@@ -98,7 +87,7 @@ def fold(
                 region=data.get("region"), industry=data.get("industry"), owner=None, team=None,
                 tier="small", status="open", stage=data["stage"],
                 probability=int(data["probability"]), currency=currency, amount=amount,
-                expected_close=_date(data.get("expected_close")), opened_at=opened,
+                expected_close=date_or_none(data.get("expected_close")), opened_at=opened,
                 stage_entered_at=opened, reached=data["stage"], won_at=None, won_amount=None,
                 lost_at=None, lost_stage=None, reason_code=None, competitor=None,
                 received=Decimal(0),
@@ -122,7 +111,7 @@ def fold(
         if event_type == "OpportunityReactivated":
             s = s._replace(status="open")
     elif event_type == "OpportunityStageChanged":
-        when = _time(data["changed_at"])
+        when = from_iso(data["changed_at"])
         leave(when)
         reached = furthest(s.reached, data["to_stage"])
         s = s._replace(stage=data["to_stage"], probability=int(data["probability"]),
@@ -135,7 +124,7 @@ def fold(
         amount, currency = _money(data["amount"])
         s = s._replace(amount=amount, currency=currency, tier=data["tier"])
     elif event_type == "OpportunityWon":
-        when = _time(data["won_at"])
+        when = from_iso(data["won_at"])
         leave(when)
         won, currency = _money(data["contract_amount"])
         s = s._replace(status="won", stage="F", probability=100, stage_entered_at=when,
@@ -144,16 +133,16 @@ def fold(
     elif event_type == "PaymentReceived":
         paid, _ = _money(data["amount"])
         assert paid is not None
-        payments.append(Payment(s.opportunity_id, version, paid, _time(data["received_at"])))
+        payments.append(Payment(s.opportunity_id, version, paid, from_iso(data["received_at"])))
         s = s._replace(received=s.received + paid)
     elif event_type == "OpportunityLost":
-        when = _time(data["lost_at"])
+        when = from_iso(data["lost_at"])
         leave(when)
         s = s._replace(status="lost", lost_at=when, lost_stage=data["stage"],
                     reason_code=data["reason_code"], competitor=data.get("competitor"))  # fmt: skip
     elif event_type == "OpportunityReopened":
         s = s._replace(status="open", stage=data["stage"], probability=int(data["probability"]),
-                    stage_entered_at=_time(data["reopened_at"]), lost_at=None, lost_stage=None,
+                    stage_entered_at=from_iso(data["reopened_at"]), lost_at=None, lost_stage=None,
                     reason_code=None, competitor=None)  # fmt: skip
     elif event_type == "OpportunityRecycled":
         s = s._replace(status="recycled", owner=None, team=data.get("team"))

@@ -9,12 +9,12 @@ from __future__ import annotations
 import itertools
 import uuid
 from collections.abc import Sequence
-from datetime import datetime
 from typing import Any
 
 import asyncpg
 
 from services.reporting.domain import Payment, State, Stay, fold
+from shared.clock import from_iso
 from shared.contracts.envelope import Envelope
 from shared.store.migrations import BUS_TABLES, READ_MODEL_TABLES, Migration
 
@@ -309,22 +309,18 @@ async def _project_registrations(conn: asyncpg.Connection, envelopes: Sequence[E
                 " registered_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6)"
                 " ON CONFLICT DO NOTHING",
                 uuid.UUID(d["registration_id"]), d["partner_id"], uuid.UUID(d["lead_id"]),
-                d["company"], _at(d["registered_at"]), _at(d["expires_at"]),
+                d["company"], from_iso(d["registered_at"]), from_iso(d["expires_at"]),
             )  # fmt: skip
         elif e.event_type == "RegistrationExpired":
             await conn.execute(
                 "UPDATE registration SET expired_at = $2 WHERE registration_id = $1",
                 uuid.UUID(d["registration_id"]),
-                _at(d["expired_at"]),
+                from_iso(d["expired_at"]),
             )
         else:
             await conn.execute(
                 "INSERT INTO registration_conflict (registration_id, partner_id, lead_id, at)"
                 " VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
                 uuid.UUID(d["registration_id"]), d["partner_id"], uuid.UUID(d["lead_id"]),
-                _at(d["at"]),
+                from_iso(d["at"]),
             )  # fmt: skip
-
-
-def _at(value: str) -> datetime:
-    return datetime.fromisoformat(value.replace("Z", "+00:00"))
