@@ -117,6 +117,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     """`audit lost`: every lost deal with its timeline and findings; `audit show`: one
     opportunity as at a moment."""
     from services.pipeline import audit
+    from shared.contracts.common import jsonable
 
     settings = Settings()
     app = _pipeline_store(settings)
@@ -130,7 +131,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     finally:
         app.close()
     if args.format == "json":
-        print(json.dumps(audit.plain(report), indent=2, ensure_ascii=False))
+        print(json.dumps(jsonable(report), indent=2, ensure_ascii=False))
     elif args.format == "csv":
         sys.stdout.write(audit.as_csv(report))
     else:

@@ -18,6 +18,7 @@ from psycopg.sql import SQL
 from services.pipeline.app import PipelineApp
 from services.pipeline.views import HistoryEntry, OpportunityView
 from shared.clock import utc_iso
+from shared.contracts.common import jsonable
 from shared.settings import STAGES, Rules
 
 PAGE = 2000
@@ -258,18 +259,6 @@ def audit_show(
 # -- output --------------------------------------------------------------------------------------
 
 
-def plain(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return utc_iso(value)
-    if isinstance(value, uuid.UUID | Decimal):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [plain(v) for v in value]
-    return value
-
-
 def as_table(report: dict[str, Any]) -> str:
     lines = []
     for d in report["deals"]:
@@ -303,7 +292,7 @@ def as_csv(report: dict[str, Any]) -> str:
     writer = csv.DictWriter(out, columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for d in report["deals"]:
-        row = plain(d)
+        row = jsonable(d)
         row["stage_days"] = " ".join(f"{s}={n}" for s, n in d["stage_days"].items())
         row["findings"] = "; ".join(d["findings"])
         writer.writerow(row)

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import csv
 import io
-import uuid
 from collections.abc import Awaitable, Callable
-from datetime import UTC, date, datetime
-from decimal import Decimal
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,7 +19,8 @@ from services.reporting import queries
 from services.reporting.domain import next_period, period_start, year_before
 from services.reporting.queries import Filters
 from shared.auth import Principal, Role
-from shared.clock import Clock, SystemClock, utc_iso
+from shared.clock import Clock, SystemClock
+from shared.contracts.common import jsonable
 from shared.http_auth import bearer
 from shared.runtime import Readiness, correlate, health_router
 from shared.settings import Settings
@@ -32,23 +31,6 @@ GroupBy = Literal["owner", "team", "region", "source", "partner", "tier"]
 MAX_BUCKETS = 60
 
 
-def plain(value: Any) -> Any:
-    """JSON-ready values: money and rates stay exact decimal strings, times UTC with Z."""
-    if isinstance(value, Decimal):
-        return str(value)
-    if isinstance(value, datetime):
-        return utc_iso(value)
-    if isinstance(value, date):
-        return value.isoformat()
-    if isinstance(value, uuid.UUID):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [plain(v) for v in value]
-    return value
-
-
 def as_csv(rows: list[dict[str, Any]]) -> str:
     columns: list[str] = []
     for row in rows:
@@ -57,7 +39,7 @@ def as_csv(rows: list[dict[str, Any]]) -> str:
     writer = csv.DictWriter(out, columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: "" if v is None else v for k, v in plain(row).items()})
+        writer.writerow({k: "" if v is None else v for k, v in jsonable(row).items()})
     return out.getvalue()
 
 
@@ -124,7 +106,7 @@ def create_api(
                             headers={"content-disposition": disposition})  # fmt: skip
         head = {"report": report, "as_of": f.as_of, "currency": f.currency,
                 "group_by": f.group_by, "filters": f.where}  # fmt: skip
-        return JSONResponse(plain({**head, **body}))
+        return JSONResponse(jsonable({**head, **body}))
 
     PeriodReport = Callable[[asyncpg.Pool, Filters, datetime, datetime], Awaitable[dict[str, Any]]]
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import uuid
+from datetime import UTC, date, datetime
 from decimal import Decimal
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import (
     AfterValidator,
@@ -70,3 +71,19 @@ class Money(Contract):
 
     amount: Amount
     currency: str = Field(pattern=r"^[A-Z]{3}$")
+
+
+def jsonable(value: Any) -> Any:
+    """Plain JSON values as the contracts write them: money and rates exact decimal strings,
+    times UTC with `Z`, dates ISO, UUIDs as strings (for reports and audits built as dicts)."""
+    if isinstance(value, Decimal | uuid.UUID):
+        return str(value)
+    if isinstance(value, datetime):
+        return utc_iso(value)
+    if isinstance(value, date):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    return value
