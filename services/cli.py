@@ -170,9 +170,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_forget(args: argparse.Namespace) -> int:
     """Erase a lead's contact data (SPEC §8): its key is destroyed; the erasure is an event."""
-    from datetime import UTC
-
     from services.capture.app import MIGRATIONS, CaptureApp
+    from shared.clock import SystemClock
     from shared.runtime import open_schema
 
     settings = Settings()
@@ -183,7 +182,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
     asyncio.run(migrated())
     app = CaptureApp(settings.dsn(), "capture", 2)
     try:
-        done = app.forget(args.lead_id, datetime.now(UTC))
+        done = app.forget(args.lead_id, SystemClock().now())
     finally:
         app.close()
     print(f"lead {args.lead_id}: contact " + ("erased" if done else "was erased before"))

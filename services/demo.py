@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -32,7 +32,7 @@ from services.pipeline.app import MIGRATIONS as PIPELINE_MIGRATIONS
 from services.pipeline.app import PipelineApp, StaleVersion
 from services.pipeline.domain import Opportunity, Refused
 from shared.bus.kafka import make_producer
-from shared.clock import FixedClock
+from shared.clock import FixedClock, SystemClock
 from shared.contracts.common import Money
 from shared.contracts.partner import WebFormLead
 from shared.contracts.topics import PARTNER_LEADS
@@ -185,7 +185,7 @@ async def demo(
         config.write_text(DIRECTORY_TOML, encoding="utf-8")
         say(f"wrote {config} (teams, reps, managers, routing by region)")
     rules = settings.rules()
-    end = datetime.now(UTC).replace(microsecond=0)
+    end = SystemClock().now().replace(microsecond=0)  # the year ends now
     start = end - timedelta(weeks=weeks)
     capture_pool = await open_schema(settings, "capture", CAPTURE_MIGRATIONS)
     secrets = {}

@@ -168,7 +168,8 @@ def create_api(
 
     @api.get(f"{base}/forecast", dependencies=[Depends(internal)])
     async def forecast(f: Filters = Depends(filters), fmt: str | None = csv_format) -> Response:
-        return answer("forecast", f, await queries.forecast(pool, f, f.as_of or time.now()), fmt)
+        now = time.now()
+        return answer("forecast", f, await queries.forecast(pool, f, f.as_of or now, now), fmt)
 
     @api.get(f"{base}/partner-commissions")
     async def commissions(

@@ -351,14 +351,15 @@ async def attainment(pool: asyncpg.Pool, f: Filters, month: date) -> dict[str | 
     return found
 
 
-async def forecast(pool: asyncpg.Pool, f: Filters, at: datetime) -> dict[str, Any]:
+async def forecast(pool: asyncpg.Pool, f: Filters, at: datetime, now: datetime) -> dict[str, Any]:
     """Next month's forecast made at `at`: new-signed revenue = fresh amount x last month's
     amount conversion rate x last month's commitment attainment; new deals = fresh count x last
-    month's count conversion rate. When that month is over, what actually happened is beside."""
+    month's count conversion rate. When that month is over by `now` (the injected clock), what
+    actually happened is beside."""
     this_month = month_start(at.date())
     last_month = month_start(this_month, -1)
     end_of_last = at_midnight(this_month) - EPSILON
-    now = await fresh(pool, f, at, current=f.as_of is None)
+    current = await fresh(pool, f, at, current=f.as_of is None)
     then = await fresh(pool, f, end_of_last)
     attained = await attainment(pool, f, last_month)
     before = {r["group"]: r for r in then["rows"]}
@@ -388,9 +389,9 @@ async def forecast(pool: asyncpg.Pool, f: Filters, at: datetime) -> dict[str, An
         }  # fmt: skip
 
     rows = [line(r["group"], r, before.get(r["group"]), attained.get(r["group"]))
-            for r in now["rows"]] if f.group_by else []  # fmt: skip
-    total = line(None, now["total"], then["total"], attained.get("*"))
-    if f.as_of is not None and target_to <= datetime.now(target_to.tzinfo):
+            for r in current["rows"]] if f.group_by else []  # fmt: skip
+    total = line(None, current["total"], then["total"], attained.get("*"))
+    if f.as_of is not None and target_to <= now:
         total["actual"] = await _actual(pool, f, target_from, target_to)
     return {"rows": rows or [total], "total": total}
 
