@@ -301,26 +301,30 @@ def _state(record: asyncpg.Record) -> State:
 
 
 async def _project_registrations(conn: asyncpg.Connection, envelopes: Sequence[Envelope]) -> None:
+    """A batch's registrations, conflicts and expiries: one statement each (a registration
+    before its own expiry, when both are in the batch)."""
+    held, conflicts, expired = [], [], []
     for e in envelopes:
         d = e.data
         if e.event_type == "PartnerRegistered":
-            await conn.execute(
-                "INSERT INTO registration (registration_id, partner_id, lead_id, company,"
-                " registered_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6)"
-                " ON CONFLICT DO NOTHING",
-                uuid.UUID(d["registration_id"]), d["partner_id"], uuid.UUID(d["lead_id"]),
-                d["company"], from_iso(d["registered_at"]), from_iso(d["expires_at"]),
-            )  # fmt: skip
+            held.append((uuid.UUID(d["registration_id"]), d["partner_id"],
+                         uuid.UUID(d["lead_id"]), d["company"], from_iso(d["registered_at"]),
+                         from_iso(d["expires_at"])))  # fmt: skip
         elif e.event_type == "RegistrationExpired":
-            await conn.execute(
-                "UPDATE registration SET expired_at = $2 WHERE registration_id = $1",
-                uuid.UUID(d["registration_id"]),
-                from_iso(d["expired_at"]),
-            )
+            expired.append((uuid.UUID(d["registration_id"]), from_iso(d["expired_at"])))
         else:
-            await conn.execute(
-                "INSERT INTO registration_conflict (registration_id, partner_id, lead_id, at)"
-                " VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-                uuid.UUID(d["registration_id"]), d["partner_id"], uuid.UUID(d["lead_id"]),
-                from_iso(d["at"]),
-            )  # fmt: skip
+            conflicts.append((uuid.UUID(d["registration_id"]), d["partner_id"],
+                              uuid.UUID(d["lead_id"]), from_iso(d["at"])))  # fmt: skip
+    await conn.executemany(
+        "INSERT INTO registration (registration_id, partner_id, lead_id, company, registered_at,"
+        " expires_at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+        held,
+    )
+    await conn.executemany(
+        "INSERT INTO registration_conflict (registration_id, partner_id, lead_id, at)"
+        " VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+        conflicts,
+    )
+    await conn.executemany(
+        "UPDATE registration SET expired_at = $2 WHERE registration_id = $1", expired
+    )
