@@ -8,7 +8,7 @@ from services.notify.api import create_api
 from services.notify.app import Notifier
 from services.notify.bus import opportunity_events
 from services.notify.timers import MIGRATIONS, SCHEMA
-from shared.bus.kafka import ensure_core_topics, make_admin, make_producer
+from shared.bus.kafka import make_producer
 from shared.clock import SystemClock
 from shared.logs import setup_logging
 from shared.runtime import Readiness, open_schema, periodic, run_service, serve
@@ -18,12 +18,6 @@ from shared.settings import Settings
 async def main(settings: Settings) -> None:
     setup_logging("notify", settings.log_level)
     pool = await open_schema(settings, SCHEMA, MIGRATIONS)
-    admin = make_admin(settings)
-    await admin.start()
-    try:
-        await ensure_core_topics(admin, settings)
-    finally:
-        await admin.close()
     producer = make_producer(settings, linger_ms=5)
     await producer.start()
     events = opportunity_events(pool, settings)

@@ -15,9 +15,6 @@ from shared.settings import Rules
 TimerKind = Literal[
     "follow_up", "escalate_manager", "escalate_branch", "stale", "expected_close", "recycled"
 ]
-TIMER_KINDS: tuple[TimerKind, ...] = (
-    "follow_up", "escalate_manager", "escalate_branch", "stale", "expected_close", "recycled"
-)  # fmt: skip
 Role = Literal["owner", "manager", "branch_manager"]
 DEFAULT_TZ = "Asia/Shanghai"
 
