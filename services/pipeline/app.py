@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import IntegrityError
@@ -23,7 +23,7 @@ from shared.contracts.events import LeadCaptured, LeadMerged
 from shared.settings import Rules
 from shared.store.eventstore import EventStoreApp
 from shared.store.migrations import BUS_TABLES, Migration
-from shared.store.recorder import SideWrite
+from shared.store.recorder import SideWrite, as_columns, unnest_rows
 
 SCHEMA = "pipeline"
 MIGRATIONS: list[Migration] = [
@@ -94,6 +94,10 @@ INDEX_COLUMNS = (
     "region", "industry", "partner_id", "source", "tier", "grade", "amount", "currency", "title",
     "opened_at", "last_activity_at",
 )  # fmt: skip
+INDEX_TYPES = (
+    "uuid", "uuid", "int4", "text", "bpchar", "int4", "text", "text", "text", "text", "text",
+    "text", "text", "bpchar", "numeric", "bpchar", "text", "timestamptz", "timestamptz",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -134,32 +138,34 @@ class PipelineApp(EventStoreApp):
     name = "Pipeline"
 
     def index_writes(self, opportunities: Sequence[Aggregate]) -> list[SideWrite]:
-        """The index rows of these opportunities, for the transaction that stores their events."""
-        opportunities = [o for o in opportunities if isinstance(o, Opportunity)]
+        """The index rows of these opportunities, for the transaction that stores their events:
+        one statement each for the index and the lead rows, whatever the batch's size."""
+        latest: dict[uuid.UUID, Opportunity] = {}
+        for o in opportunities:  # one row per opportunity (an upsert touches a row once)
+            if isinstance(o, Opportunity) and (o.id not in latest or
+                                               latest[o.id].version < o.version):  # fmt: skip
+                latest[o.id] = o
         columns = ", ".join(INDEX_COLUMNS)
         updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in INDEX_COLUMNS[2:])
         upsert = SQL(
-            "INSERT INTO {table} ("
-            + columns
-            + ") VALUES ("
-            + ", ".join(["%s"] * len(INDEX_COLUMNS))
-            + ") ON CONFLICT (opportunity_id) DO UPDATE SET "
-            + updates
+            "INSERT INTO {table} (" + columns + ") " + unnest_rows(INDEX_TYPES)
+            + " ON CONFLICT (opportunity_id) DO UPDATE SET " + updates
             + " WHERE {table}.version < EXCLUDED.version"
-        ).format(table=self.table("opportunity_index"))
+        ).format(table=self.table("opportunity_index"))  # fmt: skip
         leads = SQL(
-            "INSERT INTO {table} (lead_id, opportunity_id) VALUES (%s, %s) ON CONFLICT DO NOTHING"
-        ).format(table=self.table("opportunity_lead"))
+            "INSERT INTO {table} (lead_id, opportunity_id) " + unnest_rows(("uuid", "uuid"))
+            + " ON CONFLICT DO NOTHING"
+        ).format(table=self.table("opportunity_lead"))  # fmt: skip
         # Lead rows only where leads were added (opened, attached), not on every command.
         joined = [
             o
-            for o in opportunities
+            for o in latest.values()
             if any(isinstance(e, Opportunity.Opened | Opportunity.LeadAttached)
                    for e in o.pending_events)
         ]  # fmt: skip
         return [
-            (upsert, [index_row(o) for o in opportunities]),
-            (leads, [(lead, o.id) for o in joined for lead in o.lead_ids]),
+            (upsert, as_columns([index_row(o) for o in latest.values()])),
+            (leads, as_columns([(lead, o.id) for o in joined for lead in o.lead_ids])),
         ]
 
     def save(self, opportunities: Sequence[Opportunity], **tracking: Any) -> None:
@@ -185,7 +191,7 @@ class PipelineApp(EventStoreApp):
         def decide(envelopes: list[Envelope]) -> list[Aggregate]:
             pending.clear()  # decide runs again when a concurrent writer won a race
             captured = {
-                e.event_id: LeadCaptured.model_validate(e.data)
+                e.event_id: cast(LeadCaptured, e.contract())
                 for e in envelopes
                 if e.event_type == "LeadCaptured"
             }
@@ -212,7 +218,7 @@ class PipelineApp(EventStoreApp):
                     )
                     home[lead.lead_id] = opportunity_id
                 elif envelope.event_type == "LeadMerged":
-                    merged = LeadMerged.model_validate(envelope.data)
+                    merged = cast(LeadMerged, envelope.contract())
                     target_id = home.get(merged.into_lead_id) or self.opportunity_of_lead(
                         merged.into_lead_id
                     )

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from decimal import Decimal
+from functools import lru_cache
 from typing import Any, ClassVar
 
 from eventsourcing.domain import Aggregate
@@ -22,6 +23,7 @@ OPPORTUNITY_NAMESPACE = uuid.UUID("c2f0d8a4-1b7e-4f3a-9e61-7d2b5a9c4e08")
 SYSTEM = "system"
 
 
+@lru_cache(maxsize=8192)  # asked three times per lead as a batch opens it
 def opportunity_id_for(lead_id: uuid.UUID) -> uuid.UUID:
     """One lead opens one opportunity, however often its event is delivered."""
     return uuid.uuid5(OPPORTUNITY_NAMESPACE, str(lead_id))

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
+import orjson
 from aiokafka.structs import ConsumerRecord
 from eventsourcing.domain import DomainEventProtocol
 from pydantic import ValidationError
@@ -22,7 +22,7 @@ from shared.contracts.envelope import (
     Envelope,
     event_id_for,
 )
-from shared.contracts.events import EVENT_TYPES, parse_event_data, schema_version_of
+from shared.contracts.events import EVENT_TYPES, schema_version_of
 
 
 def envelope_of(event: DomainEventProtocol[uuid.UUID]) -> Envelope:
@@ -60,7 +60,7 @@ def envelope_message(topic: str, event: DomainEventProtocol[uuid.UUID], source: 
     return Outbound(
         topic=topic,
         key=stream.encode(),
-        value=json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode(),
+        value=orjson.dumps(value),  # compact UTF-8, as json.dumps(ensure_ascii=False) writes
         headers=(
             (HEADER_EVENT_TYPE, public.public_name.encode()),
             (HEADER_CONTENT_TYPE, b"application/json"),
@@ -92,7 +92,7 @@ def decode_envelope(record: ConsumerRecord[Any, Any]) -> Envelope:
     try:
         envelope = Envelope.model_validate_json(record.value or b"")
         if envelope.event_type in EVENT_TYPES:  # newer types pass through unvalidated
-            parse_event_data(envelope.event_type, envelope.data)
+            envelope.contract()
     except (ValueError, ValidationError, TypeError, RecursionError) as exc:
         raise BadEnvelope(str(exc)[:500]) from exc
     return envelope

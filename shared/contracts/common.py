@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Annotated, Any
 
@@ -19,10 +19,16 @@ from pydantic import (
 
 from shared.clock import utc_iso
 
+_ZERO = timedelta(0)
+
 
 def _utc(value: datetime) -> datetime:
     if value.tzinfo is None:
         raise ValueError("time must carry a zone (UTC with Z)")
+    if value.tzinfo is UTC:
+        return value
+    if value.utcoffset() == _ZERO:  # "Z" as parsed: the same instant, just labelled UTC
+        return value.replace(tzinfo=UTC)
     try:
         return value.astimezone(UTC)
     except OverflowError:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 
 from shared.contracts.common import Contract, UtcTime
 
@@ -27,6 +27,16 @@ class Envelope(Contract):
     correlation_id: str
     causation_id: str
     data: dict[str, Any]
+    _contract: Contract | None = PrivateAttr(default=None)
+
+    def contract(self) -> Contract:
+        """`data` validated against its event type's contract: once per envelope however many
+        times it is asked (the consumer checks it on arrival, the service reads it after)."""
+        if self._contract is None:
+            from shared.contracts.events import parse_event_data  # events builds on envelope
+
+            self._contract = parse_event_data(self.event_type, self.data)
+        return self._contract
 
 
 # Kafka header names the relay writes beside the envelope.

@@ -5,15 +5,30 @@ from __future__ import annotations
 import uuid
 from datetime import date
 from enum import StrEnum
-from typing import Literal
+from functools import lru_cache
+from typing import Annotated, Literal
 
-from pydantic import EmailStr, Field
+from pydantic import AfterValidator, Field, WithJsonSchema
+from pydantic.networks import validate_email
 
 from shared.contracts.common import Contract, Money, UtcTime
 
 HEADER_PARTNER_ID = "x-partner-id"
 HEADER_MESSAGE_ID = "x-message-id"
 HEADER_SIGNATURE = "x-signature"
+
+
+@lru_cache(maxsize=4096)
+def _email(value: str) -> str:
+    """pydantic's EmailStr check (same errors, same normalised address), remembered: capture
+    checks each address as the partner's message and again as the captured lead's contract,
+    and the check is the costliest part of either."""
+    return validate_email(value)[1]
+
+
+Email = Annotated[
+    str, AfterValidator(_email), WithJsonSchema({"type": "string", "format": "email"})
+]
 
 
 class Authority(StrEnum):
@@ -39,7 +54,7 @@ class Company(Contract):
 
 class Contact(Contract):
     name: str = Field(min_length=1, max_length=100)
-    email: EmailStr | None = None
+    email: Email | None = None
     phone: str | None = Field(default=None, max_length=40)
     title: str | None = Field(default=None, max_length=100)
 

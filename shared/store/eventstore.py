@@ -49,7 +49,12 @@ class EventStoreApp(Application[uuid.UUID]):
         the service's index rows, in one transaction. A repeated or lower tracking id, or an
         aggregate version someone else stored first, raises IntegrityError."""
         processing = ProcessingEvent[uuid.UUID](tracking)
-        processing.collect_events(*aggregates, side_writes=side_writes)
+        # What the library's collect_events does, without its two runtime Protocol checks per
+        # aggregate (a fifth of a 500-lead batch's Python time, measured here).
+        for aggregate in aggregates:
+            processing.events.extend(aggregate.collect_events())
+            processing.aggregates[aggregate.id] = aggregate
+        processing.saved_kwargs["side_writes"] = side_writes
         if not processing.events and tracking is None:
             return []
         return self._record(processing)

@@ -28,6 +28,18 @@ from psycopg.sql import SQL, Composed, Identifier
 SideWrite = tuple[Composed | SQL, Sequence[Sequence[Any]]]
 
 
+def unnest_rows(types: Sequence[str]) -> str:
+    """`SELECT * FROM unnest(...)` over one array per column, for a side write of many rows in
+    one statement (with `as_columns`): psycopg's executemany sends and the server runs one
+    statement per row, and dumps each in Python (a third of a 500-lead batch's cost here)."""
+    return "SELECT * FROM unnest(" + ", ".join(f"%b::{t}[]" for t in types) + ")"
+
+
+def as_columns(rows: Sequence[Sequence[Any]]) -> list[tuple[list[Any], ...]]:
+    """Rows turned into the one parameter row of an `unnest_rows` statement (none: no write)."""
+    return [tuple(list(column) for column in zip(*rows, strict=True))] if rows else []
+
+
 class BatchProcessRecorder(PostgresProcessRecorder):
     @cached_property
     def _lock_and_notify(self) -> Composed:
@@ -54,12 +66,31 @@ class BatchProcessRecorder(PostgresProcessRecorder):
                     curs.executemany(statement, rows)
             return ids
 
+    @cached_property
+    def _insert_columns(self) -> Composed:
+        """The events as four plain arrays, not one array of the library's composite type:
+        psycopg dumps a composite row by row in Python (text, escaped with a regular expression:
+        half the cost of a 500-lead batch measured here), an array of uuid, int, text or bytea
+        in its C dumpers, in binary (`%b`: a text array's elements would each be quoted)."""
+        id_type = SQL(self.datastore.originator_id_type)
+        return SQL(
+            "INSERT INTO {schema}.{table} (originator_id, originator_version, topic, state)"
+            " SELECT * FROM unnest(%b::{id_type}[], %b::int8[], %b::text[], %b::bytea[])"
+            " RETURNING notification_id"
+        ).format(
+            schema=Identifier(self.datastore.schema),
+            table=Identifier(self.events_table_name),
+            id_type=id_type,
+        )
+
     def _insert_stored_events(
         self, curs: Any, stored_events: Sequence[StoredEvent], **_: Any
     ) -> None:
         curs.execute(self._lock_and_notify, prepare=False)
-        rows = [
-            self.construct_pg_stored_event(e.originator_id, e.originator_version, e.topic, e.state)
-            for e in stored_events
-        ]
-        curs.execute(self.insert_events_statement, (rows,), binary=True)
+        columns = (
+            [e.originator_id for e in stored_events],
+            [e.originator_version for e in stored_events],
+            [e.topic for e in stored_events],
+            [e.state for e in stored_events],
+        )
+        curs.execute(self._insert_columns, columns, binary=True)

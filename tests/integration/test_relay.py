@@ -11,7 +11,8 @@ from datetime import UTC, datetime
 
 from services.capture.app import MIGRATIONS, CaptureApp
 from services.capture.bus import route
-from shared.bus.relay import OutboxRelay
+from shared.bus.kafka import ensure_topics, make_admin, make_producer
+from shared.bus.relay import Outbound, OutboxRelay, send_batched
 from shared.contracts.envelope import Envelope
 from shared.contracts.partner import WebFormLead
 from shared.devstack import DevStack
@@ -107,3 +108,43 @@ async def test_relay_publishes_once_republishes_on_lost_position_and_on_a_fresh_
         ]
         assert positions == sorted(positions)
     app.close()
+
+
+async def test_relay_batches_land_where_send_would_put_them_in_order(settings: Settings) -> None:
+    """The relay fills a record batch per partition itself (shared.bus.relay.send_batched): each
+    message must land on the partition a plain `send` of its key picks, in the order given, also
+    across several batches per partition."""
+    run = uuid.uuid4().hex[:8]
+    ours, plain = f"relay-batches-{run}", f"relay-plain-{run}"
+    admin = make_admin(settings)
+    await admin.start()
+    await ensure_topics(admin, settings, [ours, plain])
+    await admin.close()
+    keys = [str(uuid.uuid4()).encode() for _ in range(40)]
+    # 600 messages of 2 KB: more than one 256 KB batch for some partitions.
+    messages = [
+        Outbound(ours, keys[n % 40], json.dumps({"n": n, "pad": "x" * 2000}).encode(),
+                 (("x-n", str(n).encode()),))  # fmt: skip
+        for n in range(600)
+    ]
+    producer = make_producer(settings, linger_ms=0)
+    await producer.start()
+    try:
+        outcomes = await send_batched(producer, messages)
+        await asyncio.gather(*[await producer.send(plain, b"", key=k) for k in keys])
+    finally:
+        await producer.stop()
+    assert not [o for o in outcomes if isinstance(o, BaseException)]
+    bootstrap = settings.bootstrap_servers()
+    batched = await read_topic(bootstrap, ours, lambda r: len(r) >= 600)
+    sent = await read_topic(bootstrap, plain, lambda r: len(r) >= 40)
+    where = {r.key: r.partition for r in sent}
+    assert len(batched) == 600 and len(where) == 40
+    assert len(set(where.values())) > 1  # the keys spread over partitions
+    for record in batched:
+        assert record.partition == where[record.key]
+        assert dict(record.headers)["x-n"] == str(json.loads(record.value)["n"]).encode()
+    for key in keys:  # each key's messages in the order given
+        order = [json.loads(r.value)["n"] for r in sorted(batched, key=lambda r: r.offset)
+                 if r.key == key]  # fmt: skip
+        assert order == sorted(order) and len(order) == 15
