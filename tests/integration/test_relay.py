@@ -123,8 +123,12 @@ async def test_relay_batches_land_where_send_would_put_them_in_order(settings: S
     keys = [str(uuid.uuid4()).encode() for _ in range(40)]
     # 600 messages of 2 KB: more than one 256 KB batch for some partitions.
     messages = [
-        Outbound(ours, keys[n % 40], json.dumps({"n": n, "pad": "x" * 2000}).encode(),
-                 (("x-n", str(n).encode()),))  # fmt: skip
+        Outbound(
+            ours,
+            keys[n % 40],
+            json.dumps({"n": n, "pad": "x" * 2000}).encode(),
+            (("x-n", str(n).encode()),),
+        )
         for n in range(600)
     ]
     producer = make_producer(settings, linger_ms=0)
