@@ -10,6 +10,7 @@ of replicas.
 Latency: a commit's NOTIFY wakes the relay at once (nothing is polled while it is busy); a batch
 is one read of the notification log, in the relay's own thread so it never queues behind request
 handlers, then the sends, flushed without linger (the batch is already whole), then the position.
+Under load (a full batch) the next page is read while this one's acks come back.
 The broker's cluster id is asked alongside the read, at most every CLUSTER_CHECK seconds, not
 before and after every batch: the position is only ever trusted under the cluster id it was
 recorded with, and that id changes only when the relay attaches afresh, so a batch that went to a
@@ -25,7 +26,7 @@ import time
 import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -60,6 +61,9 @@ class Outbound:
     headers: tuple[tuple[str, bytes], ...]
 
 
+# A page of the notification log, and the messages its events become (with their ids).
+Page = tuple[Sequence[Notification], list[tuple[int, Outbound]]]
+
 # What one stored event becomes on the bus (the relay adds the notification-id header).
 Route = Callable[[DomainEventProtocol[Any], Notification], Sequence[Outbound]]
 
@@ -87,6 +91,7 @@ class OutboxRelay:
         self.leading = False
         # Reads of the notification log in a thread of their own: never behind request handlers.
         self._reader: ThreadPoolExecutor | None = None
+        self._next: tuple[int, asyncio.Future[Page]] | None = None  # a read ahead, and its start
 
     async def run(self, stop: asyncio.Event) -> None:
         """Relay until `stop` is set; survive broker and database outages."""
@@ -135,6 +140,7 @@ class OutboxRelay:
                             await asyncio.wait_for(self._wake.wait(), IDLE_WAIT)
             finally:
                 self.leading = False
+                self._next = None
                 await conn.remove_listener(channel, self._on_notify)
                 with contextlib.suppress(Exception):
                     await producer.stop()
@@ -149,11 +155,11 @@ class OutboxRelay:
     async def publish_batch(self, producer: AIOKafkaProducer, admin: AIOKafkaAdminClient) -> int:
         """Publish the next batch after the recorded position; return how many events."""
         if self.cluster is None:
-            await self._attach(admin)
+            await self.attach(admin)
         if self._reader is None:
             self._reader = ThreadPoolExecutor(1, thread_name_prefix=f"relay-{self.name}")
         # The read and the cluster check side by side: the check costs no time of its own.
-        read = asyncio.get_running_loop().run_in_executor(self._reader, self._read, self.position)
+        read = self._read_from(self.position)
         current = self.cluster
         try:
             if time.monotonic() - self._checked_at >= CLUSTER_CHECK:
@@ -172,6 +178,8 @@ class OutboxRelay:
             for topic in new_topics:
                 await producer.partitions_for(topic)  # fresh metadata before the first send
             self._known_topics |= new_topics
+        if len(notifications) >= self.settings.relay_batch:  # more is likely waiting
+            self._next = (notifications[-1].id, self._read_from(notifications[-1].id))
         results = await send_batched(producer, [m for _, m in messages])
         failed = next((i for i, r in enumerate(results) if isinstance(r, BaseException)), None)
         if failed is None:
@@ -195,7 +203,17 @@ class OutboxRelay:
             raise error
         return len(notifications)
 
-    def _read(self, position: int) -> tuple[Sequence[Notification], list[tuple[int, Outbound]]]:
+    def _read_from(self, position: int) -> asyncio.Future[Page]:
+        """The page after `position`: read ahead while the last page's acks came back, if that
+        read started where this one must (a failed send or a new broker moves the position
+        back, and a read ahead from elsewhere is dropped), else read now."""
+        ahead, self._next = self._next, None
+        if ahead is not None and ahead[0] == position:
+            return ahead[1]
+        assert self._reader is not None
+        return asyncio.get_running_loop().run_in_executor(self._reader, self._read, position)
+
+    def _read(self, position: int) -> Page:
         notifications = self.app.notifications_after(position, self.settings.relay_batch)
         return notifications, self._route_all(notifications)
 
@@ -205,12 +223,12 @@ class OutboxRelay:
                                        strict=True):  # fmt: skip
             position = (HEADER_NOTIFICATION_ID, str(notification.id).encode())
             messages.extend(
-                (notification.id, replace(m, headers=(*m.headers, position)))
+                (notification.id, Outbound(m.topic, m.key, m.value, (*m.headers, position)))
                 for m in self.route(event, notification)
             )
         return messages
 
-    async def _attach(self, admin: AIOKafkaAdminClient) -> None:
+    async def attach(self, admin: AIOKafkaAdminClient) -> None:
         """Learn the broker's cluster id; a broker we have not published to gets the topics and
         everything from the start."""
         current = await cluster_id(admin)

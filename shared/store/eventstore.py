@@ -16,11 +16,13 @@ from eventsourcing.persistence import (
     Recording,
     StoredEvent,
     Tracking,
+    Transcoder,
 )
 from psycopg.sql import SQL, Composable, Composed, Identifier
 
 from shared.store.db import eventsourcing_env
 from shared.store.recorder import SideWrite
+from shared.store.transcoder import OrjsonReadingTranscoder
 
 
 class EventStoreApp(Application[uuid.UUID]):
@@ -29,6 +31,11 @@ class EventStoreApp(Application[uuid.UUID]):
     def __init__(self, dsn: str, schema: str, pool_size: int = 5) -> None:
         self.schema = schema
         super().__init__(env=eventsourcing_env(dsn, schema, pool_size))
+
+    def construct_transcoder(self) -> Transcoder:
+        transcoder = OrjsonReadingTranscoder()
+        self.register_transcodings(transcoder)
+        return transcoder
 
     def construct_recorder(self) -> ProcessRecorder:
         return self.factory.process_recorder()

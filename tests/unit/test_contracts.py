@@ -142,3 +142,12 @@ def test_money_amounts_are_strings_on_the_wire() -> None:
     assert Money.model_validate_json('{"amount": "100", "currency": "CNY"}').amount == Decimal(
         "100.00"
     )
+
+
+def test_event_id_is_the_uuid5_of_the_streams_place() -> None:
+    from shared.contracts.envelope import EVENT_ID_NAMESPACE
+
+    for version in (1, 2, 99, 123456):
+        stream = uuid.uuid4()
+        expected = uuid.uuid5(EVENT_ID_NAMESPACE, f"{stream}:{version}")
+        assert event_id_for(stream, version) == expected
