@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from shared.bus.consumer import BatchConsumer
 from shared.bus.kafka import cluster_id, make_admin
 from shared.bus.relay import OutboxRelay
+from shared.bus.relay_process import RelayProcess
 from shared.settings import Settings
 from shared.store.db import create_pool
 from shared.store.migrations import Migration, migrate
@@ -41,7 +42,7 @@ class Readiness:
         settings: Settings,
         pool: asyncpg.Pool,
         consumers: Sequence[BatchConsumer] = (),
-        relay: OutboxRelay | None = None,
+        relay: OutboxRelay | RelayProcess | None = None,
         max_relay_lag: int = 10_000,
     ) -> None:
         self.settings = settings

@@ -163,6 +163,9 @@ class Settings(BaseSettings):
     topic_partitions: int = 6
     topic_replication: int = 1
     relay_batch: int = 500
+    # The outbox relay in a process of its own beside each service (shared.bus.relay_process);
+    # off: in the service's process, on its event loop.
+    relay_process: bool = True
     consumer_batch: int = 500
     # Tansu completes a group join only after about half the session timeout: keep it short in
     # dev and tests, longer on a real cluster.

@@ -9,7 +9,7 @@ from services.capture.app import MIGRATIONS, SCHEMA, CaptureApp
 from services.capture.bus import partner_intake, route
 from services.capture.intake_limits import RateLimiter
 from services.capture.partners import PartnerSecrets
-from shared.bus.relay import OutboxRelay
+from shared.bus.relay_process import RelaySpec, relay_for
 from shared.clock import SystemClock
 from shared.logs import setup_logging
 from shared.runtime import Readiness, open_schema, run_service, scheduled, serve
@@ -21,7 +21,7 @@ async def main(settings: Settings) -> None:
     pool = await open_schema(settings, SCHEMA, MIGRATIONS)
     app = await asyncio.to_thread(CaptureApp, settings.dsn(), SCHEMA)
     clock = SystemClock()
-    relay = OutboxRelay("capture", app, route, settings, pool)
+    relay = relay_for(RelaySpec("capture", CaptureApp, SCHEMA, route), settings, app, pool)
     intake = partner_intake(app, settings, PartnerSecrets(pool), clock)
     readiness = Readiness(settings, pool, [intake], relay)
     limiter = RateLimiter(settings.intake_rate_per_minute, settings.intake_burst)

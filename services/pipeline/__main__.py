@@ -7,7 +7,7 @@ import asyncio
 from services.pipeline.api import create_api
 from services.pipeline.app import MIGRATIONS, SCHEMA, PipelineApp
 from services.pipeline.bus import lead_events, route
-from shared.bus.relay import OutboxRelay
+from shared.bus.relay_process import RelaySpec, relay_for
 from shared.clock import SystemClock
 from shared.logs import setup_logging
 from shared.runtime import Readiness, open_schema, run_service, scheduled, serve
@@ -19,7 +19,7 @@ async def main(settings: Settings) -> None:
     pool = await open_schema(settings, SCHEMA, MIGRATIONS)
     app = await asyncio.to_thread(PipelineApp, settings.dsn(), SCHEMA)
     clock = SystemClock()
-    relay = OutboxRelay("pipeline", app, route, settings, pool)
+    relay = relay_for(RelaySpec("pipeline", PipelineApp, SCHEMA, route), settings, app, pool)
     leads = lead_events(app, settings)
     readiness = Readiness(settings, pool, [leads], relay)
     api = create_api(app, settings, pool, clock, lambda: readiness)

@@ -40,11 +40,15 @@ class Envelope(Contract):
     def contract(self) -> Contract:
         """`data` validated against its event type's contract: once per envelope however many
         times it is asked (the consumer checks it on arrival, the service reads it after)."""
-        if self._contract is None:
+        private = self.__pydantic_private__  # read directly: `self._contract` is a slow lookup
+        parsed = private.get("_contract") if private is not None else None
+        if parsed is None:
             from shared.contracts.events import parse_event_data  # events builds on envelope
+            from shared.contracts.partner import FROM_BUS
 
-            self._contract = parse_event_data(self.event_type, self.data)
-        return self._contract
+            parsed = parse_event_data(self.event_type, self.data, {FROM_BUS: True})
+            self._contract = parsed
+        return parsed
 
 
 # Kafka header names the relay writes beside the envelope.

@@ -242,13 +242,15 @@ EVENT_TYPES: dict[str, tuple[type[Contract], int]] = {
 }
 
 
-def parse_event_data(event_type: str, data: dict[str, Any]) -> Contract:
+def parse_event_data(
+    event_type: str, data: dict[str, Any], context: dict[str, Any] | None = None
+) -> Contract:
     """Validate an envelope's `data` against its event type's contract."""
     try:
         model, _ = EVENT_TYPES[event_type]
     except KeyError:
         raise ValueError(f"unknown event type {event_type!r}") from None
-    return model.model_validate(data)
+    return model.model_validate(data, context=context)
 
 
 def schema_version_of(event_type: str) -> int:

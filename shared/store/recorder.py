@@ -19,7 +19,12 @@ from collections.abc import Sequence
 from functools import cached_property
 from typing import Any
 
-from eventsourcing.persistence import InterfaceError, OperationalError, StoredEvent
+from eventsourcing.persistence import (
+    InterfaceError,
+    OperationalError,
+    ProgrammingError,
+    StoredEvent,
+)
 from eventsourcing.postgres import PostgresProcessRecorder
 from eventsourcing.utils import retry
 from psycopg.sql import SQL, Composed, Identifier
@@ -74,14 +79,26 @@ class BatchProcessRecorder(PostgresProcessRecorder):
         in its C dumpers, in binary (`%b`: a text array's elements would each be quoted)."""
         id_type = SQL(self.datastore.originator_id_type)
         return SQL(
-            "INSERT INTO {schema}.{table} (originator_id, originator_version, topic, state)"
+            "WITH stored AS (INSERT INTO {schema}.{table}"
+            " (originator_id, originator_version, topic, state)"
             " SELECT * FROM unnest(%b::{id_type}[], %b::int8[], %b::text[], %b::bytea[])"
-            " RETURNING notification_id"
+            " RETURNING notification_id)"
+            " SELECT array_agg(notification_id ORDER BY notification_id) AS ids FROM stored"
         ).format(
             schema=Identifier(self.datastore.schema),
             table=Identifier(self.events_table_name),
             id_type=id_type,
         )
+
+    def _fetch_ids_after_insert_events(
+        self, curs: Any, stored_events: Sequence[StoredEvent], **_: Any
+    ) -> Sequence[int] | None:
+        """The new notification ids as one array (one row, not a dict per event), ascending as
+        the events were given: the table lock lets no other insert between them."""
+        ids = curs.fetchone()["ids"]
+        if len(ids) != len(stored_events):
+            raise ProgrammingError(f"got {len(ids)} notification ids for {len(stored_events)}")
+        return list(ids)
 
     def _insert_stored_events(
         self, curs: Any, stored_events: Sequence[StoredEvent], **_: Any

@@ -16,7 +16,7 @@ from services.capture.bus import incoming, partner_intake, route
 from services.capture.partners import PartnerSecrets, add_partner
 from shared.bus.consumer import BatchConsumer, Record
 from shared.bus.kafka import ensure_topics, make_admin, make_producer
-from shared.bus.relay import OutboxRelay
+from shared.bus.relay_process import RelayProcess, RelaySpec
 from shared.clock import SystemClock
 from shared.contracts.topics import PARTNER_LEADS, partner_replies
 from shared.devstack import DevStack
@@ -81,9 +81,13 @@ async def messages_per_second(stack: DevStack, label: str) -> float:
         consumer.group_id = "bench-ours"
     else:
         consumer = naive_intake(app, settings, secrets)
-    relay = OutboxRelay(f"bench-{label}", app, route, settings, pool)
+    # The relay in a process of its own, as the services run it (shared.bus.relay_process).
+    relay = RelayProcess(RelaySpec(f"bench-{label}", CaptureApp, schema, route), settings, app)
     stop = asyncio.Event()
-    tasks = [asyncio.create_task(consumer.run(stop)), asyncio.create_task(relay.run(stop))]
+    tasks = [asyncio.create_task(relay.run(stop))]
+    while not relay.leading:  # the relay's process up and attached before the clock starts
+        await asyncio.sleep(0.005)
+    tasks.append(asyncio.create_task(consumer.run(stop)))
     while not consumer.running:
         await asyncio.sleep(0.005)
     started = time.perf_counter()

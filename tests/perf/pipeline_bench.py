@@ -30,7 +30,7 @@ from shared.auth import Principal, Role, issue_token
 from shared.bus.consumer import BatchConsumer, Record
 from shared.bus.envelopes import decode_records
 from shared.bus.kafka import make_producer
-from shared.bus.relay import OutboxRelay
+from shared.bus.relay_process import RelayProcess, RelaySpec
 from shared.contracts.envelope import HEADER_EVENT_TYPE, HEADER_NOTIFICATION_ID
 from shared.contracts.topics import LEAD_EVENTS, OPPORTUNITY_EVENTS
 from shared.devstack import DevStack, free_port
@@ -38,7 +38,7 @@ from shared.runtime import open_schema
 from shared.settings import Settings
 from tests.factories import lead_captured
 
-OPEN_N = 5000
+OPEN_N = int(os.environ.get("BENCH_OPEN_N", "5000"))
 READER_FETCH_WAIT_MS = 10
 CLIENTS, CONNECTIONS = 16, 2  # callers of the API, each an httpx client with its own pool
 
@@ -85,12 +85,16 @@ async def opened_per_second(settings: Settings, label: str, first_id: int) -> fl
         consumer.group_id = f"bench-{label}"
     else:
         consumer = naive_consumer(app, settings, f"bench-{label}")
-    relay = OutboxRelay(f"bench-{label}", app, route, settings, pool)
+    # The relay in a process of its own, as the services run it (shared.bus.relay_process).
+    relay = RelayProcess(RelaySpec(f"bench-{label}", PipelineApp, schema, route), settings, app)
     # The leads wait on the topic (as capture's relay left them); the clock runs from the
     # consumer's partition assignment until the last opportunity event is acked by the broker.
     await produce_leads(settings, OPEN_N, first_id)
     stop = asyncio.Event()
-    tasks = [asyncio.create_task(consumer.run(stop)), asyncio.create_task(relay.run(stop))]
+    tasks = [asyncio.create_task(relay.run(stop))]
+    while not relay.leading:  # the relay's process up and attached before the clock starts
+        await asyncio.sleep(0.005)
+    tasks.append(asyncio.create_task(consumer.run(stop)))
     while not consumer.running:
         await asyncio.sleep(0.005)
     started = time.perf_counter()

@@ -151,3 +151,18 @@ def test_event_id_is_the_uuid5_of_the_streams_place() -> None:
         stream = uuid.uuid4()
         expected = uuid.uuid5(EVENT_ID_NAMESPACE, f"{stream}:{version}")
         assert event_id_for(stream, version) == expected
+
+
+def test_addresses_are_checked_in_full_at_the_edge_and_by_shape_off_the_bus() -> None:
+    from shared.contracts.partner import FROM_BUS, Contact
+
+    assert Contact(name="Li", email="Li.Wei@Example.CN").email == "Li.Wei@example.cn"
+    for bad in ("li@localhost", "li@@x.cn", "li@.cn", "li wei@x.cn"):
+        with pytest.raises(ValidationError, match="valid email"):
+            Contact(name="Li", email=bad)
+    # Off the bus the address was checked by capture: its shape is what is checked again.
+    trusted = Contact.model_validate({"name": "Li", "email": "li@x.cn"}, context={FROM_BUS: True})
+    assert trusted.email == "li@x.cn"
+    for bad in ("no-at-sign", "li wei@x.cn", "x" * 250 + "@x.cn"):
+        with pytest.raises(ValidationError, match="valid email"):
+            Contact.model_validate({"name": "Li", "email": bad}, context={FROM_BUS: True})

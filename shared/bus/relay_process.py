@@ -1,0 +1,180 @@
+"""The outbox relay in a process of its own, started and watched by the service's process.
+
+Why: the relay and the service's consumers are both Python, and one process runs Python on one
+core at a time. Measured here (pipeline opening opportunities from lead events), the service's
+process sat at ~90% of one core — a third of it the relay — while PostgreSQL and the broker
+used a fraction of the other. In a process of its own the relay runs beside the consumers
+instead of taking turns with them.
+
+The child is the same `OutboxRelay` (same advisory lock, position and republish rules): it
+builds the store's application from the spec, and stops when the service stops it, when the
+service's process dies (the kernel's parent-death signal, and a check of its parent as a
+fallback), or on SIGTERM/SIGINT. The service restarts a child that exits. What /readyz and the
+benchmarks read of it (whether it leads, how far it got, how many it published) is shared
+memory the child keeps current.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import multiprocessing
+import os
+import signal
+from dataclasses import dataclass
+from multiprocessing.sharedctypes import Synchronized
+from typing import Any
+
+from shared.bus.relay import OutboxRelay, Route
+from shared.settings import Settings
+from shared.store.db import create_pool
+from shared.store.eventstore import EventStoreApp
+
+log = logging.getLogger(__name__)
+WATCH_EVERY = 0.5  # seconds between the parent's looks at its child, and the child's at its parent
+SHARE_EVERY = 0.05  # seconds between the child's updates of what the parent reads
+
+
+@dataclass(frozen=True)
+class RelaySpec:
+    """What a relay process needs to build its relay: picklable (classes and functions by
+    reference), so a freshly started interpreter can import them."""
+
+    name: str
+    app: type[EventStoreApp]
+    schema: str
+    route: Route
+
+
+class RelayProcess:
+    """A service loop (`run`) that keeps a relay process running, with the same `lag()`,
+    `leading`, `position` and `published` as an in-process `OutboxRelay`."""
+
+    def __init__(self, spec: RelaySpec, settings: Settings, app: EventStoreApp) -> None:
+        self.spec = spec
+        self.settings = settings
+        self.app = app  # the service's own store: for the lag, nothing else
+        self._context = multiprocessing.get_context("spawn")
+        self._leading: Synchronized[int] = self._context.Value("b", 0, lock=False)
+        self._position: Synchronized[int] = self._context.Value("q", 0, lock=False)
+        self._published: Synchronized[int] = self._context.Value("q", 0, lock=False)
+        self.restarts = 0
+
+    @property
+    def leading(self) -> bool:
+        return bool(self._leading.value)
+
+    @property
+    def position(self) -> int:
+        return int(self._position.value)
+
+    @property
+    def published(self) -> int:
+        return int(self._published.value)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        backoff = 0.5
+        while not stop.is_set():
+            shared = (self._leading, self._position, self._published)
+            child = self._context.Process(
+                target=_child,
+                args=(self.spec, self.settings, os.getpid(), shared),
+                name=f"relay-{self.spec.name}",
+                daemon=True,
+            )
+            child.start()
+            while child.is_alive() and not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), WATCH_EVERY)
+            if stop.is_set():
+                child.terminate()  # SIGTERM: the relay finishes its batch and lets go
+                await asyncio.to_thread(child.join, 10)
+                if child.is_alive():
+                    child.kill()
+                    await asyncio.to_thread(child.join, 5)
+                break
+            self._leading.value = 0
+            self.restarts += 1
+            log.warning("relay process %s exited with %s; starting it again in %.1fs",
+                        self.spec.name, child.exitcode, backoff)  # fmt: skip
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), backoff)
+            backoff = min(backoff * 2, 5.0)
+        self._leading.value = 0
+
+    async def lag(self) -> int | None:
+        """Stored events not yet published (None on a standby replica, as `OutboxRelay`)."""
+        if not self.leading:
+            return None
+        latest = await asyncio.to_thread(self.app.process_recorder.max_notification_id)
+        return max(0, (latest or 0) - self.position)
+
+
+def relay_for(
+    spec: RelaySpec, settings: Settings, app: EventStoreApp, pool: Any
+) -> OutboxRelay | RelayProcess:
+    """The service's relay: in a process of its own unless `relay_process` is off."""
+    if settings.relay_process:
+        return RelayProcess(spec, settings, app)
+    return OutboxRelay(spec.name, app, spec.route, settings, pool)
+
+
+def _child(
+    spec: RelaySpec,
+    settings: Settings,
+    parent: int,
+    shared: tuple[Synchronized[int], Synchronized[int], Synchronized[int]],
+) -> None:
+    from shared.logs import setup_logging
+
+    _die_with_parent()
+    setup_logging(f"{spec.name}-relay", settings.log_level)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_relay(spec, settings, parent, shared))
+
+
+async def _relay(
+    spec: RelaySpec,
+    settings: Settings,
+    parent: int,
+    shared: tuple[Synchronized[int], Synchronized[int], Synchronized[int]],
+) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    pool = await create_pool(settings.dsn(), spec.schema, max_size=2)
+    app = await asyncio.to_thread(spec.app, settings.dsn(), spec.schema, 2)
+    relay = OutboxRelay(spec.name, app, spec.route, settings, pool)
+    leading, position, published = shared
+
+    async def share() -> None:
+        while not stop.is_set():
+            leading.value = int(relay.leading)
+            position.value = relay.position
+            published.value = relay.published
+            if os.getppid() != parent:  # the service died without a word: so does its relay
+                log.warning("relay %s: the service's process is gone; stopping", spec.name)
+                stop.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), SHARE_EVERY)
+
+    sharing = asyncio.create_task(share())
+    try:
+        await relay.run(stop)
+    finally:
+        stop.set()
+        await sharing
+        leading.value = 0
+        position.value, published.value = relay.position, relay.published
+        app.close()
+        await pool.close()
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM to this process when its parent dies (PR_SET_PDEATHSIG)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
