@@ -61,6 +61,7 @@ class RelayProcess:
         self._position: Synchronized[int] = self._context.Value("q", 0, lock=False)
         self._published: Synchronized[int] = self._context.Value("q", 0, lock=False)
         self.restarts = 0
+        self.pid: int | None = None  # the running child's
 
     @property
     def leading(self) -> bool:
@@ -85,6 +86,7 @@ class RelayProcess:
                 daemon=True,
             )
             child.start()
+            self.pid = child.pid
             while child.is_alive() and not stop.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), WATCH_EVERY)
@@ -103,6 +105,7 @@ class RelayProcess:
                 await asyncio.wait_for(stop.wait(), backoff)
             backoff = min(backoff * 2, 5.0)
         self._leading.value = 0
+        self.pid = None
 
     async def lag(self) -> int | None:
         """Stored events not yet published (None on a standby replica, as `OutboxRelay`)."""

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import uuid
 from datetime import UTC, datetime
 
@@ -13,11 +15,12 @@ from services.capture.app import MIGRATIONS, CaptureApp
 from services.capture.bus import route
 from shared.bus.kafka import ensure_topics, make_admin, make_producer
 from shared.bus.relay import Outbound, OutboxRelay, send_batched
+from shared.bus.relay_process import RelayProcess, RelaySpec
 from shared.contracts.envelope import Envelope
 from shared.contracts.partner import WebFormLead
 from shared.devstack import DevStack
 from shared.settings import Settings
-from tests.support import read_topic
+from tests.support import eventually, read_topic
 
 NOW = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
 
@@ -152,3 +155,70 @@ async def test_relay_batches_land_where_send_would_put_them_in_order(settings: S
         order = [json.loads(r.value)["n"] for r in sorted(batched, key=lambda r: r.offset)
                  if r.key == key]  # fmt: skip
         assert order == sorted(order) and len(order) == 15
+
+
+async def test_relay_process_publishes_is_restarted_and_stops_with_the_service(
+    settings: Settings,
+    schema: str,
+    open_pool,
+    background,  # type: ignore[no-untyped-def]
+) -> None:
+    """The relay in a process of its own (as the services run it): it publishes what is stored;
+    killed, it is started again and goes on from its position; stopped, its process is gone."""
+    await open_pool(schema, MIGRATIONS)
+    app = await asyncio.to_thread(CaptureApp, settings.dsn(), schema)
+    first = {
+        await asyncio.to_thread(app.capture_web_lead, web_lead(n), NOW, f"p-{n}") for n in range(3)
+    }
+    relay = RelayProcess(RelaySpec(f"proc-{schema}", CaptureApp, schema, route), settings, app)
+    stop = background(relay.run)
+    pick = mine(first)
+    records = pick(
+        await read_topic(
+            settings.bootstrap_servers(), "lead.events.v1", lambda r: len(pick(r)) >= 3
+        )
+    )
+    assert len(records) == 3
+    assert await eventually(lambda: relay.lag(), lambda lag: lag == 0) == 0
+    assert relay.leading and relay.published == 3
+
+    killed = relay.pid
+    assert killed is not None
+    os.kill(killed, signal.SIGKILL)
+    await eventually(_value(lambda: relay.restarts), lambda n: n >= 1)
+    later = {
+        await asyncio.to_thread(app.capture_web_lead, web_lead(n), NOW, f"p-{n}")
+        for n in range(3, 5)
+    }
+    pick = mine(first | later)
+    records = pick(
+        await read_topic(
+            settings.bootstrap_servers(), "lead.events.v1", lambda r: len(pick(r)) >= 5
+        )
+    )
+    # From its recorded position: the first three once more at most, the two new ones surely.
+    assert {uuid.UUID(r.key.decode()) for r in records} == first | later
+    assert relay.pid not in (None, killed)
+
+    child = relay.pid
+    stop.set()
+    await eventually(_value(lambda: relay.pid), lambda pid: pid is None)
+    assert child is not None and not _alive(child)
+    app.close()
+
+
+def _value(read):  # type: ignore[no-untyped-def]
+    async def probe():  # type: ignore[no-untyped-def]
+        return read()
+
+    return probe
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (not yet reaped) counts as gone.
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().split()[2] != "Z"
