@@ -5,6 +5,7 @@ can be grouped by owner, team, region, source, partner or tier. Money is summed 
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
@@ -224,7 +225,7 @@ async def cycle_time(
     [start, end)): mean, median and p90 (continuous percentiles, as PostgreSQL's
     percentile_cont)."""
     q = Query()
-    won = await _fetch(pool, q, (
+    won = _fetch(pool, q, (
         f"SELECT grp, GROUPING(grp) AS total, 'created_to_won' AS measure, {STATS} FROM"
         f" (SELECT {q.group(f)} AS grp, extract(epoch FROM o.won_at - o.opened_at) / 86400.0 AS d"
         f" FROM {q.snapshot(f)} WHERE o.status = 'won' AND o.won_at >= {q.arg(start)}"
@@ -236,13 +237,14 @@ async def cycle_time(
     scoped = bool(f.where or f.group_by)
     joined = f" JOIN {q.snapshot(f)} USING (opportunity_id)" if scoped else ""
     sets = "GROUPING SETS ((grp, stage), (stage))" if f.group_by else "stage"
-    stays = await _fetch(pool, q, (
+    stays = _fetch(pool, q, (
         f"SELECT {'grp, GROUPING(grp)' if f.group_by else 'NULL AS grp, 1'} AS total,"
         f" 'stage_' || stage AS measure, {STATS} FROM"
         f" (SELECT {q.group(f)} AS grp, st.stage, st.days AS d FROM stage_stay st{joined}"
         f" WHERE st.left_at >= {q.arg(start)} AND st.left_at < {q.arg(end)}{known}) w"
         f" GROUP BY {sets} ORDER BY 3"
     ))  # fmt: skip
+    won_rows, stay_rows = await asyncio.gather(won, stays)  # side by side on the pool
 
     def line(r: Any) -> dict[str, Any]:
         return {"group": None if r["total"] else r["grp"], "measure": r["measure"],
@@ -250,8 +252,8 @@ async def cycle_time(
                 "median_days": days(r["pct"][0] if r["pct"] else None),
                 "p90_days": days(r["pct"][1] if r["pct"] else None)}  # fmt: skip
 
-    totals = [line(r) for r in [*won, *stays] if r["total"]]
-    rows = [line(r) for r in [*won, *stays] if not r["total"]] if f.group_by else totals
+    totals = [line(r) for r in [*won_rows, *stay_rows] if r["total"]]
+    rows = [line(r) for r in [*won_rows, *stay_rows] if not r["total"]] if f.group_by else totals
     return {"rows": rows, "total": {"measures": totals}}
 
 
@@ -359,9 +361,12 @@ async def forecast(pool: asyncpg.Pool, f: Filters, at: datetime, now: datetime) 
     this_month = month_start(at.date())
     last_month = month_start(this_month, -1)
     end_of_last = at_midnight(this_month) - EPSILON
-    current = await fresh(pool, f, at, current=f.as_of is None)
-    then = await fresh(pool, f, end_of_last)
-    attained = await attainment(pool, f, last_month)
+    # Three independent reads, side by side on the pool's connections.
+    current, then, attained = await asyncio.gather(
+        fresh(pool, f, at, current=f.as_of is None),
+        fresh(pool, f, end_of_last),
+        attainment(pool, f, last_month),
+    )
     before = {r["group"]: r for r in then["rows"]}
     target_from, target_to = (
         at_midnight(month_start(this_month, 1)),

@@ -38,6 +38,7 @@ from eventsourcing.domain import DomainEventProtocol
 from eventsourcing.persistence import Notification
 
 from shared.bus.kafka import (
+    CLUSTER_CHECK,
     cluster_id,
     ensure_core_topics,
     ensure_topics,
@@ -50,7 +51,6 @@ from shared.store.eventstore import EventStoreApp
 
 log = logging.getLogger(__name__)
 IDLE_WAIT = 0.5  # seconds between looks at the log (and the broker) while nothing is stored
-CLUSTER_CHECK = 0.2  # seconds: the broker's cluster id is asked at most this often
 
 
 @dataclass(frozen=True)
