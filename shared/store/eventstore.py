@@ -22,7 +22,7 @@ from psycopg.sql import SQL, Composable, Composed, Identifier
 
 from shared.store.db import eventsourcing_env
 from shared.store.recorder import SideWrite
-from shared.store.transcoder import OrjsonReadingTranscoder
+from shared.store.transcoder import OrjsonTranscoder
 
 
 class EventStoreApp(Application[uuid.UUID]):
@@ -33,7 +33,7 @@ class EventStoreApp(Application[uuid.UUID]):
         super().__init__(env=eventsourcing_env(dsn, schema, pool_size))
 
     def construct_transcoder(self) -> Transcoder:
-        transcoder = OrjsonReadingTranscoder()
+        transcoder = OrjsonTranscoder()
         self.register_transcodings(transcoder)
         return transcoder
 
