@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeAlias, TypeVar
@@ -31,13 +30,7 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import IntegrityError, Tracking
 
-from shared.bus.kafka import (
-    CLUSTER_CHECK,
-    cluster_id,
-    ensure_core_topics,
-    make_admin,
-    make_consumer,
-)
+from shared.bus.kafka import cluster_id, ensure_core_topics, make_admin, make_consumer
 from shared.contracts.envelope import Envelope
 from shared.settings import Settings
 from shared.store.eventstore import EventStoreApp
@@ -99,7 +92,6 @@ class BatchConsumer:
             await ensure_core_topics(admin, self.settings)
             consumer.subscribe(self.topics, listener=_Rebalance(self, consumer))
             await consumer.start()
-            checked_at = time.monotonic()
             while not stop.is_set():
                 try:
                     batch = await consumer.getmany(
@@ -110,13 +102,10 @@ class BatchConsumer:
                     continue
                 if not batch:
                     continue
-                # Checked after the fetch, at most every CLUSTER_CHECK seconds (a round trip per
-                # fetch cost a tenth of the throughput): records that came from a new broker
-                # before it is noticed are applied idempotently (tracked by the upstream
-                # position), and everything is read again from the start once it is.
-                current = self.cluster
-                if time.monotonic() - checked_at >= CLUSTER_CHECK:
-                    current, checked_at = await cluster_id(admin), time.monotonic()
+                # Checked after every fetch: if the id is still ours, the records came from it.
+                # (Not throttled: records of a new broker applied before it is noticed would
+                # move the tracked position past events its republishing brings later.)
+                current = await cluster_id(admin)
                 if current != self.cluster:
                     log.warning(
                         "consumer %s: broker %s is new (was %s); reading from the start",

@@ -81,7 +81,7 @@ def make_admin(settings: Settings) -> AIOKafkaAdminClient:
     )
 
 
-# Seconds: the relay and the consumers ask the broker for its cluster id at most this often.
+# Seconds: the relay asks the broker for its cluster id at most this often.
 CLUSTER_CHECK = 0.2
 
 

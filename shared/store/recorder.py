@@ -59,10 +59,12 @@ class BatchProcessRecorder(PostgresProcessRecorder):
     ) -> Sequence[int] | None:
         with self.datastore.get_connection() as conn, conn.transaction(), conn.cursor() as curs:
             self._insert_events(curs, stored_events, **kwargs)  # tracking, if any
-            if not stored_events:
-                return []
-            self._insert_stored_events(curs, stored_events, **kwargs)
-            ids = self._fetch_ids_after_insert_events(curs, stored_events, **kwargs)
+            ids: Sequence[int] | None = []
+            if stored_events:
+                self._insert_stored_events(curs, stored_events, **kwargs)
+                ids = self._fetch_ids_after_insert_events(curs, stored_events, **kwargs)
+            # Also without events: a batch may change only the service's own rows (pipeline's
+            # merges that wait for their customer's opportunity), with its position.
             side_writes: Sequence[SideWrite] = kwargs.get("side_writes", ())
             for statement, rows in side_writes:
                 if len(rows) == 1:

@@ -363,3 +363,28 @@ async def test_commands_stored_together_and_only_the_raced_one_is_stale(pipeline
         assert (stored.version, stored.stage) == (4, "B")
     last = (await asyncio.to_thread(app.history, raced))[-1]
     assert last.payload["actor"] == "rep2"  # the other writer's change, none on top of it
+
+
+async def test_a_batch_of_nothing_but_a_waiting_merge_keeps_it(
+    pipeline: Pipeline,  # noqa: F811
+) -> None:
+    """A batch that stores no event (its one lead is a duplicate whose customer is not opened
+    yet) still records the waiting merge with its position: nothing is lost when it settles."""
+    p = pipeline
+    root, duplicate = uuid.uuid4(), uuid.uuid4()
+    captured = lead_captured(duplicate)
+    captured = captured.model_copy(update={"data": {**captured.data, "duplicate_of": str(root)}})
+    merged = opportunity_event(duplicate, 2, "LeadMerged", {
+        "lead_id": str(duplicate), "into_lead_id": str(root), "rule": "email",
+        "merged_at": "2026-11-02T10:00:00Z",
+    })  # fmt: skip
+    await asyncio.to_thread(p.app.apply_lead_events, "capture:p5", [(7, captured), (8, merged)],
+                            p.settings.rules())  # fmt: skip
+    assert p.app.tracked_position("capture:p5") == 8
+    assert await p.pool.fetchval(
+        "SELECT into_lead_id FROM pending_merge WHERE lead_id = $1", duplicate
+    ) == root  # fmt: skip
+    await asyncio.to_thread(p.app.apply_lead_events, "capture:p1", [(9, lead_captured(root))],
+                            p.settings.rules())  # fmt: skip
+    view = await asyncio.to_thread(p.app.get, opportunity_id_for(root))
+    assert view.lead_ids == [root, duplicate]
