@@ -294,20 +294,26 @@ async def send_batched(
         await producer.partitions_for(topic)  # waits for the topic's metadata if it has none
         partitions[topic] = (list(cluster.partitions_for_topic(topic)),
                              list(cluster.available_partitions_for_topic(topic)))  # fmt: skip
-    for i, m in enumerate(messages):
-        tp = (m.topic, _PARTITIONER(m.key, *partitions[m.topic]))
-        batch_of.append(-1)
-        record = {"key": m.key, "value": m.value, "timestamp": None, "headers": list(m.headers)}
-        if tp not in open_batches:
-            open_batches[tp] = producer.create_batch()
-        if open_batches[tp].append(**record) is None:  # full: send it, start the next
+    try:
+        for i, m in enumerate(messages):
+            tp = (m.topic, _PARTITIONER(m.key, *partitions[m.topic]))
+            batch_of.append(-1)
+            record = {"key": m.key, "value": m.value, "timestamp": None,
+                      "headers": list(m.headers)}  # fmt: skip
+            if tp not in open_batches:
+                open_batches[tp] = producer.create_batch()
+            if open_batches[tp].append(**record) is None:  # full: send it, start the next
+                await flush(tp)
+                open_batches[tp] = producer.create_batch()
+                first = open_batches[tp].append(**record)
+                assert first is not None, "a batch's first record always goes in"
+            members.setdefault(tp, []).append(i)
+        for tp in list(open_batches):
             await flush(tp)
-            open_batches[tp] = producer.create_batch()
-            open_batches[tp].append(**record)  # a batch's first record always goes in
-        members.setdefault(tp, []).append(i)
-    for tp in list(open_batches):
-        await flush(tp)
-    outcomes = await asyncio.gather(*sent, return_exceptions=True)
+    finally:
+        # A failed submission fails the page; the batches sent before it are awaited all the
+        # same (their outcome retrieved, not left to the loop's "never retrieved" warning).
+        outcomes = await asyncio.gather(*sent, return_exceptions=True)
     return [outcomes[b] for b in batch_of]
 
 

@@ -23,7 +23,9 @@ import logging
 import multiprocessing
 import os
 import signal
+import time
 from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
 from multiprocessing.sharedctypes import Synchronized
 from typing import Any
 
@@ -33,6 +35,9 @@ from shared.store.db import create_pool
 from shared.store.eventstore import EventStoreApp
 
 log = logging.getLogger(__name__)
+STOP_WITHIN = 5.0  # seconds the child has to stop before it is killed (within serve's 10)
+STOPPING_GRACE = 2.0  # seconds to wait for the service's stop after the child stopped cleanly
+STEADY = 30.0  # seconds a child must have run for its exit to count as a new failure
 WATCH_EVERY = 0.5  # seconds between the parent's looks at its child, and the child's at its parent
 SHARE_EVERY = 0.05  # seconds between the child's updates of what the parent reads
 
@@ -77,35 +82,45 @@ class RelayProcess:
 
     async def run(self, stop: asyncio.Event) -> None:
         backoff = 0.5
-        while not stop.is_set():
-            shared = (self._leading, self._position, self._published)
-            child = self._context.Process(
-                target=_child,
-                args=(self.spec, self.settings, os.getpid(), shared),
-                name=f"relay-{self.spec.name}",
-                daemon=True,
-            )
-            child.start()
-            self.pid = child.pid
-            while child.is_alive() and not stop.is_set():
+        child: BaseProcess | None = None
+        try:
+            while not stop.is_set():
+                shared = (self._leading, self._position, self._published)
+                child = self._context.Process(
+                    target=_child,
+                    args=(self.spec, self.settings, os.getpid(), shared),
+                    name=f"relay-{self.spec.name}",
+                    daemon=True,
+                )
+                child.start()
+                self.pid, started = child.pid, time.monotonic()
+                while child.is_alive() and not stop.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), WATCH_EVERY)
+                if stop.is_set():
+                    break
+                if child.exitcode == 0:
+                    # Stopped by a signal meant for the whole service (Ctrl-C, or a service
+                    # manager signalling every process): the service's own stop follows.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), STOPPING_GRACE)
+                    if stop.is_set():
+                        break
+                self._leading.value = 0
+                self.restarts += 1
+                if time.monotonic() - started > STEADY:
+                    backoff = 0.5  # it ran fine for a while: this is a new failure
+                log.warning("relay process %s exited with %s; starting it again in %.1fs",
+                            self.spec.name, child.exitcode, backoff)  # fmt: skip
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), WATCH_EVERY)
-            if stop.is_set():
-                child.terminate()  # SIGTERM: the relay finishes its batch and lets go
-                await asyncio.to_thread(child.join, 10)
-                if child.is_alive():
-                    child.kill()
-                    await asyncio.to_thread(child.join, 5)
-                break
+                    await asyncio.wait_for(stop.wait(), backoff)
+                backoff = min(backoff * 2, 5.0)
+        finally:
+            # Also when the service cancels this loop: the child never outlives the stop.
+            if child is not None:
+                _stop_child(child)
             self._leading.value = 0
-            self.restarts += 1
-            log.warning("relay process %s exited with %s; starting it again in %.1fs",
-                        self.spec.name, child.exitcode, backoff)  # fmt: skip
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), backoff)
-            backoff = min(backoff * 2, 5.0)
-        self._leading.value = 0
-        self.pid = None
+            self.pid = None
 
     async def lag(self) -> int | None:
         """Stored events not yet published (None on a standby replica, as `OutboxRelay`)."""
@@ -113,6 +128,17 @@ class RelayProcess:
             return None
         latest = await asyncio.to_thread(self.app.process_recorder.max_notification_id)
         return max(0, (latest or 0) - self.position)
+
+
+def _stop_child(child: BaseProcess) -> None:
+    """SIGTERM (the relay finishes its batch and lets go of its lock), then SIGKILL: at most
+    STOP_WITHIN seconds, blocking (it runs when the loop is stopped or cancelled)."""
+    if child.is_alive():
+        child.terminate()
+        child.join(STOP_WITHIN)
+    if child.is_alive():
+        child.kill()
+        child.join(2)
 
 
 def relay_for(
@@ -133,6 +159,8 @@ def _child(
     from shared.logs import setup_logging
 
     _die_with_parent()
+    # Ctrl-C reaches every process of the terminal's group: the service stops its relay itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     setup_logging(f"{spec.name}-relay", settings.log_level)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_relay(spec, settings, parent, shared))
@@ -146,8 +174,7 @@ async def _relay(
 ) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
     pool = await create_pool(settings.dsn(), spec.schema, max_size=2)
     app = await asyncio.to_thread(spec.app, settings.dsn(), spec.schema, 2)
     relay = OutboxRelay(spec.name, app, spec.route, settings, pool)
@@ -173,7 +200,10 @@ async def _relay(
         leading.value = 0
         position.value, published.value = relay.position, relay.published
         app.close()
-        await pool.close()
+        try:
+            await asyncio.wait_for(pool.close(), 2)
+        except TimeoutError:
+            pool.terminate()
 
 
 def _die_with_parent() -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Self
 
 from pydantic import Field, PrivateAttr
 
@@ -36,6 +37,20 @@ class Envelope(Contract):
     causation_id: str
     data: dict[str, Any]
     _contract: Contract | None = PrivateAttr(default=None)
+
+    def __eq__(self, other: object) -> bool:
+        """Equal fields are equal envelopes, whether or not one's contract was read yet."""
+        if not isinstance(other, Envelope):
+            return NotImplemented
+        return type(self) is type(other) and self.__dict__ == other.__dict__
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as pydantic's models are
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """A copy reads its own contract (its `data` may be another)."""
+        copy = super().model_copy(update=update, deep=deep)
+        copy._contract = None
+        return copy
 
     def contract(self) -> Contract:
         """`data` validated against its event type's contract: once per envelope however many

@@ -166,3 +166,14 @@ def test_addresses_are_checked_in_full_at_the_edge_and_by_shape_off_the_bus() ->
     for bad in ("no-at-sign", "li wei@x.cn", "x" * 250 + "@x.cn"):
         with pytest.raises(ValidationError, match="valid email"):
             Contact.model_validate({"name": "Li", "email": bad}, context={FROM_BUS: True})
+
+
+def test_an_envelopes_contract_is_read_once_and_never_carried_into_a_copy() -> None:
+    from tests.factories import lead_captured
+
+    envelope = lead_captured(uuid.uuid4())
+    twin = envelope.model_copy()
+    assert envelope.contract() is envelope.contract()
+    assert envelope == twin  # a read contract does not make it another envelope
+    renamed = envelope.model_copy(update={"data": {**envelope.data, "source": "event"}})
+    assert renamed.contract().source == "event" != envelope.contract().source
