@@ -7,9 +7,10 @@ used a fraction of the other. In a process of its own the relay runs beside the 
 instead of taking turns with them.
 
 The child is the same `OutboxRelay` (same advisory lock, position and republish rules): it
-builds the store's application from the spec, and stops when the service stops it, when the
-service's process dies (the kernel's parent-death signal, and a check of its parent as a
-fallback), or on SIGTERM/SIGINT. The service restarts a child that exits. What /readyz and the
+builds the store's application from the spec, and stops on SIGTERM: sent by the service when it
+stops (SIGKILL if that takes over STOP_WITHIN seconds), or by the kernel when the service's
+process dies (with a check of its parent as a fallback). Ctrl-C is left to the service. The
+service restarts a child that exits on its own. What /readyz and the
 benchmarks read of it (whether it leads, how far it got, how many it published) is shared
 memory the child keeps current.
 """
