@@ -87,3 +87,16 @@ def moved(
             "changed_at": "2026-11-22T11:00:00Z",
         },
     )
+
+
+def duplicate_lead(
+    lead_id: uuid.UUID, into: uuid.UUID, rule: str, merged_at: str
+) -> tuple[Envelope, Envelope]:
+    """A lead capture found to be a known customer's, as capture publishes it: captured (naming
+    the customer's first lead) and merged into it."""
+    captured = lead_captured(lead_id)
+    captured = captured.model_copy(update={"data": {**captured.data, "duplicate_of": str(into)}})
+    merged = opportunity_event(lead_id, 2, "LeadMerged", {
+        "lead_id": str(lead_id), "into_lead_id": str(into), "rule": rule, "merged_at": merged_at,
+    })  # fmt: skip
+    return captured, merged

@@ -12,7 +12,7 @@ import pytest
 from services.pipeline.app import Command, StaleVersion
 from services.pipeline.domain import Opportunity, opportunity_id_for
 from shared.auth import Principal, Role
-from tests.factories import lead_captured, opportunity_event
+from tests.factories import duplicate_lead, lead_captured, opportunity_event
 from tests.integration.pipeline_fixtures import PRINCIPALS, Pipeline, pipeline  # noqa: F401
 
 CNY = "CNY"
@@ -241,14 +241,7 @@ async def test_a_merged_lead_joins_the_opportunity_of_the_lead_it_was_merged_int
     o = await p.open()
     first_lead = await p.app_lead(o)
     merged_lead = uuid.uuid4()
-    merged = opportunity_event(merged_lead, 1, "LeadMerged", {
-        "lead_id": str(merged_lead), "into_lead_id": str(first_lead), "rule": "email",
-        "merged_at": "2026-11-02T10:00:00Z",
-    })  # fmt: skip
-    captured = lead_captured(merged_lead)
-    captured = captured.model_copy(
-        update={"data": {**captured.data, "duplicate_of": str(first_lead)}}
-    )
+    captured, merged = duplicate_lead(merged_lead, first_lead, "email", "2026-11-02T10:00:00Z")
     for _ in range(2):  # delivered twice: attached once, and no second opportunity opened
         await asyncio.to_thread(
             p.app.apply_lead_events, "capture:p1", [(6, captured), (7, merged)], p.settings.rules()
@@ -268,12 +261,7 @@ async def test_a_merge_waits_for_the_customers_opportunity_without_holding_up_ot
     p = pipeline
     root, duplicate = uuid.uuid4(), uuid.uuid4()
     opened = lead_captured(root)
-    captured = lead_captured(duplicate)
-    captured = captured.model_copy(update={"data": {**captured.data, "duplicate_of": str(root)}})
-    merged = opportunity_event(duplicate, 2, "LeadMerged", {
-        "lead_id": str(duplicate), "into_lead_id": str(root), "rule": "phone",
-        "merged_at": "2026-11-02T10:00:00Z",
-    })  # fmt: skip
+    captured, merged = duplicate_lead(duplicate, root, "phone", "2026-11-02T10:00:00Z")
     # On its own partition, before the customer's lead is opened: the merge waits, and the
     # partition goes on (it does not hold up every lead behind it).
     later = lead_captured(uuid.uuid4())
@@ -372,12 +360,7 @@ async def test_a_batch_of_nothing_but_a_waiting_merge_keeps_it(
     yet) still records the waiting merge with its position: nothing is lost when it settles."""
     p = pipeline
     root, duplicate = uuid.uuid4(), uuid.uuid4()
-    captured = lead_captured(duplicate)
-    captured = captured.model_copy(update={"data": {**captured.data, "duplicate_of": str(root)}})
-    merged = opportunity_event(duplicate, 2, "LeadMerged", {
-        "lead_id": str(duplicate), "into_lead_id": str(root), "rule": "email",
-        "merged_at": "2026-11-02T10:00:00Z",
-    })  # fmt: skip
+    captured, merged = duplicate_lead(duplicate, root, "email", "2026-11-02T10:00:00Z")
     await asyncio.to_thread(p.app.apply_lead_events, "capture:p5", [(7, captured), (8, merged)],
                             p.settings.rules())  # fmt: skip
     assert p.app.tracked_position("capture:p5") == 8
