@@ -102,9 +102,7 @@ class BatchConsumer:
                     continue
                 if not batch:
                     continue
-                # Checked after every fetch: if the id is still ours, the records came from it.
-                # (Not throttled: records of a new broker applied before it is noticed would
-                # move the tracked position past events its republishing brings later.)
+                # Checked after the fetch: if the id is still ours, the records came from it.
                 current = await cluster_id(admin)
                 if current != self.cluster:
                     log.warning(

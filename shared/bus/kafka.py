@@ -81,10 +81,6 @@ def make_admin(settings: Settings) -> AIOKafkaAdminClient:
     )
 
 
-# Seconds: the relay asks the broker for its cluster id at most this often.
-CLUSTER_CHECK = 0.2
-
-
 async def cluster_id(admin: AIOKafkaAdminClient) -> str:
     described = await admin.describe_cluster()
     return str(described["cluster_id"])

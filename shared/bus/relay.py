@@ -38,7 +38,6 @@ from eventsourcing.domain import DomainEventProtocol
 from eventsourcing.persistence import Notification
 
 from shared.bus.kafka import (
-    CLUSTER_CHECK,
     cluster_id,
     ensure_core_topics,
     ensure_topics,
@@ -50,6 +49,7 @@ from shared.settings import Settings
 from shared.store.eventstore import EventStoreApp
 
 log = logging.getLogger(__name__)
+CLUSTER_CHECK = 0.2  # seconds: the broker's cluster id is asked at most this often
 IDLE_WAIT = 0.5  # seconds between looks at the log (and the broker) while nothing is stored
 
 
