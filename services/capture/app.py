@@ -38,7 +38,7 @@ from shared.privacy import is_sealed, keyed_hash, new_key, unseal
 from shared.settings import Rules
 from shared.store.eventstore import EventStoreApp
 from shared.store.migrations import BUS_TABLES, Migration
-from shared.store.recorder import SideWrite
+from shared.store.recorder import SideWrite, as_columns, unnest_rows
 
 SCHEMA = "capture"
 PARTNER_MESSAGE_NAMESPACE = uuid.UUID("0d7a3c61-52e4-4b8f-a0a3-9f1b6e2c8d47")
@@ -248,13 +248,14 @@ class CaptureApp(EventStoreApp):
                 if lead.contact_key is not None:
                     sealed.append((lead.id, lead.contact_key))
         statement = SQL(
-            "INSERT INTO {} (rule, key, lead_id, partner_id, captured_at)"
-            " VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING"
+            "INSERT INTO {} (rule, key, lead_id, partner_id, captured_at) "
+            + unnest_rows(("text", "text", "uuid", "text", "timestamptz"))
+            + " ON CONFLICT DO NOTHING"
         ).format(self.table("lead_key"))
-        keys = SQL("INSERT INTO {} (lead_id, key) VALUES (%s, %s)").format(
+        keys = SQL("INSERT INTO {} (lead_id, key) " + unnest_rows(("uuid", "bytea"))).format(
             self.table("subject_key")
         )
-        return [(statement, rows), (keys, sealed)]
+        return [(statement, as_columns(rows)), (keys, as_columns(sealed))]
 
     def handle_partner_messages(
         self,
