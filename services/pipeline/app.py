@@ -195,7 +195,8 @@ class PipelineApp(EventStoreApp):
                 for e in envelopes
                 if e.event_type == "LeadCaptured"
             }
-            known = self.existing_ids([opportunity_id_for(c.lead_id) for c in captured.values()])
+            ids = {event_id: opportunity_id_for(c.lead_id) for event_id, c in captured.items()}
+            known = self.existing_ids(list(ids.values()))
             loads = self.owner_loads() if captured else {}
             changed: dict[uuid.UUID, Opportunity] = {}
             home: dict[uuid.UUID, uuid.UUID] = {}  # lead -> opportunity, for this batch
@@ -206,7 +207,7 @@ class PipelineApp(EventStoreApp):
             for envelope in envelopes:
                 if envelope.event_type == "LeadCaptured":
                     lead = captured[envelope.event_id]
-                    opportunity_id = opportunity_id_for(lead.lead_id)
+                    opportunity_id = ids[envelope.event_id]
                     if opportunity_id in known or lead.duplicate_of is not None:
                         continue  # seen, or a known customer: its LeadMerged attaches it
                     known.add(opportunity_id)
@@ -214,8 +215,9 @@ class PipelineApp(EventStoreApp):
                     if assignment.owner:
                         loads[assignment.owner] = loads.get(assignment.owner, 0) + 1
                     changed[opportunity_id] = Opportunity.open_from_lead(
-                        lead, rules, assignment, str(envelope.event_id), envelope.correlation_id
-                    )
+                        lead, rules, assignment, str(envelope.event_id), envelope.correlation_id,
+                        opportunity_id,
+                    )  # fmt: skip
                     home[lead.lead_id] = opportunity_id
                 elif envelope.event_type == "LeadMerged":
                     merged = cast(LeadMerged, envelope.contract())
@@ -235,21 +237,24 @@ class PipelineApp(EventStoreApp):
             # a merge that started waiting while another partition's batch was opening its
             # customer (neither saw the other's uncommitted rows) is settled by the next batch.
             settled += self._settle(home, waiting, attach)
-            still = [w for w in waiting if w[0] not in home]
-            if still:
-                pending.append((SQL(
-                    "INSERT INTO {} (" + ", ".join(PENDING_COLUMNS) + ") VALUES"
-                    " (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING").format(
-                    self.table("pending_merge")), still))  # fmt: skip
-            if settled:
-                pending.append((SQL("DELETE FROM {} WHERE lead_id = %s").format(
-                    self.table("pending_merge")), [(lead,) for lead in settled]))  # fmt: skip
+            pending.extend(self._pending_writes([w for w in waiting if w[0] not in home], settled))
             return list(changed.values())
 
         def side_writes(aggregates: Sequence[Aggregate]) -> list[SideWrite]:
             return [*self.index_writes(aggregates), *pending]
 
         return record_tracked(self, tracking_name, items, decide, side_writes)
+
+    def _pending_writes(
+        self, waiting: Sequence[tuple[Any, ...]], settled: Sequence[uuid.UUID]
+    ) -> list[SideWrite]:
+        """Merges that start waiting, and those settled, each as one statement."""
+        table = self.table("pending_merge")
+        types = ("uuid", "uuid", "text", "timestamptz", "text", "text")
+        insert = SQL("INSERT INTO {} (" + ", ".join(PENDING_COLUMNS) + ") " + unnest_rows(types)
+                     + " ON CONFLICT DO NOTHING").format(table)  # fmt: skip
+        delete = SQL("DELETE FROM {} WHERE lead_id = ANY(%s::uuid[])").format(table)
+        return [(insert, as_columns(waiting)), (delete, [(list(settled),)] if settled else [])]
 
     def _attacher(
         self, changed: dict[uuid.UUID, Opportunity], home: dict[uuid.UUID, uuid.UUID]
@@ -282,19 +287,19 @@ class PipelineApp(EventStoreApp):
         for row in stored:
             home.setdefault(row["into_lead_id"], row["opportunity_id"])
         settled: list[uuid.UUID] = []
-        homed = list(home)
+        homed = set(home)
         while homed:
             rows = self.query(
-                SQL("SELECT * FROM {} WHERE into_lead_id = ANY(%s)").format(pending), [homed]
+                SQL("SELECT * FROM {} WHERE into_lead_id = ANY(%s)").format(pending), [list(homed)]
             ) + [dict(zip(PENDING_COLUMNS, w, strict=True)) for w in waiting if w[1] in homed]
-            homed = []
+            homed = set()
             for row in rows:
                 if row["lead_id"] in home:
                     continue
                 attach(home[row["into_lead_id"]], row["lead_id"], row["rule"], row["merged_at"],
                        row["event_id"], row["correlation_id"])  # fmt: skip
                 settled.append(row["lead_id"])
-                homed.append(row["lead_id"])
+                homed.add(row["lead_id"])
         return settled
 
     def settle_pending_merges(self) -> list[uuid.UUID]:
@@ -306,9 +311,8 @@ class PipelineApp(EventStoreApp):
             settled = self._settle(home, [], self._attacher(changed, home))
             if not settled:
                 return []
-            delete = SQL("DELETE FROM {} WHERE lead_id = %s").format(self.table("pending_merge"))
             writes = [*self.index_writes(list(changed.values())),
-                      (delete, [(lead,) for lead in settled])]  # fmt: skip
+                      *self._pending_writes([], settled)]  # fmt: skip
             try:
                 self.record(changed.values(), side_writes=writes)
                 return settled

@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from decimal import Decimal
-from functools import lru_cache
 from typing import Any, ClassVar
 
 from eventsourcing.domain import Aggregate
@@ -23,7 +22,6 @@ OPPORTUNITY_NAMESPACE = uuid.UUID("c2f0d8a4-1b7e-4f3a-9e61-7d2b5a9c4e08")
 SYSTEM = "system"
 
 
-@lru_cache(maxsize=8192)  # asked three times per lead as a batch opens it
 def opportunity_id_for(lead_id: uuid.UUID) -> uuid.UUID:
     """One lead opens one opportunity, however often its event is delivered."""
     return uuid.uuid5(OPPORTUNITY_NAMESPACE, str(lead_id))
@@ -174,9 +172,11 @@ class Opportunity(Aggregate):
         assignment: Route,
         event_id: str,
         correlation_id: str,
+        opportunity_id: uuid.UUID | None = None,
     ) -> Opportunity:
-        """Open in stage A, scored, tiered and assigned: three events, one transaction."""
-        opportunity_id = opportunity_id_for(lead.lead_id)
+        """Open in stage A, scored, tiered and assigned: three events, one transaction (its id
+        is `opportunity_id_for` the lead's, given when the caller has it already)."""
+        opportunity_id = opportunity_id or opportunity_id_for(lead.lead_id)
         title = lead.company.name if not lead.need else f"{lead.company.name}: {lead.need}"
         opened = contract.OpportunityOpened(
             opportunity_id=opportunity_id,
