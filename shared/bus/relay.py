@@ -174,9 +174,7 @@ class OutboxRelay:
             return 0
         new_topics = {m.topic for _, m in messages} - self._known_topics
         if new_topics:
-            await ensure_topics(admin, self.settings, new_topics)
-            for topic in new_topics:
-                await producer.partitions_for(topic)  # fresh metadata before the first send
+            await ensure_topics(admin, self.settings, new_topics)  # send_batched awaits them
             self._known_topics |= new_topics
         if len(notifications) >= self.settings.relay_batch:  # more is likely waiting
             self._next = (notifications[-1].id, self._read_from(notifications[-1].id))
@@ -294,19 +292,25 @@ async def send_batched(
         await producer.partitions_for(topic)  # waits for the topic's metadata if it has none
         partitions[topic] = (list(cluster.partitions_for_topic(topic)),
                              list(cluster.available_partitions_for_topic(topic)))  # fmt: skip
+    placed: dict[tuple[str, bytes], tuple[str, int]] = {}  # a stream's events share a partition
     try:
         for i, m in enumerate(messages):
-            tp = (m.topic, _PARTITIONER(m.key, *partitions[m.topic]))
+            tp = placed.get((m.topic, m.key))
+            if tp is None:
+                tp = placed[m.topic, m.key] = (m.topic, _PARTITIONER(m.key, *partitions[m.topic]))
             batch_of.append(-1)
-            record = {"key": m.key, "value": m.value, "timestamp": None,
-                      "headers": list(m.headers)}  # fmt: skip
             if tp not in open_batches:
                 open_batches[tp] = producer.create_batch()
-            if open_batches[tp].append(**record) is None:  # full: send it, start the next
+            appended = open_batches[tp].append(
+                key=m.key, value=m.value, timestamp=None, headers=list(m.headers)
+            )
+            if appended is None:  # full: send it, the message starts the next
                 await flush(tp)
                 open_batches[tp] = producer.create_batch()
-                first = open_batches[tp].append(**record)
-                assert first is not None, "a batch's first record always goes in"
+                appended = open_batches[tp].append(
+                    key=m.key, value=m.value, timestamp=None, headers=list(m.headers)
+                )
+                assert appended is not None, "a batch's first record always goes in"
             members.setdefault(tp, []).append(i)
         for tp in list(open_batches):
             await flush(tp)
