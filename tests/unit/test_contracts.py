@@ -144,15 +144,6 @@ def test_money_amounts_are_strings_on_the_wire() -> None:
     )
 
 
-def test_event_id_is_the_uuid5_of_the_streams_place() -> None:
-    from shared.contracts.envelope import EVENT_ID_NAMESPACE
-
-    for version in (1, 2, 99, 123456):
-        stream = uuid.uuid4()
-        expected = uuid.uuid5(EVENT_ID_NAMESPACE, f"{stream}:{version}")
-        assert event_id_for(stream, version) == expected
-
-
 def test_addresses_are_checked_in_full_at_the_edge_and_by_shape_off_the_bus() -> None:
     from shared.contracts.partner import FROM_BUS, Contact
 
