@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from eventsourcing.domain import Aggregate, DomainEventProtocol
-from eventsourcing.persistence import Notification
+from eventsourcing.persistence import StoredEvent
 from psycopg.sql import SQL
 
 from services.capture.domain import (
@@ -150,7 +150,7 @@ class CaptureApp(EventStoreApp):
         return found
 
     def to_events(
-        self, notifications: Sequence[Notification]
+        self, notifications: Sequence[StoredEvent]
     ) -> list[DomainEventProtocol[uuid.UUID]]:
         """Sealed contacts opened with their keys (one query for the page), or shown erased."""
         events = super().to_events(notifications)

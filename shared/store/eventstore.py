@@ -74,11 +74,8 @@ class EventStoreApp(Application[uuid.UUID]):
             start=position, limit=limit, inclusive_of_start=False
         )
 
-    def to_event(self, notification: Notification) -> DomainEventProtocol[uuid.UUID]:
-        return self.to_events([notification])[0]
-
     def to_events(
-        self, notifications: Sequence[Notification]
+        self, notifications: Sequence[StoredEvent]
     ) -> list[DomainEventProtocol[uuid.UUID]]:
         """A page of the notification log as domain events: what the relay, replays and exports
         read. A store whose events need more than the mapper (capture opens sealed contacts)
@@ -106,10 +103,13 @@ class EventStoreApp(Application[uuid.UUID]):
             " WHERE originator_id = ANY(%s) ORDER BY originator_id, originator_version"
         ).format(schema=Identifier(self.schema), table=Identifier(f"{self.name.lower()}_events"))
         found: dict[uuid.UUID, list[DomainEventProtocol[uuid.UUID]]] = {i: [] for i in ids}
-        for row in self.query(statement, [list(ids)]):
-            stored = StoredEvent(row["originator_id"], row["originator_version"], row["topic"],
-                                 bytes(row["state"]))  # fmt: skip
-            found[row["originator_id"]].append(self.mapper.to_domain_event(stored))
+        stored = [
+            StoredEvent(row["originator_id"], row["originator_version"], row["topic"],
+                        bytes(row["state"]))
+            for row in self.query(statement, [list(ids)])
+        ]  # fmt: skip
+        for event in self.to_events(stored):  # as the store reads them (capture opens contacts)
+            found[event.originator_id].append(event)
         return found
 
     def query(

@@ -36,11 +36,7 @@ def raw_files_holding(root: Path, needles: list[bytes]) -> dict[bytes, list[str]
 
 
 def captured(app: CaptureApp, lead_id: uuid.UUID) -> list[Any]:
-    events, position = [], 0
-    while page := app.notifications_after(position, 500):
-        position = page[-1].id
-        events += [app.to_event(n) for n in page if n.originator_id == lead_id]
-    return events
+    return app.events_of([lead_id])[lead_id]
 
 
 async def test_a_forgotten_lead_shows_its_contact_erased_and_the_disk_holds_none_of_it(
