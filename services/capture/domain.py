@@ -113,7 +113,8 @@ class Lead(Aggregate):
         """Capture a lead; one that matches a known customer (`duplicate_of`) is stored all the
         same and merged into it, naming the rule that matched."""
         contract = LeadCaptured(
-            **details.model_dump(exclude={"message_id", "partner_id", "submitted_at", "channel"}),
+            # The details' own (validated) values: their addresses are not checked again.
+            **{name: getattr(details, name) for name in LeadDetails.model_fields},
             lead_id=lead_id,
             source=source,
             channel=channel,

@@ -19,6 +19,9 @@ from pydantic import (
 
 from shared.clock import utc_iso
 
+# Validation context of a contract read off the bus (`Envelope.contract`): written by one of our
+# services, which checked it in full at the edge.
+FROM_BUS = "from_bus"
 _ZERO = timedelta(0)
 
 

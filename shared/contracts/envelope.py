@@ -8,7 +8,7 @@ from typing import Any, Self
 
 from pydantic import Field, PrivateAttr
 
-from shared.contracts.common import Contract, UtcTime
+from shared.contracts.common import FROM_BUS, Contract, UtcTime
 
 EVENT_ID_NAMESPACE = uuid.UUID("5b0f7a52-8e0a-4c8e-9d55-2f1d2f6f0c11")
 
@@ -51,7 +51,6 @@ class Envelope(Contract):
         parsed = private.get("_contract") if private is not None else None
         if parsed is None:
             from shared.contracts.events import parse_event_data  # events builds on envelope
-            from shared.contracts.partner import FROM_BUS
 
             parsed = parse_event_data(self.event_type, self.data, {FROM_BUS: True})
             self._contract = parsed

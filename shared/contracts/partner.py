@@ -5,40 +5,28 @@ from __future__ import annotations
 import uuid
 from datetime import date
 from enum import StrEnum
-from functools import lru_cache
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field, ValidationInfo, WithJsonSchema
 from pydantic.networks import validate_email
 
-from shared.contracts.common import Contract, Money, UtcTime
+from shared.contracts.common import FROM_BUS, Contract, Money, UtcTime
 
 HEADER_PARTNER_ID = "x-partner-id"
 HEADER_MESSAGE_ID = "x-message-id"
 HEADER_SIGNATURE = "x-signature"
 
 
-# Validation context of a contract read off the bus (`Envelope.contract`): written by one of our
-# services, which checked it in full at the edge.
-FROM_BUS = "from_bus"
-
-
-@lru_cache(maxsize=4096)
-def _checked_email(value: str) -> str:
-    """pydantic's EmailStr check (same errors, same normalised address), remembered: capture
-    checks each address as the partner's message and again as the captured lead's contract."""
-    return validate_email(value)[1]
-
-
 def _email(value: str, info: ValidationInfo) -> str:
-    """An address from outside (a partner's message, a web form) is checked in full — about
-    55 µs, the costliest check of a lead. One read off the bus was checked so by capture before
-    it was stored: the services reading it check only its shape."""
+    """pydantic's EmailStr check (same errors, same normalised address) for an address from
+    outside (a partner's message, a web form): about 55 µs, the costliest check of a lead. One
+    read off the bus was checked so by capture before it was stored: the services reading it
+    check only its shape."""
     if info.context and info.context.get(FROM_BUS):
         if "@" not in value or len(value) > 254 or any(c.isspace() for c in value):
             raise ValueError("value is not a valid email address")
         return value
-    return _checked_email(value)
+    return validate_email(value)[1]
 
 
 Email = Annotated[
