@@ -105,7 +105,7 @@ class OutboxRelay:
                     raise
                 except Exception:
                     log.exception("relay %s failed; retrying in %.1fs", self.name, backoff)
-                    await _sleep_or_stop(stop, backoff)
+                    await sleep_or_stop(stop, backoff)
                     backoff = min(backoff * 2, 5.0)
         finally:
             if self._reader is not None:
@@ -116,7 +116,7 @@ class OutboxRelay:
         lock_key = zlib.crc32(f"dealstream-relay-{self.app.schema}-{self.name}".encode())
         async with self.pool.acquire() as conn:
             if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock_key):
-                await _sleep_or_stop(stop, 1.0)
+                await sleep_or_stop(stop, 1.0)
                 return
             channel = f"{self.app.name.lower()}_events"
             await conn.add_listener(channel, self._on_notify)
@@ -321,6 +321,6 @@ async def send_batched(
     return [outcomes[b] for b in batch_of]
 
 
-async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+async def sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), seconds)

@@ -30,7 +30,7 @@ from multiprocessing.process import BaseProcess
 from multiprocessing.sharedctypes import Synchronized
 from typing import Any
 
-from shared.bus.relay import OutboxRelay, Route
+from shared.bus.relay import OutboxRelay, Route, sleep_or_stop
 from shared.settings import Settings
 from shared.store.db import create_pool
 from shared.store.eventstore import EventStoreApp
@@ -96,15 +96,13 @@ class RelayProcess:
                 child.start()
                 self.pid, started = child.pid, time.monotonic()
                 while child.is_alive() and not stop.is_set():
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), WATCH_EVERY)
+                    await sleep_or_stop(stop, WATCH_EVERY)
                 if stop.is_set():
                     break
                 if child.exitcode == 0:
                     # Stopped by a signal meant for the whole service (Ctrl-C, or a service
                     # manager signalling every process): the service's own stop follows.
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), STOPPING_GRACE)
+                    await sleep_or_stop(stop, STOPPING_GRACE)
                     if stop.is_set():
                         break
                 self._leading.value = 0
@@ -113,8 +111,7 @@ class RelayProcess:
                     backoff = 0.5  # it ran fine for a while: this is a new failure
                 log.warning("relay process %s exited with %s; starting it again in %.1fs",
                             self.spec.name, child.exitcode, backoff)  # fmt: skip
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), backoff)
+                await sleep_or_stop(stop, backoff)
                 backoff = min(backoff * 2, 5.0)
         finally:
             # Also when the service cancels this loop: the child never outlives the stop.
@@ -123,12 +120,8 @@ class RelayProcess:
             self._leading.value = 0
             self.pid = None
 
-    async def lag(self) -> int | None:
-        """Stored events not yet published (None on a standby replica, as `OutboxRelay`)."""
-        if not self.leading:
-            return None
-        latest = await asyncio.to_thread(self.app.process_recorder.max_notification_id)
-        return max(0, (latest or 0) - self.position)
+    # The same as the in-process relay's: whether it leads and its position are all it reads.
+    lag = OutboxRelay.lag
 
 
 def _stop_child(child: BaseProcess) -> None:
@@ -189,8 +182,7 @@ async def _relay(
             if os.getppid() != parent:  # the service died without a word: so does its relay
                 log.warning("relay %s: the service's process is gone; stopping", spec.name)
                 stop.set()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), SHARE_EVERY)
+            await sleep_or_stop(stop, SHARE_EVERY)
 
     sharing = asyncio.create_task(share())
     try:
