@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
-from typing import Any, Self
+from typing import Any
 
-from pydantic import Field, PrivateAttr
+from pydantic import Field
 
 from shared.contracts.common import FROM_BUS, Contract, UtcTime
 
@@ -28,33 +27,13 @@ class Envelope(Contract):
     correlation_id: str
     causation_id: str
     data: dict[str, Any]
-    _contract: Contract | None = PrivateAttr(default=None)
-
-    def __eq__(self, other: object) -> bool:
-        """Equal fields are equal envelopes, whether or not one's contract was read yet."""
-        if not isinstance(other, Envelope):
-            return NotImplemented
-        return type(self) is type(other) and self.__dict__ == other.__dict__
-
-    __hash__ = None  # type: ignore[assignment]  # mutable, as pydantic's models are
-
-    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
-        """A copy reads its own contract (its `data` may be another)."""
-        copy = super().model_copy(update=update, deep=deep)
-        copy._contract = None
-        return copy
 
     def contract(self) -> Contract:
-        """`data` validated against its event type's contract: once per envelope however many
-        times it is asked (the consumer checks it on arrival, the service reads it after)."""
-        private = self.__pydantic_private__  # read directly: `self._contract` is a slow lookup
-        parsed = private.get("_contract") if private is not None else None
-        if parsed is None:
-            from shared.contracts.events import parse_event_data  # events builds on envelope
+        """`data` validated against its event type's contract, as read off the bus: written by
+        one of our services, which checked it in full at the edge (see FROM_BUS)."""
+        from shared.contracts.events import parse_event_data  # events builds on envelope
 
-            parsed = parse_event_data(self.event_type, self.data, {FROM_BUS: True})
-            self._contract = parsed
-        return parsed
+        return parse_event_data(self.event_type, self.data, {FROM_BUS: True})
 
 
 # Kafka header names the relay writes beside the envelope.
