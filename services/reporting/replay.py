@@ -14,7 +14,7 @@ from typing import Any, TextIO
 
 import asyncpg
 
-from services.reporting.projection import MIGRATIONS, POOL_SETTINGS, project
+from services.reporting.projection import FUNNEL_KEY, MIGRATIONS, POOL_SETTINGS, project
 from shared.bus.consumer import apply_read_model
 from shared.bus.envelopes import envelope_of
 from shared.contracts.envelope import Envelope
@@ -22,24 +22,15 @@ from shared.runtime import open_schema
 from shared.settings import Settings
 from shared.store.eventstore import EventStoreApp
 
-READ_MODEL_TABLES = {
+# The read models a rebuild is compared on, by their keys.
+COMPARED_TABLES = {
     "opportunity_now": ["opportunity_id"],
     "opportunity_history": ["opportunity_id", "version"],
     "stage_stay": ["opportunity_id", "left_at", "stage"],
     "payment": ["opportunity_id", "version"],
     "registration": ["registration_id"],
     "registration_conflict": ["registration_id", "partner_id", "lead_id"],
-    "funnel_now": [
-        "status",
-        "stage",
-        "currency",
-        "owner",
-        "team",
-        "region",
-        "source",
-        "partner_id",
-        "tier",
-    ],
+    "funnel_now": list(FUNNEL_KEY),
 }
 PAGE = 5000
 
@@ -127,7 +118,7 @@ async def differences(
 ) -> list[dict[str, Any]]:
     """Every row that is in one schema's read-model tables and not the other's."""
     found: list[dict[str, Any]] = []
-    for table, key in READ_MODEL_TABLES.items():
+    for table, key in COMPARED_TABLES.items():
         for name, a, b in (("live only", live, fresh), ("rebuilt only", fresh, live)):
             rows = await conn.fetch(
                 f'SELECT * FROM "{a}".{table} EXCEPT SELECT * FROM "{b}".{table}'
