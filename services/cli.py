@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from shared.clock import from_iso
 from shared.settings import Settings
 
 SERVICES = ("capture", "pipeline", "notify", "reporting")
@@ -27,7 +28,7 @@ def _port(settings: Settings, service: str) -> int:
 
 
 def _aware_time(text: str) -> datetime:
-    at = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    at = from_iso(text)
     if at.tzinfo is None:
         raise argparse.ArgumentTypeError("give a time zone, e.g. 2027-01-31T09:00:00Z")
     return at

@@ -32,7 +32,7 @@ from services.pipeline.app import MIGRATIONS as PIPELINE_MIGRATIONS
 from services.pipeline.app import PipelineApp, StaleVersion
 from services.pipeline.domain import Opportunity, Refused
 from shared.bus.kafka import make_producer
-from shared.clock import FixedClock, SystemClock
+from shared.clock import FixedClock, SystemClock, utc_iso
 from shared.contracts.common import Money
 from shared.contracts.partner import WebFormLead
 from shared.contracts.topics import PARTNER_LEADS
@@ -244,7 +244,7 @@ def _capture_leads(
             partner = rng.choice(PARTNERS)
             message_id = f"demo-{uuid.uuid4().hex[:12]}"
             body = {"message_id": message_id, "partner_id": partner,
-                    "submitted_at": at.isoformat().replace("+00:00", "Z"),
+                    "submitted_at": utc_iso(at),
                     **lead_body(rng, company, region)}  # fmt: skip
             value = json.dumps(body).encode()
             offset += 1
