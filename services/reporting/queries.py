@@ -59,9 +59,12 @@ class Query:
                 f" SELECT {cols} FROM opportunity_history"
                 f" WHERE valid_from <= {t} AND valid_to > {t}"
             )
-        conditions = [f"{FILTERS[name]} = {self.arg(value)}" for name, value in f.where.items()]
-        where = " AND ".join(conditions) or "TRUE"
+        where = " AND ".join(self.filters(f)) or "TRUE"
         return f"(SELECT * FROM ({base}) s WHERE {where}) o"
+
+    def filters(self, f: Filters, table: str = "") -> list[str]:
+        """The filters' conditions on columns of `table` (an alias and a dot, or none)."""
+        return [f"{table}{FILTERS[name]} = {self.arg(value)}" for name, value in f.where.items()]
 
     def group(self, f: Filters) -> str:
         return f"o.{GROUPS[f.group_by]}::text" if f.group_by else "NULL::text"
@@ -104,13 +107,11 @@ async def funnel(pool: asyncpg.Pool, f: Filters, rules: Rules) -> dict[str, Any]
     q = Query()
     if f.as_of is None:
         group = f"NULLIF(o.{GROUPS[f.group_by]}, '')" if f.group_by else "NULL::text"
-        where = "".join(f" AND o.{FILTERS[k]} = {q.arg(v)}" for k, v in f.where.items())
-        cur = q.arg(f.currency)
+        where = " AND ".join(["o.status = 'open'", *q.filters(f, "o.")])
         rows = await _fetch(pool, q, (
             f"SELECT {group} AS grp, o.stage, sum(o.n) AS n,"
-            f" coalesce(sum(o.amount) FILTER (WHERE o.currency = {cur}), 0) AS amount,"
-            f" coalesce(sum(o.weighted) FILTER (WHERE o.currency = {cur}), 0) AS weighted"
-            f" FROM funnel_now o WHERE o.status = 'open'{where} GROUP BY 1, 2 HAVING sum(o.n) > 0"
+            f" {q.money(f, 'o.amount')} AS amount, {q.money(f, 'o.weighted')} AS weighted"
+            f" FROM funnel_now o WHERE {where} GROUP BY 1, 2 HAVING sum(o.n) > 0"
         ))  # fmt: skip
     else:
         amount = q.money(f, "o.amount")
