@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import ssl
 import tomllib
 from datetime import time
 from decimal import Decimal
@@ -160,8 +161,23 @@ class Settings(BaseSettings):
     # Idempotent producers keep order within a partition across retries. On by default with a
     # configured (real) Kafka; the embedded Tansu broker refuses it (InitProducerId fails).
     kafka_idempotence: bool | None = None
+    # A real cluster: SASL/SCRAM over TLS, say (the embedded broker speaks PLAINTEXT only).
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "SCRAM-SHA-512"
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: str | None = None
+    kafka_ssl_cafile: Path | None = None
     topic_partitions: int = 6
     topic_replication: int = 1
+    # min.insync.replicas of the topics DealStream creates (2 with replication 3); unset: the
+    # broker's default.
+    topic_min_insync_replicas: int | None = None
+    # `dealstream partner add` applies the partner's Kafka ACLs with the admin API (it always
+    # prints the commands that would do it).
+    kafka_apply_acls: bool = False
+    # OpenTelemetry tracing hooks: off unless asked for (and the opentelemetry packages are
+    # installed); spans go to the exporter configured by the standard OTEL_* variables.
+    otel: bool = False
     relay_batch: int = 500
     # The outbox relay in a process of its own beside each service (shared.bus.relay_process);
     # off: in the service's process, on its event loop.
@@ -197,6 +213,19 @@ class Settings(BaseSettings):
         if self.kafka:
             return self.kafka
         return f"127.0.0.1:{self.kafka_port}"
+
+    def kafka_security(self) -> dict[str, Any]:
+        """The connection options every client of DealStream's gets (aiokafka's names)."""
+        options: dict[str, Any] = {"security_protocol": self.kafka_security_protocol}
+        if self.kafka_security_protocol in ("SSL", "SASL_SSL"):
+            options["ssl_context"] = ssl.create_default_context(
+                cafile=str(self.kafka_ssl_cafile) if self.kafka_ssl_cafile else None
+            )
+        if self.kafka_security_protocol.startswith("SASL"):
+            options["sasl_mechanism"] = self.kafka_sasl_mechanism
+            options["sasl_plain_username"] = self.kafka_sasl_username
+            options["sasl_plain_password"] = self.kafka_sasl_password
+        return options
 
     def idempotent_producer(self) -> bool:
         if self.kafka_idempotence is not None:

@@ -54,6 +54,7 @@ def make_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
         "max_batch_size": 256 * 1024,
         "request_timeout_ms": 15000,
         "enable_idempotence": settings.idempotent_producer(),
+        **settings.kafka_security(),
     }
     options.update(overrides)
     return AIOKafkaProducer(**options)
@@ -70,6 +71,7 @@ def make_consumer(
         "max_poll_records": settings.consumer_batch,
         "session_timeout_ms": 10000,
         "heartbeat_interval_ms": 1000,
+        **settings.kafka_security(),
     }
     options.update(overrides)
     return AIOKafkaConsumer(*topics, **options)
@@ -77,7 +79,9 @@ def make_consumer(
 
 def make_admin(settings: Settings) -> AIOKafkaAdminClient:
     return AIOKafkaAdminClient(
-        bootstrap_servers=settings.bootstrap_servers(), request_timeout_ms=10000
+        bootstrap_servers=settings.bootstrap_servers(),
+        request_timeout_ms=10000,
+        **settings.kafka_security(),
     )
 
 
@@ -93,9 +97,17 @@ async def ensure_topics(
     wanted = sorted(set(topics))
     existing = set(await admin.list_topics())
     missing = [t for t in wanted if t not in existing]
+    configs = {}
+    if settings.topic_min_insync_replicas is not None:
+        configs["min.insync.replicas"] = str(settings.topic_min_insync_replicas)
     if missing:
         response = await admin.create_topics(
-            [NewTopic(t, settings.topic_partitions, settings.topic_replication) for t in missing]
+            [
+                NewTopic(
+                    t, settings.topic_partitions, settings.topic_replication, topic_configs=configs
+                )
+                for t in missing
+            ]
         )
         for topic, code, message in response.topic_errors:
             if code not in (0, TOPIC_EXISTS):
