@@ -24,6 +24,7 @@ from shared.bus.consumer import BatchConsumer
 from shared.bus.kafka import cluster_id, make_admin
 from shared.bus.relay import OutboxRelay
 from shared.bus.relay_process import RelayProcess
+from shared.metrics import PROJECTION_LAG, Refresh, instrument, relay_refresh
 from shared.settings import Settings
 from shared.store.db import create_pool
 from shared.store.migrations import Migration, migrate
@@ -149,6 +150,32 @@ def health_router(readiness: Callable[[], Readiness | None]) -> APIRouter:
         )
 
     return router
+
+
+def observed(
+    api: FastAPI,
+    service: str,
+    readiness: Callable[[], Readiness | None],
+    *refresh: Refresh,
+    projection: bool = False,
+) -> FastAPI:
+    """`GET /metrics` for a service (shared.metrics): its requests and consumers as counted,
+    its relay's lag and published count read at each scrape, with the service's own `refresh`;
+    `projection`: the consumers feed read models, whose delay is the projection lag."""
+    relays: dict[int, Refresh] = {}  # one per relay: each keeps the count it last saw
+
+    async def loops() -> None:
+        probe = readiness()
+        if probe is None:
+            return
+        if probe.relay is not None:
+            update = relays.setdefault(id(probe.relay), relay_refresh(service, probe.relay))
+            await update()
+        delays = [c.delay for c in probe.consumers if c.delay is not None]
+        if projection and delays:
+            PROJECTION_LAG.labels(service).set(max(delays))
+
+    return instrument(api, service, [loops, *refresh])
 
 
 async def serve(app: FastAPI, port: int, loops: Sequence[Loop], host: str = "127.0.0.1") -> None:

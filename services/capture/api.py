@@ -23,7 +23,7 @@ from shared.clock import Clock
 from shared.contracts.asyncapi import document
 from shared.contracts.partner import FieldError, WebFormLead
 from shared.http_auth import bearer
-from shared.runtime import Readiness, correlate, correlation_id, health_router
+from shared.runtime import Readiness, correlate, correlation_id, health_router, observed
 from shared.settings import Settings
 
 MAX_BODY = 64 * 1024
@@ -68,7 +68,9 @@ def create_api(
     readiness: Callable[[], Readiness | None],
     limiter: RateLimiter | None = None,
 ) -> FastAPI:
-    api = correlate(FastAPI(title="DealStream capture", version="1"))
+    api = observed(
+        correlate(FastAPI(title="DealStream capture", version="1")), "capture", readiness
+    )
     api.include_router(health_router(readiness))
     limiter = limiter or RateLimiter(per_minute=60, burst=20)
 

@@ -16,7 +16,8 @@ from pydantic import BaseModel
 from shared.auth import Principal, Role, visible
 from shared.contracts.notifications import NotificationIssued
 from shared.http_auth import bearer
-from shared.runtime import Readiness, correlate, health_router
+from shared.metrics import backlog_refresh
+from shared.runtime import Readiness, correlate, health_router, observed
 from shared.settings import Settings
 
 
@@ -41,10 +42,22 @@ class TimerView(BaseModel):
     fired_at: datetime | None
 
 
+# What /metrics calls the reminder backlog: timers due and not fired, deliveries not yet sent.
+BACKLOG = (
+    "SELECT (SELECT count(*) FROM timer WHERE fired_at IS NULL AND due_at <= now())"
+    " + (SELECT count(*) FROM delivery WHERE status = 'pending')"
+)
+
+
 def create_api(
     settings: Settings, pool: asyncpg.Pool, readiness: Callable[[], Readiness | None]
 ) -> FastAPI:
-    api = correlate(FastAPI(title="DealStream notify", version="1"))
+    api = observed(
+        correlate(FastAPI(title="DealStream notify", version="1")),
+        "notify",
+        readiness,
+        backlog_refresh("notify", pool, BACKLOG),
+    )
     api.include_router(health_router(readiness))
     authenticated = bearer(settings)
 

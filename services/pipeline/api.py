@@ -21,7 +21,7 @@ from services.pipeline.domain import Opportunity, Refused
 from shared.auth import Principal, Role, visible
 from shared.clock import Clock
 from shared.http_auth import bearer
-from shared.runtime import Readiness, correlate, correlation_id, health_router
+from shared.runtime import Readiness, correlate, correlation_id, health_router, observed
 from shared.settings import Rules, Settings
 from shared.writer import BatchWriter
 
@@ -65,7 +65,9 @@ def create_api(
     clock: Clock,
     readiness: Callable[[], Readiness | None],
 ) -> FastAPI:
-    api = correlate(FastAPI(title="DealStream pipeline", version="1"))
+    api = observed(
+        correlate(FastAPI(title="DealStream pipeline", version="1")), "pipeline", readiness
+    )
     api.include_router(health_router(readiness))
     authenticated = bearer(settings, clock)
     rules = settings.rules

@@ -22,7 +22,7 @@ from shared.auth import Principal, Role
 from shared.clock import Clock, SystemClock
 from shared.contracts.common import jsonable
 from shared.http_auth import bearer
-from shared.runtime import Readiness, correlate, health_router
+from shared.runtime import Readiness, correlate, health_router, observed
 from shared.settings import Settings
 
 STATIC = Path(__file__).parent / "static"
@@ -49,7 +49,12 @@ def create_api(
     readiness: Callable[[], Readiness | None],
     clock: Clock | None = None,
 ) -> FastAPI:
-    api = correlate(FastAPI(title="DealStream reporting", version="1"))
+    api = observed(
+        correlate(FastAPI(title="DealStream reporting", version="1")),
+        "reporting",
+        readiness,
+        projection=True,
+    )
     api.include_router(health_router(readiness))
     time = clock or SystemClock()
     authenticated = bearer(settings, time)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeAlias, TypeVar
@@ -32,6 +33,7 @@ from eventsourcing.persistence import IntegrityError, Tracking
 
 from shared.bus.kafka import cluster_id, ensure_core_topics, make_admin, make_consumer
 from shared.contracts.envelope import Envelope
+from shared.metrics import CONSUMER_LAG, ERRORS, MESSAGES_IN, PROCESSING
 from shared.settings import Settings
 from shared.store.eventstore import EventStoreApp
 from shared.store.recorder import SideWrite
@@ -62,6 +64,9 @@ class BatchConsumer:
         self.batches = 0  # partition batches handled: processed / batches is the batch size
         self.errors = 0
         self.running = False
+        # Seconds from the relay's publishing of the newest handled record until it was handled.
+        self.delay: float | None = None
+        self._lag_at = 0.0
 
     async def run(self, stop: asyncio.Event) -> None:
         backoff = 0.2
@@ -101,6 +106,7 @@ class BatchConsumer:
                     await self._skip_undecodable(consumer)
                     continue
                 if not batch:
+                    await self._measure_lag(consumer)
                     continue
                 # Checked after the fetch: if the id is still ours, the records came from it.
                 current = await cluster_id(admin)
@@ -120,7 +126,7 @@ class BatchConsumer:
                 # Partitions are independent streams: handle them side by side, so one
                 # partition's database round trip overlaps another's decisions.
                 outcomes = await asyncio.gather(
-                    *(self.handle(partition, records) for partition, records in batch.items()),
+                    *(self._timed(partition, records) for partition, records in batch.items()),
                     return_exceptions=True,
                 )
                 done: dict[TopicPartition, tuple[int, str]] = {}
@@ -129,10 +135,15 @@ class BatchConsumer:
                     if not isinstance(outcome, BaseException):
                         self.processed += len(records)
                         self.batches += 1
+                        MESSAGES_IN.labels(self.group_id, self.name, partition.topic).inc(
+                            len(records)
+                        )
+                        self.delay = max(0.0, time.time() - records[-1].timestamp / 1000)
                         failures.pop(partition, None)
                         done[partition] = (records[-1].offset + 1, self.cluster)
                         continue
                     self.errors += 1
+                    ERRORS.labels(self.group_id, f"consumer:{self.name}").inc()
                     failures[partition] = failures.get(partition, 0) + 1
                     log.error(
                         "consumer %s: batch on %s failed (%d in a row); reading it again",
@@ -150,12 +161,37 @@ class BatchConsumer:
                     with contextlib.suppress(Exception):
                         # A hint for lag dashboards, tagged with the broker it belongs to.
                         await consumer.commit(done)
+                await self._measure_lag(consumer)
         finally:
             self.running = False
             with contextlib.suppress(Exception):
                 await consumer.stop()
             with contextlib.suppress(Exception):
                 await admin.close()
+
+    async def _timed(self, partition: TopicPartition, records: list[Record]) -> None:
+        started = time.perf_counter()
+        try:
+            await self.handle(partition, records)
+        finally:
+            PROCESSING.labels(self.group_id, self.name).observe(time.perf_counter() - started)
+
+    async def _measure_lag(self, consumer: AIOKafkaConsumer, every: float = 1.0) -> None:
+        """Per assigned partition, how far the consumer is behind the broker's high watermark
+        (as of the last fetch), at most once a second."""
+        now = time.monotonic()
+        if now - self._lag_at < every:
+            return
+        self._lag_at = now
+        for partition in consumer.assignment():
+            highwater = consumer.highwater(partition)
+            if highwater is None:
+                continue  # nothing fetched from it yet
+            with contextlib.suppress(Exception):
+                position = await asyncio.wait_for(consumer.position(partition), 1.0)
+                CONSUMER_LAG.labels(
+                    self.group_id, self.name, partition.topic, str(partition.partition)
+                ).set(max(0, highwater - position))
 
     async def _skip_undecodable(self, consumer: AIOKafkaConsumer) -> None:
         """A record the client cannot even parse (say, a header name that is not UTF-8) must not

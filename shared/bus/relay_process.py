@@ -70,6 +70,10 @@ class RelayProcess:
         self.pid: int | None = None  # the running child's
 
     @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
     def leading(self) -> bool:
         return bool(self._leading.value)
 
