@@ -239,11 +239,12 @@ def cmd_migrate(_: argparse.Namespace) -> int:
 
 
 async def _partner(args: argparse.Namespace) -> int:
+    from services.capture.access import access_commands
     from services.capture.app import MIGRATIONS, SCHEMA
     from services.capture.partners import PartnerExists, add_partner, list_partners, rotate_partner
     from shared.bus.kafka import ensure_topics, make_admin
     from shared.clock import SystemClock
-    from shared.contracts.topics import partner_replies
+    from shared.contracts.topics import PARTNER_LEADS, partner_replies
     from shared.runtime import open_schema
 
     settings = Settings()
@@ -264,6 +265,13 @@ async def _partner(args: argparse.Namespace) -> int:
                 await admin.close()
             print(f"partner {args.partner_id} added; replies on {topic}")
             print(f"secret: {secret}")
+            print(
+                "\nOn a Kafka cluster with SASL/SCRAM and ACLs, give the partner a user that may"
+                f" write {PARTNER_LEADS} and read only {topic}:"
+            )
+            for command in access_commands(args.partner_id, settings.bootstrap_servers(),
+                                           settings.kafka_sasl_mechanism):  # fmt: skip
+                print(f"  {command}")
         elif args.action == "rotate":
             try:
                 secret = await rotate_partner(pool, args.partner_id, SystemClock().now())

@@ -172,9 +172,6 @@ class Settings(BaseSettings):
     # min.insync.replicas of the topics DealStream creates (2 with replication 3); unset: the
     # broker's default.
     topic_min_insync_replicas: int | None = None
-    # `dealstream partner add` applies the partner's Kafka ACLs with the admin API (it always
-    # prints the commands that would do it).
-    kafka_apply_acls: bool = False
     # OpenTelemetry tracing hooks: off unless asked for (and the opentelemetry packages are
     # installed); spans go to the exporter configured by the standard OTEL_* variables.
     otel: bool = False

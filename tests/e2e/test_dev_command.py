@@ -50,7 +50,8 @@ async def test_make_run_path_from_partner_message_and_web_form_to_funnel(tmp_pat
 
         bootstrap = f"127.0.0.1:{ports['kafka']}"
         out = cli(env, "partner", "add", "acme")
-        secret = out.split("secret: ")[1].strip()
+        secret = out.split("secret: ")[1].split()[0]
+        assert "kafka-acls.sh" in out and "--topic partner.acme.replies.v1" in out
         token = cli(env, "token", "issue", "--role", "ops", "--user", "ops1").strip()
         funnel_url = f"http://127.0.0.1:{ports['reporting']}/v1/reports/funnel"
         auth = {"Authorization": f"Bearer {token}"}

@@ -41,7 +41,7 @@ def run(env: dict[str, str], *args: str) -> tuple[int, Any]:
 async def history(services: Services, e2e_stack: DevStack) -> dict[str, Any]:
     """Leads from a partner become opportunities; some move to B and some of those are lost;
     reporting has applied it all."""
-    secret = cli(services.env, "partner", "add", "opsco").split("secret: ")[1].strip()
+    secret = cli(services.env, "partner", "add", "opsco").split("secret: ")[1].split()[0]
     messages, ids = [], []
     for _ in range(LEADS):
         message_id = f"opsco-{uuid.uuid4().hex[:10]}"

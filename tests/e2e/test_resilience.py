@@ -24,7 +24,7 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def partner(services: Services) -> tuple[str, str]:
     out = cli(services.env, "partner", "add", "acme")
-    return "acme", out.split("secret: ")[1].strip()
+    return "acme", out.split("secret: ")[1].split()[0]
 
 
 @pytest.fixture
