@@ -1,11 +1,31 @@
-"""JSON logs, one object per line; never a secret or contact PII (callers log ids, not data)."""
+"""JSON logs, one object per line; never a secret or contact PII (callers log ids, not data).
+
+Every line logged while a correlation id is current — an HTTP request's (`x-request-id`), or
+one set with `correlated` for a message being handled — carries it as `correlation_id`: the id
+the events carry from service to service, so one `grep` follows a lead through all four."""
 
 from __future__ import annotations
 
 import json
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
+
+CORRELATION: ContextVar[str] = ContextVar("correlation_id", default="")
+
+
+@contextmanager
+def correlated(correlation_id: str) -> Iterator[None]:
+    """Log lines within carry `correlation_id`."""
+    token = CORRELATION.set(correlation_id)
+    try:
+        yield
+    finally:
+        CORRELATION.reset(token)
+
 
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message"}
 
@@ -44,4 +64,6 @@ class _ServiceName(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.service = self.service
+        if not hasattr(record, "correlation_id") and (current := CORRELATION.get()):
+            record.correlation_id = current
         return True

@@ -9,7 +9,6 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
-from contextvars import ContextVar
 from typing import Any, TypeVar
 
 import asyncpg
@@ -24,6 +23,7 @@ from shared.bus.consumer import BatchConsumer
 from shared.bus.kafka import cluster_id, make_admin
 from shared.bus.relay import OutboxRelay
 from shared.bus.relay_process import RelayProcess
+from shared.logs import CORRELATION
 from shared.metrics import PROJECTION_LAG, Refresh, instrument, relay_refresh
 from shared.settings import Settings
 from shared.store.db import create_pool
@@ -88,9 +88,6 @@ class Readiness:
         )
 
 
-_correlation: ContextVar[str] = ContextVar("correlation_id", default="")
-
-
 def correlate(api: FastAPI) -> FastAPI:
     """Every request gets a correlation id — the caller's `x-request-id`, or a new one — that
     the events it causes carry, and that the answer echoes."""
@@ -118,16 +115,16 @@ class _Correlation:
                 MutableHeaders(scope=message)["x-request-id"] = correlation_id
             await send(message)
 
-        token = _correlation.set(correlation_id)
+        token = CORRELATION.set(correlation_id)
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            _correlation.reset(token)
+            CORRELATION.reset(token)
 
 
 def correlation_id() -> str:
     """The correlation id of the request being handled ("" outside a request)."""
-    return _correlation.get()
+    return CORRELATION.get()
 
 
 def health_router(readiness: Callable[[], Readiness | None]) -> APIRouter:

@@ -138,6 +138,7 @@ def create_api(
             error = FieldError(field="body", code="invalid_value", message=str(exc)[:200])
             return _invalid([error])
         lead_id = await asyncio.to_thread(app.capture_web_lead, form, clock.now(), correlation_id())
+        log.info("web lead accepted", extra={"lead_id": str(lead_id)})
         return JSONResponse({"lead_id": str(lead_id)}, status_code=202)
 
     return api

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import uuid
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -39,6 +40,8 @@ from shared.settings import Rules
 from shared.store.eventstore import EventStoreApp
 from shared.store.migrations import BUS_TABLES, Migration
 from shared.store.recorder import SideWrite, as_columns, unnest_rows
+
+log = logging.getLogger(__name__)
 
 SCHEMA = "capture"
 PARTNER_MESSAGE_NAMESPACE = uuid.UUID("0d7a3c61-52e4-4b8f-a0a3-9f1b6e2c8d47")
@@ -459,6 +462,12 @@ def _answer(
             value_b64=base64.b64encode(message.value[:DEAD_LETTER_KEEP]).decode(),
         ).model_dump(mode="json")
     correlation = verdict.message_id or _position(message)
+    status = reply.status.value if reply is not None else "dead-letter"
+    log.log(
+        logging.DEBUG if status in ("accepted", "duplicate") else logging.INFO,
+        "partner message answered",
+        extra={"correlation_id": correlation, "partner_id": verdict.partner_id, "status": status},
+    )
     return PartnerMessage._create(
         PartnerMessage.Handled,
         # One answer per message: a replica replaying the same offsets collides here.

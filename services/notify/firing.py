@@ -5,6 +5,7 @@ issued twice — not on a redelivery, a replay, or a second replica."""
 
 from __future__ import annotations
 
+import logging
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -20,6 +21,8 @@ from services.notify.timers import picture_of
 from shared.clock import utc_iso
 from shared.contracts.notifications import DigestLine, NotificationIssued
 from shared.settings import Rules, Settings
+
+log = logging.getLogger(__name__)
 
 NOTIFICATION_NAMESPACE = uuid.UUID("0d7cbe1e-4f7a-4d0e-8b6e-6a2f4a0f1c33")
 KIND_OF_TIMER: dict[str, str] = {
@@ -156,6 +159,13 @@ async def store(conn: asyncpg.Connection, drafts: list[Draft]) -> int:
     ids, channel, address = [], [], []
     for d in drafts:
         if d.notification.notification_id in fresh:
+            n = d.notification
+            # As on its envelope (delivery.envelope_value): a reminder is caused by time, so it is
+            # correlated with the event that started its clock, which names the request's id.
+            log.info("notification issued", extra={
+                "correlation_id": str((n.derived_from or [n.notification_id])[0]),
+                "kind": n.kind, "opportunity_id": str(n.opportunity_id), "recipient": n.recipient,
+            })  # fmt: skip
             for name, where in d.addresses:
                 ids.append(d.notification.notification_id)
                 channel.append(name)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import uuid
 from collections.abc import Callable
 from datetime import datetime
@@ -27,6 +28,8 @@ from shared.writer import BatchWriter
 
 # Refusals about the request itself; the others are conflicts with the opportunity's state.
 UNPROCESSABLE = {"unknown_reason", "unknown_stage", "invalid_probability", "currency_mismatch"}
+
+log = logging.getLogger(__name__)
 
 
 class Hidden(Exception):
@@ -82,6 +85,8 @@ def create_api(
 
     async def audit(opportunity_id: uuid.UUID, command: str, code: str, actor: str,
                     detail: dict[str, Any]) -> None:  # fmt: skip
+        log.info("command refused", extra={"opportunity_id": str(opportunity_id),
+                                           "command": command, "code": code})  # fmt: skip
         await pool.execute(
             "INSERT INTO refused_command (opportunity_id, command, code, actor, detail, refused_at)"
             " VALUES ($1, $2, $3, $4, $5::jsonb, $6)",
@@ -133,6 +138,8 @@ def create_api(
             status = 422 if exc.code in UNPROCESSABLE else 409
             refusal = v.Refusal(code=exc.code, message=str(exc), detail=exc.detail)
             return JSONResponse(refusal.model_dump(mode="json"), status_code=status)
+        applied = {"opportunity_id": str(opportunity_id), "command": command}
+        log.info("command applied", extra={**applied, "version": saved.version})
         return JSONResponse(v.OpportunityView.of(saved).model_dump(mode="json"))
 
     base = "/v1/opportunities/{opportunity_id}"

@@ -5,6 +5,7 @@ events, the Prometheus series on `/metrics` move."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -157,7 +158,9 @@ def test_the_services_run_on_the_database_and_broker_they_are_given(
         "company": {"name": f"External Co {uuid.uuid4().hex[:6]}", "region": "CN-BJ"},
         "contact": {"name": "Wang Fang"},
     }
-    answer = httpx.post(f"{external.url('capture')}/v1/leads", json=lead, timeout=10)
+    request_id = f"req-{uuid.uuid4()}"
+    answer = httpx.post(f"{external.url('capture')}/v1/leads", json=lead, timeout=10,
+                        headers={"x-request-id": request_id})  # fmt: skip
     assert answer.status_code == 202, answer.text
     lead_id = answer.json()["lead_id"]
     deadline = time.monotonic() + 60
@@ -170,6 +173,32 @@ def test_the_services_run_on_the_database_and_broker_they_are_given(
         time.sleep(0.3)
     else:
         raise AssertionError("the web-form lead never became an opportunity")
+    opportunity = found.json()["items"][0]
+    command_id = f"cmd-{uuid.uuid4()}"
+    moved = httpx.post(
+        f"{external.url('pipeline')}/v1/opportunities/{opportunity['opportunity_id']}/stage",
+        json={"expected_version": opportunity["version"], "to_stage": "B"},
+        headers={**headers, "x-request-id": command_id},
+        timeout=10,
+    )
+    assert moved.status_code == 200, moved.text
+    # The JSON logs name the request each line was written for.
+    assert {"msg": "web lead accepted", "correlation_id": request_id}.items() <= _line_of(
+        external.logs / "capture.log", request_id
+    ).items()
+    assert {"msg": "command applied", "correlation_id": command_id}.items() <= _line_of(
+        external.logs / "pipeline.log", command_id
+    ).items()
+
+
+def _line_of(log: Path, correlation_id: str) -> dict[str, object]:
+    """The first JSON log line with this correlation id."""
+    for line in log.read_text().splitlines():
+        if line.startswith("{"):
+            entry = json.loads(line)
+            if entry.get("correlation_id") == correlation_id:
+                return dict(entry)
+    raise AssertionError(f"no line with correlation_id {correlation_id} in {log}")
 
 
 def _series(text: str, name: str, **labels: str) -> float:
