@@ -28,6 +28,7 @@ from shared.metrics import PROJECTION_LAG, Refresh, instrument, relay_refresh
 from shared.settings import Settings
 from shared.store.db import create_pool
 from shared.store.migrations import Migration, migrate
+from shared.tracing import span
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -117,7 +118,8 @@ class _Correlation:
 
         token = CORRELATION.set(correlation_id)
         try:
-            await self.app(scope, receive, send_with_id)
+            with span(f"HTTP {scope['method']}", **{"http.target": scope["path"]}):
+                await self.app(scope, receive, send_with_id)
         finally:
             CORRELATION.reset(token)
 

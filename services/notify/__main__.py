@@ -13,10 +13,12 @@ from shared.clock import SystemClock
 from shared.logs import setup_logging
 from shared.runtime import Readiness, open_schema, periodic, run_service, serve
 from shared.settings import Settings
+from shared.tracing import setup_tracing
 
 
 async def main(settings: Settings) -> None:
     setup_logging("notify", settings.log_level)
+    setup_tracing("notify", settings.otel)
     pool = await open_schema(settings, SCHEMA, MIGRATIONS)
     producer = make_producer(settings, linger_ms=5)
     await producer.start()

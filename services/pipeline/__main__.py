@@ -12,10 +12,12 @@ from shared.clock import SystemClock
 from shared.logs import setup_logging
 from shared.runtime import Readiness, open_schema, run_service, scheduled, serve
 from shared.settings import Settings
+from shared.tracing import setup_tracing
 
 
 async def main(settings: Settings) -> None:
     setup_logging("pipeline", settings.log_level)
+    setup_tracing("pipeline", settings.otel)
     pool = await open_schema(settings, SCHEMA, MIGRATIONS)
     app = await asyncio.to_thread(PipelineApp, settings.dsn(), SCHEMA)
     clock = SystemClock()

@@ -8,10 +8,12 @@ from services.reporting.projection import MIGRATIONS, POOL_SETTINGS, SCHEMA
 from shared.logs import setup_logging
 from shared.runtime import Readiness, open_schema, run_service, serve
 from shared.settings import Settings
+from shared.tracing import setup_tracing
 
 
 async def main(settings: Settings) -> None:
     setup_logging("reporting", settings.log_level)
+    setup_tracing("reporting", settings.otel)
     pool = await open_schema(settings, SCHEMA, MIGRATIONS, server=POOL_SETTINGS)
     events = opportunity_events(pool, settings)
     readiness = Readiness(settings, pool, [events])

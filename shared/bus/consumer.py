@@ -37,6 +37,7 @@ from shared.metrics import CONSUMER_LAG, ERRORS, MESSAGES_IN, PROCESSING
 from shared.settings import Settings
 from shared.store.eventstore import EventStoreApp
 from shared.store.recorder import SideWrite
+from shared.tracing import span
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +173,10 @@ class BatchConsumer:
     async def _timed(self, partition: TopicPartition, records: list[Record]) -> None:
         started = time.perf_counter()
         try:
-            await self.handle(partition, records)
+            with span(f"consume {partition.topic}", **{"dealstream.consumer": self.name,
+                      "messaging.kafka.partition": partition.partition,
+                      "messaging.batch.message_count": len(records)}):  # fmt: skip
+                await self.handle(partition, records)
         finally:
             PROCESSING.labels(self.group_id, self.name).observe(time.perf_counter() - started)
 
