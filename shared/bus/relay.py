@@ -257,12 +257,16 @@ class OutboxRelay:
         self.cluster = current
 
     async def lag(self) -> int | None:
-        """How many stored events are not yet published (for /readyz and /metrics); None on a
-        standby replica, whose relay waits for the lock."""
-        if not self.leading:
-            return None
-        latest = await asyncio.to_thread(self.app.process_recorder.max_notification_id)
-        return max(0, (latest or 0) - self.position)
+        return await relay_lag(self.app, self.leading, self.position)
+
+
+async def relay_lag(app: EventStoreApp, leading: bool, position: int) -> int | None:
+    """How many stored events are not yet published (for /readyz and /metrics); None on a
+    standby replica, whose relay waits for the lock."""
+    if not leading:
+        return None
+    latest = await asyncio.to_thread(app.process_recorder.max_notification_id)
+    return max(0, (latest or 0) - position)
 
 
 _PARTITIONER = DefaultPartitioner()  # the producer's own (make_producer sets no other)

@@ -30,7 +30,7 @@ from multiprocessing.process import BaseProcess
 from multiprocessing.sharedctypes import Synchronized
 from typing import Any
 
-from shared.bus.relay import OutboxRelay, Route, sleep_or_stop
+from shared.bus.relay import OutboxRelay, Route, relay_lag, sleep_or_stop
 from shared.settings import Settings
 from shared.store.db import create_pool
 from shared.store.eventstore import EventStoreApp
@@ -124,8 +124,9 @@ class RelayProcess:
             self._leading.value = 0
             self.pid = None
 
-    # The same as the in-process relay's: whether it leads and its position are all it reads.
-    lag = OutboxRelay.lag
+    async def lag(self) -> int | None:
+        """As the in-process relay's: whether the child leads and its position are all it reads."""
+        return await relay_lag(self.app, self.leading, self.position)
 
 
 def _stop_child(child: BaseProcess) -> None:
