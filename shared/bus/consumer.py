@@ -226,6 +226,11 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         log.info("consumer %s: revoked %s", self.owner.name, sorted(p.partition for p in revoked))
+        for partition in revoked:  # another replica reports their lag now
+            with contextlib.suppress(KeyError):
+                CONSUMER_LAG.remove(
+                    self.owner.group_id, self.owner.name, partition.topic, str(partition.partition)
+                )
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         log.info("consumer %s: assigned %s", self.owner.name, sorted(p.partition for p in assigned))
