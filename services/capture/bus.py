@@ -29,7 +29,12 @@ JSON = ((HEADER_CONTENT_TYPE, b"application/json"),)
 
 def route(event: DomainEventProtocol[uuid.UUID], _: Notification) -> Sequence[Outbound]:
     if isinstance(
-        event, Lead.Captured | Lead.Merged | Registration.Registered | Registration.Changed
+        event,
+        Lead.Captured
+        | Lead.Merged
+        | Lead.Forgotten
+        | Registration.Registered
+        | Registration.Changed,
     ):
         return [envelope_message(LEAD_EVENTS, event, "capture")]
     if isinstance(event, PartnerMessage.Handled):

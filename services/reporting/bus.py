@@ -12,7 +12,7 @@ from shared.bus.envelopes import decode_records
 from shared.contracts.topics import LEAD_EVENTS, OPPORTUNITY_EVENTS
 from shared.settings import Settings
 
-LEAD_ONLY = {"LeadCaptured", "LeadMerged"}
+LEAD_ONLY = {"LeadCaptured", "LeadMerged", "LeadForgotten"}
 
 
 def opportunity_events(pool: asyncpg.Pool, settings: Settings) -> BatchConsumer:

@@ -15,7 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from services.capture.app import MIGRATIONS, CaptureApp
+from services.capture.bus import route
+from shared.contracts.envelope import HEADER_EVENT_TYPE
 from shared.contracts.partner import WebFormLead
+from shared.contracts.topics import LEAD_EVENTS
 from shared.devstack import DevStack
 from shared.privacy import ERASED_CONTACT
 from shared.settings import Settings
@@ -74,6 +77,9 @@ async def test_a_forgotten_lead_shows_its_contact_erased_and_the_disk_holds_none
     assert opened.payload["company"]["name"] == f"Keepable Co {marker}"
     assert forgotten.public_name == "LeadForgotten"
     assert forgotten.payload["lead_id"] == str(lead_id)
+    [published] = route(forgotten, None)  # sales systems hear of the erasure too
+    assert published.topic == LEAD_EVENTS
+    assert dict(published.headers)[HEADER_EVENT_TYPE] == b"LeadForgotten"
     assert await pool.fetchval("SELECT count(*) FROM subject_key WHERE lead_id = $1", lead_id) == 0
     assert await pool.fetchval("SELECT count(*) FROM lead_key WHERE rule IN ('email', 'phone')"
                                " AND lead_id = $1", lead_id) == 0  # fmt: skip
