@@ -141,9 +141,12 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """The raw history as JSON lines, one v1 envelope per event, in store order."""
+    """The raw history as JSON lines, one v1 envelope per event, in store order: the events of
+    the bus contract (what sales systems see), not the stores' own records (capture's handled
+    partner messages, which hold replies and dead letters, stay inside)."""
     from services.capture.app import CaptureApp
     from shared.bus.envelopes import envelope_of
+    from shared.contracts.events import EVENT_TYPES
 
     settings = Settings()
     stores = {"pipeline": lambda: _pipeline_store(settings),
@@ -158,6 +161,8 @@ def cmd_export(args: argparse.Namespace) -> int:
                 if args.stream:
                     notifications = [n for n in notifications if n.originator_id == args.stream]
                 for event in app.to_events(notifications):
+                    if getattr(event, "public_name", "") not in EVENT_TYPES:
+                        continue
                     envelope = envelope_of(event)
                     if args.since and envelope.occurred_at < args.since:
                         continue

@@ -22,6 +22,7 @@ import pytest
 from services.capture.domain import partner_lead_id
 from services.pipeline.domain import opportunity_id_for
 from shared.auth import Principal, Role, issue_token
+from shared.contracts.events import EVENT_TYPES
 from shared.devstack import DevStack
 from tests.e2e.conftest import Services, cli
 from tests.support import eventually, lead_value, send_partner_messages, signed_headers
@@ -203,6 +204,10 @@ async def test_audit_show_and_export_tell_the_same_history_as_of_any_moment(
     assert [e["stream_version"] for e in exported] == [1, 2, 3, 4, 5]
     assert [e["event_type"] for e in exported] == [h["event_type"] for h in now["history"]]
     assert all(e["stream_id"] == chosen for e in exported)
+    # Everything, partner messages among it: the bus contract's events only, leads included.
+    everything = [json.loads(line) for line in cli(env, "export", "events").splitlines()]
+    kinds = {e["event_type"] for e in everything}
+    assert {"LeadCaptured", "OpportunityOpened", "OpportunityLost"} <= kinds <= set(EVENT_TYPES)
 
 
 async def test_demo_loads_a_living_year_that_the_reports_and_audit_show(
