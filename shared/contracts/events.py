@@ -9,9 +9,9 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 
-from shared.contracts.common import Contract, Money, UtcTime
+from shared.contracts.common import FROM_BUS, Contract, Money, UtcTime
 from shared.contracts.partner import Channel, LeadDetails
 
 
@@ -245,12 +245,40 @@ EVENT_TYPES: dict[str, tuple[type[Contract], int]] = {
 def parse_event_data(
     event_type: str, data: dict[str, Any], context: dict[str, Any] | None = None
 ) -> Contract:
-    """Validate an envelope's `data` against its event type's contract."""
+    """Validate an envelope's `data` against its event type's contract. Read off the bus
+    (FROM_BUS in `context`), fields this code does not know are ignored: a producer may add an
+    optional field within a schema version (SPEC §2), and a consumer not yet upgraded reads on
+    (at the edge, where partners write, they are refused)."""
     try:
         model, _ = EVENT_TYPES[event_type]
     except KeyError:
         raise ValueError(f"unknown event type {event_type!r}") from None
-    return model.model_validate(data, context=context)
+    try:
+        return model.model_validate(data, context=context)
+    except ValidationError as exc:
+        unknown = [e["loc"] for e in exc.errors() if e["type"] == "extra_forbidden"]
+        if not (context and context.get(FROM_BUS)) or len(unknown) < len(exc.errors()):
+            raise
+        return model.model_validate(_without(data, unknown), context=context)
+
+
+def _without(data: Any, paths: list[tuple[int | str, ...]]) -> Any:
+    """`data` without the values at `paths` (a copy; the envelope's own data stays whole)."""
+    if not paths:
+        return data
+    if isinstance(data, dict):
+        dropped = {path[0] for path in paths if len(path) == 1}
+        return {
+            key: _without(value, [p[1:] for p in paths if len(p) > 1 and p[0] == key])
+            for key, value in data.items()
+            if key not in dropped
+        }
+    if isinstance(data, list):
+        return [
+            _without(value, [p[1:] for p in paths if len(p) > 1 and p[0] == index])
+            for index, value in enumerate(data)
+        ]
+    return data
 
 
 def schema_version_of(event_type: str) -> int:

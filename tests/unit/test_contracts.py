@@ -168,3 +168,24 @@ def test_an_envelopes_contract_is_its_data_checked_as_read_off_the_bus() -> None
     odd = envelope.model_copy(update={"data": {**envelope.data, "budget": 12.5}})
     with pytest.raises(ValidationError):
         odd.contract()
+
+
+def test_fields_a_newer_producer_added_are_ignored_off_the_bus_and_refused_at_the_edge() -> None:
+    from shared.contracts.common import FROM_BUS
+    from shared.contracts.events import parse_event_data
+    from tests.factories import lead_captured
+
+    data = lead_captured(uuid.uuid4()).data
+    newer = {
+        **data,
+        "campaign": "spring-fair",  # added at the top
+        "company": {**data["company"], "employees": 120},  # and inside a nested contract
+    }
+    read = parse_event_data("LeadCaptured", newer, {FROM_BUS: True})
+    assert read == parse_event_data("LeadCaptured", data, {FROM_BUS: True})
+    assert newer["campaign"] == "spring-fair"  # the envelope's own data is left whole
+    with pytest.raises(ValidationError, match="campaign"):
+        parse_event_data("LeadCaptured", newer)  # at the edge: refused
+    broken = {**newer, "budget": 12.5}  # an unknown field does not hide a real error
+    with pytest.raises(ValidationError, match="budget"):
+        parse_event_data("LeadCaptured", broken, {FROM_BUS: True})
