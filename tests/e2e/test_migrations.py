@@ -150,7 +150,9 @@ async def test_a_database_at_the_previous_version_keeps_its_data_and_the_service
         await conn.close()
 
 
-async def test_a_schema_newer_than_the_code_stops_the_migration(e2e_stack: DevStack) -> None:
+async def test_a_schema_newer_than_the_code_stops_the_migration_and_the_service(
+    e2e_stack: DevStack, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     url = await new_database(e2e_stack, f"newer_{uuid.uuid4().hex[:8]}")
     conn = await asyncpg.connect(url)
     try:
@@ -160,3 +162,9 @@ async def test_a_schema_newer_than_the_code_stops_the_migration(e2e_stack: DevSt
             await migrate(conn, "notify", NOTIFY)
     finally:
         await conn.close()
+    # A service of an older release, started on it, refuses to run, and says why.
+    running = services_on(e2e_stack, url, tmp_path_factory.mktemp("logs"))
+    running.start("notify")
+    exited = await asyncio.to_thread(running.processes.pop("notify").wait, 60)
+    assert exited != 0
+    assert "schema notify is at version 99" in (running.logs / "notify.log").read_text()
