@@ -214,10 +214,8 @@ def cmd_service(args: argparse.Namespace) -> int:
 
 async def _migrate_all(settings: Settings) -> dict[str, int]:
     from services.capture.app import MIGRATIONS as CAPTURE
-    from services.capture.app import CaptureApp
     from services.notify.timers import MIGRATIONS as NOTIFY
     from services.pipeline.app import MIGRATIONS as PIPELINE
-    from services.pipeline.app import PipelineApp
     from services.reporting.projection import MIGRATIONS as REPORTING
     from shared.runtime import open_schema
 
@@ -231,9 +229,6 @@ async def _migrate_all(settings: Settings) -> dict[str, int]:
         pool = await open_schema(settings, schema, steps)
         versions[schema] = int(await pool.fetchval("SELECT max(version) FROM schema_version"))
         await pool.close()
-    for app_class, schema in ((CaptureApp, "capture"), (PipelineApp, "pipeline")):
-        app = await asyncio.to_thread(app_class, settings.dsn(), schema, 1)  # creates event tables
-        app.close()
     return versions
 
 

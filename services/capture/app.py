@@ -38,7 +38,7 @@ from shared.contracts.partner import Registration as RegistrationView
 from shared.privacy import is_sealed, keyed_hash, new_key, unseal
 from shared.settings import Rules
 from shared.store.eventstore import EventStoreApp
-from shared.store.migrations import BUS_TABLES, Migration
+from shared.store.migrations import BUS_TABLES, Migration, event_store
 from shared.store.recorder import SideWrite, as_columns, unnest_rows
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,7 @@ MIGRATIONS: list[Migration] = [
         );
         """,
     ),
+    event_store(7, "capture"),
 ]
 HASHED_RULES = ("email", "phone")
 

@@ -23,7 +23,7 @@ from shared.contracts.envelope import Envelope
 from shared.contracts.events import LeadCaptured, LeadMerged
 from shared.settings import Rules
 from shared.store.eventstore import EventStoreApp
-from shared.store.migrations import BUS_TABLES, Migration
+from shared.store.migrations import BUS_TABLES, Migration, event_store
 from shared.store.recorder import SideWrite, as_columns, unnest_rows
 
 SCHEMA = "pipeline"
@@ -88,6 +88,7 @@ MIGRATIONS: list[Migration] = [
         CREATE INDEX pending_merge_into ON pending_merge (into_lead_id);
         """,
     ),
+    event_store(4, "pipeline"),
 ]
 
 INDEX_COLUMNS = (

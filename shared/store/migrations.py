@@ -42,6 +42,38 @@ async def migrate(conn: asyncpg.Connection, schema: str, steps: Sequence[Migrati
         return int(current)
 
 
+def event_store(version: int, name: str) -> Migration:
+    """The event store of the `EventStoreApp` called `name`: its events, numbered in the order
+    of the notification log, and its tracking positions, laid out as eventsourcing 9.5 lays
+    them out (its own creation at start, kept on, then finds them here; IF NOT EXISTS: stores
+    that the library made before this step existed are kept as they are)."""
+    options = (
+        "WITH (autovacuum_enabled = true, autovacuum_vacuum_threshold = 100000000,"
+        " autovacuum_vacuum_scale_factor = 0.5, autovacuum_analyze_threshold = 1000,"
+        " autovacuum_analyze_scale_factor = 0.01)"
+    )
+    return (
+        version,
+        f"""
+        CREATE TABLE IF NOT EXISTS {name}_events (
+            originator_id uuid NOT NULL,
+            originator_version bigint NOT NULL,
+            topic text,
+            state bytea,
+            notification_id bigserial,
+            PRIMARY KEY (originator_id, originator_version)
+        ) {options};
+        CREATE UNIQUE INDEX IF NOT EXISTS {name}_events_notification_id_idx
+            ON {name}_events (notification_id ASC);
+        CREATE TABLE IF NOT EXISTS {name}_tracking (
+            application_name text,
+            notification_id bigint,
+            PRIMARY KEY (application_name)
+        ) {options};
+        """,
+    )
+
+
 # Tables every service with a relay or consumers needs, in its own schema.
 BUS_TABLES: Migration = (
     1,

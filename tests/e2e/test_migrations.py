@@ -80,6 +80,13 @@ async def test_an_empty_database_is_migrated_to_the_latest_version_of_every_sche
     for schema in STEPS:
         assert f"{schema}: schema version {latest(schema)}" in printed
     assert cli(running.env, "migrate") == printed  # run again: nothing more to do
+    conn = await asyncpg.connect(url)
+    try:  # the event stores are the migrations' too, recorded with the rest
+        for table in ("capture.capture_events", "capture.capture_tracking",
+                      "pipeline.pipeline_events", "pipeline.pipeline_tracking"):  # fmt: skip
+            assert await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", table), table
+    finally:
+        await conn.close()
 
 
 async def test_a_database_at_the_previous_version_keeps_its_data_and_the_services_start(
