@@ -53,7 +53,7 @@ PROCESSING = Histogram(
 )
 ERRORS = Counter(
     "dealstream_errors",
-    "Failures: a consumer batch that will be read again, a relay round, a 5xx answer",
+    "Failures: a consumer batch that will be read again, a 5xx answer, a scrape's failed read",
     ["service", "component"],
 )
 CONSUMER_LAG = Gauge(
@@ -158,7 +158,7 @@ def relay_refresh(service: str, relay: Relay) -> Refresh:
 
 
 def backlog_refresh(service: str, pool: asyncpg.Pool, query: str) -> Refresh:
-    """A gauge of work waiting, counted by `query` (one number) at scrape time."""
+    """The reminder backlog, counted by `query` (notify's: one number) at scrape time."""
 
     async def update() -> None:
         REMINDER_BACKLOG.labels(service).set(float(await pool.fetchval(query) or 0))
