@@ -22,7 +22,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
@@ -68,6 +68,7 @@ class BatchConsumer:
         # Seconds from the relay's publishing of the newest handled record until it was handled.
         self.delay: float | None = None
         self._lag_at = 0.0
+        self._lagging: set[TopicPartition] = set()  # partitions with a lag series of ours
 
     async def run(self, stop: asyncio.Event) -> None:
         backoff = 0.2
@@ -165,6 +166,7 @@ class BatchConsumer:
                 await self._measure_lag(consumer)
         finally:
             self.running = False
+            self.forget_lag(list(self._lagging))  # stop() tells no rebalance listener
             with contextlib.suppress(Exception):
                 await consumer.stop()
             with contextlib.suppress(Exception):
@@ -196,6 +198,16 @@ class BatchConsumer:
                 CONSUMER_LAG.labels(
                     self.group_id, self.name, partition.topic, str(partition.partition)
                 ).set(max(0, highwater - position))
+                self._lagging.add(partition)
+
+    def forget_lag(self, partitions: Iterable[TopicPartition]) -> None:
+        """Partitions no longer this consumer's: their lag series go (the next owner's come)."""
+        for partition in partitions:
+            self._lagging.discard(partition)
+            with contextlib.suppress(KeyError):
+                CONSUMER_LAG.remove(
+                    self.group_id, self.name, partition.topic, str(partition.partition)
+                )
 
     async def _skip_undecodable(self, consumer: AIOKafkaConsumer) -> None:
         """A record the client cannot even parse (say, a header name that is not UTF-8) must not
@@ -226,11 +238,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         log.info("consumer %s: revoked %s", self.owner.name, sorted(p.partition for p in revoked))
-        for partition in revoked:  # another replica reports their lag now
-            with contextlib.suppress(KeyError):
-                CONSUMER_LAG.remove(
-                    self.owner.group_id, self.owner.name, partition.topic, str(partition.partition)
-                )
+        self.owner.forget_lag(revoked)  # another replica reports their lag now
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         log.info("consumer %s: assigned %s", self.owner.name, sorted(p.partition for p in assigned))

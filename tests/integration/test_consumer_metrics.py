@@ -1,0 +1,71 @@
+"""A consumer's Prometheus series: messages counted as handled, lag per partition while it owns
+the partition, and no lag series left behind once it stops (aiokafka's stop tells no rebalance
+listener, so the consumer drops them itself)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+
+from aiokafka.structs import TopicPartition
+from prometheus_client import REGISTRY
+
+from shared.bus.consumer import BatchConsumer, Record
+from shared.bus.kafka import make_producer
+from shared.contracts.topics import DEAD_LETTER
+from shared.settings import Settings
+
+
+async def until(condition: Callable[[], object], within: float = 30.0) -> None:
+    deadline = asyncio.get_running_loop().time() + within
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "not within the time given"
+        await asyncio.sleep(0.1)
+
+
+def lag_series(group: str) -> dict[str, float]:
+    return {
+        sample.labels["partition"]: sample.value
+        for metric in REGISTRY.collect()
+        if metric.name == "dealstream_consumer_lag"
+        for sample in metric.samples
+        if sample.labels["service"] == group
+    }
+
+
+async def test_a_consumer_counts_what_it_handles_and_its_lag_series_go_with_it(
+    settings: Settings,
+) -> None:
+    group = f"metrics-{uuid.uuid4().hex[:8]}"
+    seen: list[Record] = []
+
+    async def handle(_: TopicPartition, records: list[Record]) -> None:
+        seen.extend(records)
+
+    consumer = BatchConsumer("metrics-probe", settings, group, [DEAD_LETTER], handle)
+    stop = asyncio.Event()
+    running = asyncio.create_task(consumer.run(stop))
+    producer = make_producer(settings)
+    await producer.start()
+    try:
+        await until(lambda: consumer.running)
+        before = REGISTRY.get_sample_value(
+            "dealstream_messages_in_total",
+            {"service": group, "consumer": "metrics-probe", "topic": DEAD_LETTER},
+        )
+        marker = uuid.uuid4().hex.encode()
+        for n in range(20):
+            await producer.send_and_wait(DEAD_LETTER, marker, key=str(n).encode())
+        await until(lambda: sum(r.value == marker for r in seen) == 20)
+        await until(lambda: lag_series(group) and set(lag_series(group).values()) == {0.0})
+        counted = REGISTRY.get_sample_value(
+            "dealstream_messages_in_total",
+            {"service": group, "consumer": "metrics-probe", "topic": DEAD_LETTER},
+        )
+        assert counted is not None and counted - (before or 0) >= 20
+    finally:
+        await producer.stop()
+        stop.set()
+        await running
+    assert lag_series(group) == {}
