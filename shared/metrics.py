@@ -68,8 +68,8 @@ RELAY_LAG = Gauge(
 )
 PROJECTION_LAG = Gauge(
     "dealstream_projection_lag_seconds",
-    "Age of the newest event applied to the read models when it was applied (since the relay"
-    " published it)",
+    "How far the read models trail the bus: the last applied event's delay from its publishing,"
+    " or its age while later messages wait (shared.runtime.projection_lag)",
     ["service"],
 )
 REMINDER_BACKLOG = Gauge(
@@ -106,6 +106,10 @@ def instrument(api: FastAPI, service: str, refresh: Sequence[Refresh] = ()) -> F
     return api
 
 
+# A caller can send any token as the method; only these become series of their own.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 class _HttpMetrics:
     """Plain ASGI middleware (see shared.runtime._Correlation for why not BaseHTTPMiddleware).
     Routes are labelled by their template (`/v1/opportunities/{opportunity_id}`), never by the
@@ -133,7 +137,8 @@ class _HttpMetrics:
         finally:
             route = getattr(scope.get("route"), "path", "unmatched")
             if route != "/metrics":
-                HTTP_REQUESTS.labels(self.service, scope["method"], route, str(status)).inc()
+                method = scope["method"] if scope["method"] in METHODS else "other"
+                HTTP_REQUESTS.labels(self.service, method, route, str(status)).inc()
                 HTTP_SECONDS.labels(self.service, route).observe(time.perf_counter() - started)
                 if status >= 500:
                     ERRORS.labels(self.service, "http").inc()

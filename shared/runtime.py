@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any, TypeVar
@@ -170,11 +171,23 @@ def observed(
         if probe.relay is not None:
             update = relays.setdefault(id(probe.relay), relay_refresh(service, probe.relay))
             await update()
-        delays = [c.delay for c in probe.consumers if c.delay is not None]
-        if projection and delays:
-            PROJECTION_LAG.labels(service).set(max(delays))
+        if projection:
+            lags = [projection_lag(c) for c in probe.consumers]
+            if known := [lag for lag in lags if lag is not None]:
+                PROJECTION_LAG.labels(service).set(max(known))
 
     return instrument(api, service, [loops, *refresh])
+
+
+def projection_lag(consumer: BatchConsumer, now: float | None = None) -> float | None:
+    """How far the read models trail the bus, in seconds: the last applied event's delay while
+    the consumer keeps up; while messages wait, the age of that event, which grows until the
+    consumer moves again (a stuck projection shows, not its last good delay)."""
+    if consumer.delay is None or consumer.applied_published is None:
+        return None
+    if consumer.behind == 0:
+        return consumer.delay
+    return max(consumer.delay, (now or time.time()) - consumer.applied_published)
 
 
 async def serve(app: FastAPI, port: int, loops: Sequence[Loop], host: str = "127.0.0.1") -> None:

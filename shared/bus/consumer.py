@@ -65,10 +65,13 @@ class BatchConsumer:
         self.batches = 0  # partition batches handled: processed / batches is the batch size
         self.errors = 0
         self.running = False
-        # Seconds from the relay's publishing of the newest handled record until it was handled.
+        # Seconds from the relay's publishing of the last handled record until it was handled,
+        # and when that record was published (for a lag that grows while nothing is applied).
         self.delay: float | None = None
+        self.applied_published: float | None = None
         self._lag_at = 0.0
-        self._lagging: set[TopicPartition] = set()  # partitions with a lag series of ours
+        self.lagging: set[TopicPartition] = set()  # partitions with a lag series of ours
+        self.behind = 0  # messages not yet handled on them, as last measured
 
     async def run(self, stop: asyncio.Event) -> None:
         backoff = 0.2
@@ -140,7 +143,8 @@ class BatchConsumer:
                         MESSAGES_IN.labels(self.group_id, self.name, partition.topic).inc(
                             len(records)
                         )
-                        self.delay = max(0.0, time.time() - records[-1].timestamp / 1000)
+                        self.applied_published = records[-1].timestamp / 1000
+                        self.delay = max(0.0, time.time() - self.applied_published)
                         failures.pop(partition, None)
                         done[partition] = (records[-1].offset + 1, self.cluster)
                         continue
@@ -166,7 +170,7 @@ class BatchConsumer:
                 await self._measure_lag(consumer)
         finally:
             self.running = False
-            self.forget_lag(list(self._lagging))  # stop() tells no rebalance listener
+            self.forget_lag(list(self.lagging))  # stop() tells no rebalance listener
             with contextlib.suppress(Exception):
                 await consumer.stop()
             with contextlib.suppress(Exception):
@@ -189,21 +193,26 @@ class BatchConsumer:
         if now - self._lag_at < every:
             return
         self._lag_at = now
+        behind = 0
         for partition in consumer.assignment():
             highwater = consumer.highwater(partition)
             if highwater is None:
                 continue  # nothing fetched from it yet
             with contextlib.suppress(Exception):
                 position = await asyncio.wait_for(consumer.position(partition), 1.0)
+                if partition not in consumer.assignment():
+                    continue  # revoked while asked
                 CONSUMER_LAG.labels(
                     self.group_id, self.name, partition.topic, str(partition.partition)
                 ).set(max(0, highwater - position))
-                self._lagging.add(partition)
+                self.lagging.add(partition)
+                behind += max(0, highwater - position)
+        self.behind = behind
 
     def forget_lag(self, partitions: Iterable[TopicPartition]) -> None:
         """Partitions no longer this consumer's: their lag series go (the next owner's come)."""
         for partition in partitions:
-            self._lagging.discard(partition)
+            self.lagging.discard(partition)
             with contextlib.suppress(KeyError):
                 CONSUMER_LAG.remove(
                     self.group_id, self.name, partition.topic, str(partition.partition)
@@ -242,6 +251,8 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         log.info("consumer %s: assigned %s", self.owner.name, sorted(p.partition for p in assigned))
+        # Measured between the revoke and now (the client keeps the old assignment meanwhile).
+        self.owner.forget_lag(self.owner.lagging - assigned)
         self.owner.running = True
         if not assigned:
             return
