@@ -33,8 +33,9 @@ def partner_grants(partner_id: str) -> list[Grant]:
     return [
         Grant("topic", PARTNER_LEADS, ("Write", "Describe")),
         Grant("topic", partner_replies(partner_id), ("Read", "Describe")),
-        # A partner that reads its replies in a consumer group of its own naming.
-        Grant("group", f"{partner_user(partner_id)}", ("Read",), prefixed=True),
+        # A partner that reads its replies in consumer groups of its own naming, `partner-<id>.…`
+        # (the dot ends the id, which never holds one: `partner-acme` would match acmecorp's).
+        Grant("group", f"{partner_user(partner_id)}.", ("Read",), prefixed=True),
     ]
 
 

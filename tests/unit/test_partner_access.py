@@ -33,3 +33,4 @@ def test_partner_add_prints_the_commands_that_create_the_user_and_grants() -> No
     )
     group = next(c for c in acls if "--group" in c)
     assert group[group.index("--resource-pattern-type") + 1] == "prefixed"
+    assert group[group.index("--group") + 1] == "partner-acme."  # not a prefix of acmecorp's
