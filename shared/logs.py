@@ -1,31 +1,19 @@
 """JSON logs, one object per line; never a secret or contact PII (callers log ids, not data).
 
-Every line logged while a correlation id is current — an HTTP request's (`x-request-id`), or
-one set with `correlated` for a message being handled — carries it as `correlation_id`: the id
-the events carry from service to service, so one `grep` follows a lead through all four."""
+A line carries `correlation_id` when one is current — the HTTP request's (`x-request-id`, or a
+new one), set for the request by shared.runtime — or when the line names one itself (capture's
+line for each partner message names the message's id). It is the id the events carry on from
+service to service: grep capture's and pipeline's logs for a request and find its lines."""
 
 from __future__ import annotations
 
 import json
 import logging
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
 CORRELATION: ContextVar[str] = ContextVar("correlation_id", default="")
-
-
-@contextmanager
-def correlated(correlation_id: str) -> Iterator[None]:
-    """Log lines within carry `correlation_id`."""
-    token = CORRELATION.set(correlation_id)
-    try:
-        yield
-    finally:
-        CORRELATION.reset(token)
-
 
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message"}
 

@@ -172,8 +172,8 @@ class Settings(BaseSettings):
     # min.insync.replicas of the topics DealStream creates (2 with replication 3); unset: the
     # broker's default.
     topic_min_insync_replicas: int | None = None
-    # OpenTelemetry tracing hooks: off unless asked for (and the opentelemetry packages are
-    # installed); spans go to the exporter configured by the standard OTEL_* variables.
+    # OpenTelemetry tracing hooks (shared.tracing): off unless asked for and opentelemetry-api
+    # is installed; spans go where an installed, configured OpenTelemetry SDK sends them.
     otel: bool = False
     relay_batch: int = 500
     # The outbox relay in a process of its own beside each service (shared.bus.relay_process);

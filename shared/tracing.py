@@ -1,10 +1,11 @@
 """OpenTelemetry tracing hooks, off by default.
 
 With `DEALSTREAM_OTEL=true` and the `opentelemetry-api` package installed (`pip install
-dealstream[otel]`), every consumer batch and every HTTP request is a span, with the correlation
-id as an attribute. Where spans go is the OpenTelemetry SDK's business: install and configure it
-the standard way (`opentelemetry-instrument`, `OTEL_EXPORTER_OTLP_ENDPOINT`, …), or set a
-tracer provider in code; without one, the API's spans cost next to nothing and go nowhere.
+dealstream[otel]`), every consumer batch and every HTTP request is a span; a request's span
+carries its correlation id as an attribute. Where spans go is the OpenTelemetry SDK's business,
+which the extra does not install: add `opentelemetry-sdk` and an exporter and configure them the
+standard way (`opentelemetry-instrument`, `OTEL_EXPORTER_OTLP_ENDPOINT`, …), or set a tracer
+provider in code; without one, the API's spans cost next to nothing and go nowhere.
 Off, `span` is a no-op context manager: no import, no allocation beyond the call.
 """
 

@@ -6,7 +6,7 @@ import io
 import json
 import logging
 
-from shared.logs import JsonFormatter, _ServiceName, correlated
+from shared.logs import CORRELATION, JsonFormatter, _ServiceName
 
 
 def logged(write: object) -> list[dict[str, object]]:
@@ -27,9 +27,12 @@ def logged(write: object) -> list[dict[str, object]]:
 def test_a_line_carries_the_current_correlation_id_or_the_one_it_names() -> None:
     def write(logger: logging.Logger) -> None:
         logger.info("outside")
-        with correlated("req-1"):
+        token = CORRELATION.set("req-1")  # as the HTTP middleware sets it for a request
+        try:
             logger.info("inside", extra={"opportunity_id": "o-1"})
             logger.info("named", extra={"correlation_id": "m-7"})  # a message's own id wins
+        finally:
+            CORRELATION.reset(token)
         logger.info("after")
 
     lines = logged(write)
