@@ -270,19 +270,28 @@ class CaptureApp(EventStoreApp):
         rules: Rules,
     ) -> int:
         """Judge and answer a partition's batch of partner messages, exactly once each."""
+        answered: list[tuple[Incoming, Verdict, PartnerReply | None]] = []
 
         def decide(batch: list[Incoming]) -> list[Aggregate]:
+            answered.clear()  # decide runs again when a concurrent writer won a race
             verdicts = [(m, judge(m, secrets_of, rules.max_message_bytes)) for m in batch]
             leads = [v for _, v in verdicts if v.lead is not None and v.lead_id is not None]
             intake = _BatchIntake(self, leads, now, rules)
-            answers = [
-                _answer(tracking_name, message, verdict, intake.take(message, verdict), now)
-                for message, verdict in verdicts
-            ]
+            answered.extend((m, v, intake.take(m, v)) for m, v in verdicts)
+            answers = [_answer(tracking_name, m, v, reply, now) for m, v, reply in answered]
             return [*intake.stored, *answers, *intake.registrations.values()]
 
         positioned = [(m.offset + 1, m) for m in messages]
-        return record_tracked(self, tracking_name, positioned, decide, self.side_writes)
+        applied = record_tracked(self, tracking_name, positioned, decide, self.side_writes)
+        for message, verdict, reply in answered:  # stored: what the partner is told
+            status = reply.status.value if reply is not None else "dead-letter"
+            log.log(
+                logging.DEBUG if status in ("accepted", "duplicate") else logging.INFO,
+                "partner message answered",
+                extra={"correlation_id": verdict.message_id or _position(message),
+                       "partner_id": verdict.partner_id, "status": status},
+            )  # fmt: skip
+        return applied
 
     def side_writes(self, aggregates: Sequence[Aggregate]) -> list[SideWrite]:
         return [*self.key_writes(aggregates), *self.registration_writes(aggregates)]
@@ -463,12 +472,6 @@ def _answer(
             value_b64=base64.b64encode(message.value[:DEAD_LETTER_KEEP]).decode(),
         ).model_dump(mode="json")
     correlation = verdict.message_id or _position(message)
-    status = reply.status.value if reply is not None else "dead-letter"
-    log.log(
-        logging.DEBUG if status in ("accepted", "duplicate") else logging.INFO,
-        "partner message answered",
-        extra={"correlation_id": correlation, "partner_id": verdict.partner_id, "status": status},
-    )
     return PartnerMessage._create(
         PartnerMessage.Handled,
         # One answer per message: a replica replaying the same offsets collides here.

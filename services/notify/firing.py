@@ -136,10 +136,11 @@ def _local(at: datetime, who: Recipient) -> str:
     return at.astimezone(ZoneInfo(who.timezone)).strftime("%Y-%m-%d %H:%M %Z")
 
 
-async def store(conn: asyncpg.Connection, drafts: list[Draft]) -> int:
-    """Insert the notifications not issued before, and their deliveries; how many were new."""
+async def store(conn: asyncpg.Connection, drafts: list[Draft]) -> list[NotificationIssued]:
+    """Insert the notifications not issued before, and their deliveries; those that were new
+    (for the caller to log once its transaction commits)."""
     if not drafts:
-        return 0
+        return []
     new = await conn.fetch(
         "INSERT INTO notification"
         " (notification_id, key, kind, opportunity_id, team, recipient, issued_at, payload)"
@@ -159,13 +160,6 @@ async def store(conn: asyncpg.Connection, drafts: list[Draft]) -> int:
     ids, channel, address = [], [], []
     for d in drafts:
         if d.notification.notification_id in fresh:
-            n = d.notification
-            # As on its envelope (delivery.envelope_value): a reminder is caused by time, so it is
-            # correlated with the event that started its clock, which names the request's id.
-            log.info("notification issued", extra={
-                "correlation_id": str((n.derived_from or [n.notification_id])[0]),
-                "kind": n.kind, "opportunity_id": str(n.opportunity_id), "recipient": n.recipient,
-            })  # fmt: skip
             for name, where in d.addresses:
                 ids.append(d.notification.notification_id)
                 channel.append(name)
@@ -177,7 +171,17 @@ async def store(conn: asyncpg.Connection, drafts: list[Draft]) -> int:
         channel,
         address,
     )
-    return len(fresh)
+    return [d.notification for d in drafts if d.notification.notification_id in fresh]
+
+
+def log_issued(issued: list[NotificationIssued]) -> None:
+    for n in issued:
+        # As on its envelope (delivery.envelope_value): a reminder is caused by time, so it is
+        # correlated with the event that started its clock, which names the request's id.
+        log.info("notification issued", extra={
+            "correlation_id": str((n.derived_from or [n.notification_id])[0]),
+            "kind": n.kind, "opportunity_id": str(n.opportunity_id), "recipient": n.recipient,
+        })  # fmt: skip
 
 
 async def fire_due_timers(
@@ -209,13 +213,14 @@ async def fire_due_timers(
             [row["timer_kind"] for row in rows],
             now,
         )
-    return len(rows), issued
+    log_issued(issued)
+    return len(rows), len(issued)
 
 
 async def issue_digests(pool: asyncpg.Pool, now: datetime, rules: Rules, channels: Channels) -> int:
     """Each team's weekly digest to its manager, once per week: the team's overdue follow-ups
     (漏跟进预警) and its important/major deals with no progress in the week before."""
-    issued = 0
+    issued: list[NotificationIssued] = []
     for team in rules.directory.teams:
         moment = domain.digest_time(team.id, now, rules)
         if moment is None or not team.manager:
@@ -253,8 +258,10 @@ async def issue_digests(pool: asyncpg.Pool, now: datetime, rules: Rules, channel
                 body=text.body, lines=lines, issued_at=now,
                 derived_from=[row["clock_event"] for row in overdue],
             )  # fmt: skip
-            issued += await store(conn, [found])
-    return issued
+            new = await store(conn, [found])
+        log_issued(new)
+        issued += new
+    return len(issued)
 
 
 def _line(row: asyncpg.Record, now: datetime, due: datetime | None) -> DigestLine:
