@@ -15,6 +15,7 @@ the next batch and so sees the earlier one stored, exactly as if they had come o
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -51,7 +52,11 @@ class BatchWriter(Generic[Item, Result]):
         future: asyncio.Future[Result] = loop.create_future()
         self._waiting.append((item, future))
         if self._drainer is None:
-            self._drainer = loop.create_task(self._drain(), name=f"{self._name}-drain")
+            # In a context of its own: it serves every caller, not the request that started it
+            # (whose correlation id and trace would otherwise be on all it does).
+            self._drainer = loop.create_task(
+                self._drain(), name=f"{self._name}-drain", context=contextvars.Context()
+            )
         return await future
 
     async def _drain(self) -> None:
