@@ -5,6 +5,7 @@ events, the Prometheus series on `/metrics` move."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -19,11 +20,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from shared.contracts.envelope import HEADER_NOTIFICATION_ID
 from shared.contracts.topics import LEAD_EVENTS
 from shared.devstack import free_port
 from tests.e2e.conftest import SERVICES, Services, cli
-from tests.factories import lead_captured
+from tests.support import lead_value, send_partner_messages, signed_headers
 
 pytestmark = pytest.mark.e2e
 
@@ -214,56 +214,45 @@ def _series(text: str, name: str, **labels: str) -> float:
     return total
 
 
-async def _produce_leads(bootstrap: str, count: int) -> None:
-    from aiokafka import AIOKafkaProducer
-
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20)
-    await producer.start()
-    try:
-        for n in range(count):
-            envelope = lead_captured(uuid.uuid4())
-            await producer.send(
-                LEAD_EVENTS,
-                envelope.model_dump_json().encode(),
-                key=str(envelope.stream_id).encode(),
-                headers=[(HEADER_NOTIFICATION_ID, str(10_000_000 + n).encode())],
-            )
-        await producer.flush()
-    finally:
-        await producer.stop()
-
-
 async def test_metrics_show_lag_and_rates_moving_under_load(
     external: ExternalServices, broker: tuple[str, str]
 ) -> None:
-    import asyncio
-
-    url = f"{external.url('pipeline')}/metrics"
+    """A burst of signed partner messages, as a partner sends them: capture's intake falls
+    behind and catches up (its lag), pipeline opens what capture relays (its rates)."""
+    count = 2000
+    secret = cli(external.env, "partner", "add", "burst").split("secret: ")[1].split()[0]
+    burst = []
+    for n in range(count):
+        message_id = f"burst-{n}-{uuid.uuid4().hex[:6]}"
+        value = lead_value("burst", message_id)
+        burst.append(("burst", value, signed_headers("burst", message_id, secret, value)))
+    capture, pipeline = f"{external.url('capture')}/metrics", f"{external.url('pipeline')}/metrics"
+    opened = "dealstream_messages_in_total"
     async with httpx.AsyncClient(timeout=5) as http:
-        before = (await http.get(url)).text
-        burst = asyncio.create_task(_produce_leads(broker[0], 3000))
-        scrapes: list[str] = []
-        deadline = time.monotonic() + 90
+        before = (await http.get(pipeline)).text
+        sending = asyncio.create_task(send_partner_messages(broker[0], burst))
+        scrapes: list[tuple[str, str]] = []
+        deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            scrapes.append((await http.get(url)).text)
-            handled = _series(scrapes[-1], "dealstream_messages_in_total", service="pipeline")
-            drained = _series(scrapes[-1], "dealstream_consumer_lag", service="pipeline") == 0
-            if burst.done() and handled >= 3000 and drained:
-                break
+            scrapes.append(((await http.get(capture)).text, (await http.get(pipeline)).text))
+            handled = _series(scrapes[-1][1], opened, topic=LEAD_EVENTS)
+            behind = _series(scrapes[-1][0], "dealstream_consumer_lag", consumer="partner-intake")
+            if sending.done() and handled - _series(before, opened, topic=LEAD_EVENTS) >= count:
+                if behind == 0:
+                    break
             await asyncio.sleep(0.1)
-        await burst
-        after = (await http.get(url)).text
-    name = "dealstream_messages_in_total"
-    assert (
-        _series(after, name, topic=LEAD_EVENTS) - _series(before, name, topic=LEAD_EVENTS) >= 3000
-    )
-    lags = [_series(text, "dealstream_consumer_lag", consumer="lead-events") for text in scrapes]
+        await sending
+    lags = [_series(c, "dealstream_consumer_lag", consumer="partner-intake") for c, _ in scrapes]
     assert max(lags) > 0, "the burst never showed as consumer lag"
     assert lags[-1] == 0, "the consumer lag did not come back to zero"
-    out = [_series(text, "dealstream_messages_out_total", relay="pipeline") for text in scrapes]
+    last = scrapes[-1][1]
+    assert (
+        _series(last, opened, topic=LEAD_EVENTS) - _series(before, opened, topic=LEAD_EVENTS)
+        >= count
+    )
+    out = [_series(p, "dealstream_messages_out_total", relay="pipeline") for _, p in scrapes]
     assert out[-1] - out[0] > 0 and out == sorted(out), "the relay's published count did not rise"
-    assert 'dealstream_relay_lag{relay="pipeline",service="pipeline"}' in after
-    assert _series(after, "dealstream_processing_seconds_count", consumer="lead-events") > 0
-    requests = _series(after, "dealstream_http_requests_total", route="/readyz")
-    assert requests > 0  # the requests are counted by route template
-    assert "process_resident_memory_bytes" in after
+    assert 'dealstream_relay_lag{relay="pipeline",service="pipeline"}' in last
+    assert _series(last, "dealstream_processing_seconds_count", consumer="lead-events") > 0
+    assert _series(last, "dealstream_http_requests_total", route="/readyz") > 0  # by template
+    assert "process_resident_memory_bytes" in last

@@ -12,8 +12,7 @@ from aiokafka.structs import TopicPartition
 from prometheus_client import REGISTRY
 
 from shared.bus.consumer import BatchConsumer, Record
-from shared.bus.kafka import make_producer
-from shared.contracts.topics import DEAD_LETTER
+from shared.bus.kafka import ensure_topics, make_admin, make_producer
 from shared.settings import Settings
 
 
@@ -38,12 +37,19 @@ async def test_a_consumer_counts_what_it_handles_and_its_lag_series_go_with_it(
     settings: Settings,
 ) -> None:
     group = f"metrics-{uuid.uuid4().hex[:8]}"
+    topic = f"test.{group}"  # a topic of its own: nobody else reads these records
+    admin = make_admin(settings)
+    await admin.start()
+    try:
+        await ensure_topics(admin, settings, [topic])
+    finally:
+        await admin.close()
     seen: list[Record] = []
 
     async def handle(_: TopicPartition, records: list[Record]) -> None:
         seen.extend(records)
 
-    consumer = BatchConsumer("metrics-probe", settings, group, [DEAD_LETTER], handle)
+    consumer = BatchConsumer("metrics-probe", settings, group, [topic], handle)
     stop = asyncio.Event()
     running = asyncio.create_task(consumer.run(stop))
     producer = make_producer(settings)
@@ -52,16 +58,16 @@ async def test_a_consumer_counts_what_it_handles_and_its_lag_series_go_with_it(
         await until(lambda: consumer.running)
         before = REGISTRY.get_sample_value(
             "dealstream_messages_in_total",
-            {"service": group, "consumer": "metrics-probe", "topic": DEAD_LETTER},
+            {"service": group, "consumer": "metrics-probe", "topic": topic},
         )
         marker = uuid.uuid4().hex.encode()
         for n in range(20):
-            await producer.send_and_wait(DEAD_LETTER, marker, key=str(n).encode())
+            await producer.send_and_wait(topic, marker, key=str(n).encode())
         await until(lambda: sum(r.value == marker for r in seen) == 20)
         await until(lambda: lag_series(group) and set(lag_series(group).values()) == {0.0})
         counted = REGISTRY.get_sample_value(
             "dealstream_messages_in_total",
-            {"service": group, "consumer": "metrics-probe", "topic": DEAD_LETTER},
+            {"service": group, "consumer": "metrics-probe", "topic": topic},
         )
         assert counted is not None and counted - (before or 0) >= 20
     finally:
