@@ -24,6 +24,7 @@ from shared.bus.consumer import BatchConsumer
 from shared.bus.kafka import cluster_id, make_admin
 from shared.bus.relay import OutboxRelay
 from shared.bus.relay_process import RelayProcess
+from shared.contracts.common import NUL_MESSAGE
 from shared.logs import CORRELATION
 from shared.metrics import PROJECTION_LAG, Refresh, instrument, relay_refresh
 from shared.settings import Settings
@@ -109,6 +110,9 @@ class _Correlation:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if _has_nul(scope):
+            await JSONResponse(NUL_IN_URL, status_code=422)(scope, receive, send)
+            return
         correlation_id = Headers(scope=scope).get("x-request-id") or str(uuid.uuid4())
 
         async def send_with_id(message: Message) -> None:
@@ -123,6 +127,16 @@ class _Correlation:
                 await self.app(scope, receive, send_with_id)
         finally:
             CORRELATION.reset(token)
+
+
+NUL_IN_URL = {"detail": [{"type": "invalid_character", "loc": ["query"], "msg": NUL_MESSAGE}]}
+
+
+def _has_nul(scope: Scope) -> bool:
+    """A NUL in the path or the query: no text column takes it, so it is refused up front, for
+    every route (a filter's value goes into SQL)."""
+    url = scope.get("raw_path", b"") + b"?" + scope.get("query_string", b"")
+    return b"%00" in url or b"\x00" in url
 
 
 def correlation_id() -> str:

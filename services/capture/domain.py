@@ -16,6 +16,7 @@ from eventsourcing.domain import Aggregate
 from pydantic import ValidationError
 
 from services.capture.normalize import match_keys
+from shared.contracts.common import NUL_MESSAGE, nul_paths
 from shared.contracts.events import (
     LeadCaptured,
     LeadForgotten,
@@ -352,6 +353,11 @@ def judge(
         raw = json.loads(incoming.value)
     except (ValueError, RecursionError) as exc:  # bad UTF-8, bad JSON, absurd nesting or digits
         return rejected("invalid_json", "value", f"value is not JSON: {str(exc)[:200]}")
+    if nul := nul_paths(raw):
+        errors = [FieldError(field=".".join(map(str, p)) or "value", code="invalid_character",
+                             message=NUL_MESSAGE) for p in nul]  # fmt: skip
+        reply = PartnerReply(message_id=message_id, status=ReplyStatus.rejected, errors=errors)
+        return Verdict(partner_id, message_id, reply, errors=tuple(errors))
     try:
         lead = PartnerLeadMessage.model_validate(raw)
     except ValidationError as exc:

@@ -6,16 +6,25 @@ import uuid
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.pipeline.domain import Opportunity
-from shared.contracts.common import Money, UtcTime
+from shared.contracts.common import NUL_MESSAGE, Money, UtcTime, nul_paths
 from shared.contracts.events import Stage
 
 
 class Command(BaseModel):
     model_config = ConfigDict(extra="forbid")
     expected_version: int = Field(ge=1, description="the version the client last saw")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nul(cls, data: Any) -> Any:
+        """Notes, reasons and competitors go on into read models' text columns: a NUL there
+        would stop reporting's consumer, so it is refused here."""
+        if nul_paths(data):
+            raise ValueError(NUL_MESSAGE)
+        return data
 
 
 class StageCommand(Command):

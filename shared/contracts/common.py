@@ -71,6 +71,24 @@ Amount = Annotated[
 ]
 
 
+NUL_MESSAGE = "text may not contain NUL (U+0000): PostgreSQL cannot store it"
+
+
+def nul_paths(value: Any, path: tuple[str | int, ...] = ()) -> list[tuple[str | int, ...]]:
+    """Where NUL characters are in parsed JSON (keys included): input to refuse at the edge,
+    since no text column can take it, and a consumer further on would stop at it."""
+    if isinstance(value, str):
+        return [path] if "\x00" in value else []
+    if isinstance(value, dict):
+        found = [(*path, str(k)) for k in value if isinstance(k, str) and "\x00" in k]
+        for key, item in value.items():
+            found += nul_paths(item, (*path, key))
+        return found
+    if isinstance(value, list):
+        return [p for index, item in enumerate(value) for p in nul_paths(item, (*path, index))]
+    return []
+
+
 class Contract(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -113,6 +113,13 @@ async def test_lost_reopened_and_validation_refusals(pipeline: Pipeline) -> None
     assert (reopened.json()["status"], reopened.json()["stage"]) == ("open", "C")
     shape = await p.post("rep1", o, "stage", expected_version=7)
     assert shape.status_code == 422  # to_stage missing: field errors from the contract
+    # A NUL would go on into reporting's text columns and stop its consumer: refused here.
+    nul = await p.post("rep1", o, "lose", expected_version=7, reason_code="competitor",
+                       competitor="Glo\x00bex")  # fmt: skip
+    assert nul.status_code == 422 and "NUL" in nul.text
+    listed = await p.http.get("/v1/opportunities", params={"owner": "a\x00b"},
+                              headers=p.auth("ops"))  # fmt: skip
+    assert listed.status_code == 422 and listed.json()["detail"][0]["type"] == "invalid_character"
 
 
 # Expected status per caller for an opportunity of rep1 in team xian. Commands are sent with a

@@ -53,6 +53,8 @@ async def test_a_lead_is_durable_before_202_and_bad_input_gets_field_errors(web)
         ({**FORM, "channel": "fax"}, "channel"),
         ({**FORM, "budget": {"amount": "1e30", "currency": "CNY"}}, "budget.amount"),
         ({**FORM, "contact": {"name": "W", "email": "no-at-sign"}}, "contact.email"),
+        # No text column takes a NUL; the pipeline would have stopped at this lead's title.
+        ({**FORM, "company": {"name": "Nul\x00 Co", "region": "CN-BJ"}}, "company.name"),
     ]
     for body, field in cases:
         refused = await http.post("/v1/leads", json=body)

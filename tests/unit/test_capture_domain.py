@@ -180,3 +180,13 @@ def test_normalised_keys() -> None:
     assert company_key("Northwind", "CN-SN") != company_key("Northwind", "CN-BJ")
     assert company_key("Zinc", "CN") != company_key("Z Inc", "CN")
     assert company_key("Mexico Ltd", "CN") == "CN|mexico"
+
+
+def test_a_nul_character_anywhere_is_rejected_with_its_field() -> None:
+    value = lead_value("acme", "acme-9", company="Nul\x00 Co")
+    verdict = judge(signed("acme", "acme-9", value), SECRETS, MAX)
+    assert verdict.lead is None
+    assert verdict.reply is not None and verdict.reply.status is ReplyStatus.rejected
+    assert [(e.field, e.code) for e in verdict.reply.errors] == [
+        ("company.name", "invalid_character")
+    ]
