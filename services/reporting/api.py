@@ -29,6 +29,9 @@ STATIC = Path(__file__).parent / "static"
 Grain = Literal["day", "week", "month", "quarter"]
 GroupBy = Literal["owner", "team", "region", "source", "partner", "tier"]
 MAX_BUCKETS = 60
+# Periods are reported between these (a period compared with the one before it, or a year
+# before, stays within what dates can hold).
+EARLIEST, LATEST = datetime(1970, 1, 1, tzinfo=UTC), datetime(2200, 1, 1, tzinfo=UTC)
 
 
 def as_csv(rows: list[dict[str, Any]]) -> str:
@@ -100,6 +103,8 @@ def create_api(
                 raise HTTPException(422, "from and to need a time zone, e.g. 2026-01-01T00:00:00Z")
         end = end or at
         start = start or period_start(at, "month")
+        if not all(EARLIEST <= value < LATEST for value in (start, end, at)):
+            raise HTTPException(422, "from, to and as_of must lie between 1970 and 2199")
         if start >= end:
             raise HTTPException(422, "from must be before to")
         return start, end

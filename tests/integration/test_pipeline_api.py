@@ -120,6 +120,9 @@ async def test_lost_reopened_and_validation_refusals(pipeline: Pipeline) -> None
     listed = await p.http.get("/v1/opportunities", params={"owner": "a\x00b"},
                               headers=p.auth("ops"))  # fmt: skip
     assert listed.status_code == 422 and listed.json()["detail"][0]["type"] == "invalid_character"
+    beyond = await p.http.get("/v1/opportunities", params={"offset": str(2**70)},
+                              headers=p.auth("ops"))  # fmt: skip
+    assert beyond.status_code == 422  # found by schemathesis: a 500 before
 
 
 # Expected status per caller for an opportunity of rep1 in team xian. Commands are sent with a
