@@ -19,20 +19,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from datetime import UTC, datetime
 from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
+import psycopg
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.structs import ConsumerRecord, TopicPartition
 from eventsourcing.domain import Aggregate
-from eventsourcing.persistence import IntegrityError, Tracking
+from eventsourcing.persistence import DataError, IntegrityError, Tracking
+from pydantic import ValidationError
 
-from shared.bus.kafka import cluster_id, ensure_core_topics, make_admin, make_consumer
+from shared.bus.kafka import (
+    cluster_id,
+    ensure_core_topics,
+    make_admin,
+    make_consumer,
+    make_producer,
+)
 from shared.contracts.envelope import Envelope
+from shared.contracts.partner import DeadLetter, FieldError
+from shared.contracts.topics import DEAD_LETTER
 from shared.metrics import CONSUMER_LAG, ERRORS, MESSAGES_IN, PROCESSING
 from shared.settings import Settings
 from shared.store.eventstore import EventStoreApp
@@ -44,6 +56,16 @@ log = logging.getLogger(__name__)
 Record: TypeAlias = ConsumerRecord[bytes, bytes]
 PartitionHandler = Callable[[TopicPartition, list[Record]], Awaitable[None]]
 T = TypeVar("T")
+_DATA_ERRORS = (
+    DataError,  # eventsourcing's, from psycopg's below
+    psycopg.DataError,
+    asyncpg.DataError,
+    ValidationError,
+    ValueError,
+    TypeError,
+    KeyError,
+    ArithmeticError,
+)
 
 
 class BatchConsumer:
@@ -71,6 +93,8 @@ class BatchConsumer:
         self.applied_published: float | None = None
         self._lag_at = 0.0
         self.lagging: set[TopicPartition] = set()  # partitions with a lag series of ours
+        self._dead_letters: AIOKafkaProducer | None = None  # started at the first poison record
+        self.poisoned = 0
         self.behind = 0  # messages not yet handled on them, as last measured
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -151,6 +175,17 @@ class BatchConsumer:
                     self.errors += 1
                     ERRORS.labels(self.group_id, f"consumer:{self.name}").inc()
                     failures[partition] = failures.get(partition, 0) + 1
+                    if failures[partition] >= POISON_AFTER and is_data_error(outcome):
+                        try:  # the same records failed on their data each time: find which
+                            await self._isolate(partition, records)
+                        except Exception:
+                            log.exception("consumer %s: isolating on %s failed", self.name,
+                                          partition)  # fmt: skip
+                        else:
+                            self.processed += len(records)
+                            failures.pop(partition, None)
+                            done[partition] = (records[-1].offset + 1, self.cluster)
+                            continue
                     log.error(
                         "consumer %s: batch on %s failed (%d in a row); reading it again",
                         self.name,
@@ -173,8 +208,49 @@ class BatchConsumer:
             self.forget_lag(list(self.lagging))  # stop() tells no rebalance listener
             with contextlib.suppress(Exception):
                 await consumer.stop()
+            if self._dead_letters is not None:
+                with contextlib.suppress(Exception):
+                    await self._dead_letters.stop()
+                self._dead_letters = None
             with contextlib.suppress(Exception):
                 await admin.close()
+
+    async def _isolate(self, partition: TopicPartition, records: list[Record]) -> None:
+        """Handle the records one by one; each that fails on its data is dead-lettered and
+        stepped over, so one record the handler can never take does not stop the partition. A
+        failure of another kind (the database away) ends this, and the batch is read again."""
+        for record in records:
+            try:
+                await self._timed(partition, [record])
+            except Exception as exc:
+                if not is_data_error(exc):
+                    raise
+                await self._dead_letter(record, exc)
+
+    async def _dead_letter(self, record: Record, exc: BaseException) -> None:
+        value = record.value or b""
+        letter = DeadLetter(
+            source_topic=record.topic,
+            source_partition=record.partition,
+            source_offset=record.offset,
+            reason="unprocessable",
+            errors=[FieldError(field="value", code=type(exc).__name__, message=str(exc)[:500])],
+            received_at=datetime.now(UTC),
+            value_bytes=len(value),
+            value_sha256=hashlib.sha256(value).hexdigest(),  # the value stays on its topic
+        )
+        if self._dead_letters is None:
+            self._dead_letters = make_producer(self.settings)
+            await self._dead_letters.start()
+        await self._dead_letters.send_and_wait(
+            DEAD_LETTER, letter.model_dump_json().encode(), key=record.key
+        )
+        self.poisoned += 1
+        ERRORS.labels(self.group_id, f"poison:{self.name}").inc()
+        log.error(
+            "consumer %s: record %s/%s/%s cannot be handled (%s); dead-lettered, stepped over",
+            self.name, record.topic, record.partition, record.offset, type(exc).__name__,
+        )  # fmt: skip
 
     async def _timed(self, partition: TopicPartition, records: list[Record]) -> None:
         started = time.perf_counter()
@@ -264,6 +340,21 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         ]
         if foreign:
             await self.consumer.seek_to_beginning(*foreign)
+
+
+# A partition batch failing this often in a row on its data is searched for the records at fault.
+POISON_AFTER = 3
+
+
+def is_data_error(exc: BaseException) -> bool:
+    """Whether `exc` (or what caused it) says the data cannot be taken — a value the database
+    refuses, a payload that does not validate — rather than that something is away for now."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, _DATA_ERRORS):
+            return True
+        seen = seen.__cause__
+    return False
 
 
 def _fresh(items: Sequence[tuple[int, T]], position: int) -> list[tuple[int, T]]:

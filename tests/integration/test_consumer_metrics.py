@@ -1,10 +1,12 @@
 """A consumer's Prometheus series: messages counted as handled, lag per partition while it owns
 the partition, and no lag series left behind once it stops (aiokafka's stop tells no rebalance
-listener, so the consumer drops them itself)."""
+listener, so the consumer drops them itself). And a record the handler can never take is
+dead-lettered, not retried for ever in front of the rest of its partition."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import Callable
 
@@ -13,7 +15,9 @@ from prometheus_client import REGISTRY
 
 from shared.bus.consumer import BatchConsumer, Record
 from shared.bus.kafka import ensure_topics, make_admin, make_producer
+from shared.contracts.topics import DEAD_LETTER
 from shared.settings import Settings
+from tests.support import read_topic
 
 
 async def until(condition: Callable[[], object], within: float = 30.0) -> None:
@@ -75,3 +79,53 @@ async def test_a_consumer_counts_what_it_handles_and_its_lag_series_go_with_it(
         stop.set()
         await running
     assert lag_series(group) == {}
+
+
+async def test_a_record_the_handler_can_never_take_is_dead_lettered_and_the_rest_go_on(
+    settings: Settings,
+) -> None:
+    group = f"poison-{uuid.uuid4().hex[:8]}"
+    topic = f"test.{group}"
+    admin = make_admin(settings)
+    await admin.start()
+    try:
+        await ensure_topics(admin, settings, [topic])
+    finally:
+        await admin.close()
+    handled: list[bytes] = []
+    # A passing outage, long enough to reach the search for poison: read again, never a dead letter.
+    outages = [OSError("database away")] * 3
+
+    async def handle(_: TopicPartition, records: list[Record]) -> None:
+        if outages:
+            raise outages.pop()
+        if any(r.value == b"poison" for r in records):
+            raise ValueError("a value no column takes")  # as a DataError from the database
+        handled.extend(r.value for r in records if r.value is not None)
+
+    consumer = BatchConsumer("poison-probe", settings, group, [topic], handle)
+    stop = asyncio.Event()
+    running = asyncio.create_task(consumer.run(stop))
+    producer = make_producer(settings)
+    await producer.start()
+    try:
+        await until(lambda: consumer.running)
+        for value in (b"one", b"poison", b"two"):  # one key: one partition, in this order
+            await producer.send_and_wait(topic, value, key=b"k")
+        await until(lambda: handled == [b"one", b"two"], within=60)
+        assert consumer.poisoned == 1
+    finally:
+        await producer.stop()
+        stop.set()
+        await running
+    letters = [
+        json.loads(record.value)
+        for record in await read_topic(
+            settings.bootstrap_servers(),
+            DEAD_LETTER,
+            lambda rs: any(json.loads(r.value).get("source_topic") == topic for r in rs),
+        )
+        if json.loads(record.value).get("source_topic") == topic
+    ]
+    assert len(letters) == 1 and letters[0]["reason"] == "unprocessable"
+    assert letters[0]["source_offset"] == 1 and letters[0]["errors"][0]["code"] == "ValueError"
