@@ -6,7 +6,7 @@ events it reflects."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
@@ -18,7 +18,6 @@ from psycopg.sql import SQL
 from services.pipeline.domain import Opportunity, Refused, opportunity_id_for
 from services.pipeline.rules import route
 from shared.bus.consumer import record_tracked
-from shared.contracts.common import Contract
 from shared.contracts.envelope import Envelope
 from shared.contracts.events import LeadCaptured, LeadMerged
 from shared.settings import Rules
@@ -183,26 +182,17 @@ class PipelineApp(EventStoreApp):
         return {row["owner"]: int(row["n"]) for row in rows}
 
     def apply_lead_events(
-        self,
-        tracking_name: str,
-        items: Sequence[tuple[int, Envelope]],
-        rules: Rules,
-        contracts: Mapping[uuid.UUID, Contract] | None = None,
+        self, tracking_name: str, items: Sequence[tuple[int, Envelope]], rules: Rules
     ) -> int:
         """Open an opportunity per captured lead (scored, tiered, routed); attach merged leads
-        to the opportunity of the lead they were merged into. Exactly once per upstream event.
-        `contracts`: the envelopes' payloads by event id, where the consumer checked them."""
+        to the opportunity of the lead they were merged into. Exactly once per upstream event."""
 
         pending: list[SideWrite] = []
-        read = contracts or {}
-
-        def contract_of(envelope: Envelope) -> Contract:
-            return read.get(envelope.event_id) or envelope.contract()
 
         def decide(envelopes: list[Envelope]) -> list[Aggregate]:
             pending.clear()  # decide runs again when a concurrent writer won a race
             captured = {
-                e.event_id: cast(LeadCaptured, contract_of(e))
+                e.event_id: cast(LeadCaptured, e.contract())
                 for e in envelopes
                 if e.event_type == "LeadCaptured"
             }
@@ -231,7 +221,7 @@ class PipelineApp(EventStoreApp):
                     )  # fmt: skip
                     home[lead.lead_id] = opportunity_id
                 elif envelope.event_type == "LeadMerged":
-                    merged = cast(LeadMerged, contract_of(envelope))
+                    merged = cast(LeadMerged, envelope.contract())
                     target_id = home.get(merged.into_lead_id) or self.opportunity_of_lead(
                         merged.into_lead_id
                     )

@@ -15,7 +15,6 @@ from services.pipeline.domain import Opportunity
 from shared.bus.consumer import BatchConsumer, Record
 from shared.bus.envelopes import decode_records, envelope_message
 from shared.bus.relay import Outbound
-from shared.contracts.common import Contract
 from shared.contracts.topics import LEAD_EVENTS, OPPORTUNITY_EVENTS
 from shared.settings import Settings
 
@@ -28,11 +27,10 @@ def route(event: DomainEventProtocol[uuid.UUID], _: Notification) -> Sequence[Ou
 
 def lead_events(app: PipelineApp, settings: Settings) -> BatchConsumer:
     async def handle(partition: TopicPartition, records: list[Record]) -> None:
-        contracts: dict[uuid.UUID, Contract] = {}
-        items = decode_records(records, contracts)  # checked once, read again by the app
+        items = decode_records(records)
         name = f"capture:p{partition.partition}"
         # Rules are read per batch (cached by the file's mtime): an edited dealstream.toml —
         # a new team, a routing rule — applies without a restart.
-        await asyncio.to_thread(app.apply_lead_events, name, items, settings.rules(), contracts)
+        await asyncio.to_thread(app.apply_lead_events, name, items, settings.rules())
 
     return BatchConsumer("lead-events", settings, "pipeline", [LEAD_EVENTS], handle)

@@ -14,7 +14,6 @@ from pydantic import ValidationError
 
 from shared.bus.relay import Outbound
 from shared.clock import utc_iso
-from shared.contracts.common import Contract
 from shared.contracts.envelope import (
     HEADER_CONTENT_TYPE,
     HEADER_EVENT_TYPE,
@@ -88,17 +87,12 @@ def notification_id_of(record: ConsumerRecord[Any, Any]) -> int:
     return int(raw)
 
 
-def decode_envelope(
-    record: ConsumerRecord[Any, Any], contracts: dict[uuid.UUID, Contract] | None = None
-) -> Envelope:
-    """Parse and validate an envelope and its payload; BadEnvelope says why not. `contracts`,
-    if given, receives the checked payload by event id (for a handler that reads it next)."""
+def decode_envelope(record: ConsumerRecord[Any, Any]) -> Envelope:
+    """Parse and validate an envelope and its payload; BadEnvelope says why not."""
     try:
         envelope = Envelope.model_validate_json(record.value or b"")
         if envelope.event_type in EVENT_TYPES:  # newer types pass through unvalidated
-            contract = envelope.contract()
-            if contracts is not None:
-                contracts[envelope.event_id] = contract
+            envelope.contract()
     except (ValueError, ValidationError, TypeError, RecursionError) as exc:
         raise BadEnvelope(str(exc)[:500]) from exc
     return envelope
@@ -107,17 +101,13 @@ def decode_envelope(
 log = logging.getLogger(__name__)
 
 
-def decode_records(
-    records: Sequence[ConsumerRecord[Any, Any]],
-    contracts: dict[uuid.UUID, Contract] | None = None,
-) -> list[tuple[int, Envelope]]:
-    """Envelopes with the upstream notification id the relay put in their headers (and their
-    checked payloads in `contracts`, if given). A malformed message is logged and skipped: it
-    cannot be applied, and it must not stop the partition."""
+def decode_records(records: Sequence[ConsumerRecord[Any, Any]]) -> list[tuple[int, Envelope]]:
+    """Envelopes with the upstream notification id the relay put in their headers. A malformed
+    message is logged and skipped: it cannot be applied, and it must not stop the partition."""
     decoded = []
     for record in records:
         try:
-            decoded.append((notification_id_of(record), decode_envelope(record, contracts)))
+            decoded.append((notification_id_of(record), decode_envelope(record)))
         except BadEnvelope as exc:
             log.error(
                 "skipping malformed event at %s/%s/%s: %s",
