@@ -167,30 +167,31 @@ def health_router(readiness: Callable[[], Readiness | None]) -> APIRouter:
 
 
 def observed(
-    api: FastAPI,
-    service: str,
-    readiness: Callable[[], Readiness | None],
-    *refresh: Refresh,
-    projection: bool = False,
+    api: FastAPI, service: str, readiness: Callable[[], Readiness | None], *refresh: Refresh
 ) -> FastAPI:
     """`GET /metrics` for a service (shared.metrics): its requests and consumers as counted,
-    its relay's lag and published count read at each scrape, with the service's own `refresh`;
-    `projection`: the consumers feed read models, whose delay is the projection lag."""
+    its relay's lag and published count read at each scrape, with the service's own `refresh`."""
     relays: dict[int, Refresh] = {}  # one per relay: each keeps the count it last saw
 
-    async def loops() -> None:
+    async def relay() -> None:
         probe = readiness()
-        if probe is None:
-            return
-        if probe.relay is not None:
+        if probe is not None and probe.relay is not None:
             update = relays.setdefault(id(probe.relay), relay_refresh(service, probe.relay))
             await update()
-        if projection:
-            lags = [projection_lag(c) for c in probe.consumers]
-            if known := [lag for lag in lags if lag is not None]:
-                PROJECTION_LAG.labels(service).set(max(known))
 
-    return instrument(api, service, [loops, *refresh])
+    return instrument(api, service, [relay, *refresh])
+
+
+def projection_refresh(service: str, readiness: Callable[[], Readiness | None]) -> Refresh:
+    """The projection lag of a service whose consumers feed read models, read at scrape time."""
+
+    async def update() -> None:
+        probe = readiness()
+        lags = [projection_lag(c) for c in probe.consumers] if probe is not None else []
+        if known := [lag for lag in lags if lag is not None]:
+            PROJECTION_LAG.labels(service).set(max(known))
+
+    return update
 
 
 def projection_lag(consumer: BatchConsumer, now: float | None = None) -> float | None:

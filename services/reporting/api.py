@@ -22,7 +22,7 @@ from shared.auth import Principal, Role
 from shared.clock import Clock, SystemClock
 from shared.contracts.common import jsonable
 from shared.http_auth import bearer
-from shared.runtime import Readiness, correlate, health_router, observed
+from shared.runtime import Readiness, correlate, health_router, observed, projection_refresh
 from shared.settings import Settings
 
 STATIC = Path(__file__).parent / "static"
@@ -56,7 +56,7 @@ def create_api(
         correlate(FastAPI(title="DealStream reporting", version="1")),
         "reporting",
         readiness,
-        projection=True,
+        projection_refresh("reporting", readiness),
     )
     api.include_router(health_router(readiness))
     time = clock or SystemClock()
