@@ -135,8 +135,10 @@ NUL_IN_URL = {"detail": [{"type": "invalid_character", "loc": ["query"], "msg": 
 def _has_nul(scope: Scope) -> bool:
     """A NUL in the path or the query: no text column takes it, so it is refused up front, for
     every route (a filter's value goes into SQL)."""
-    url = scope.get("raw_path", b"") + b"?" + scope.get("query_string", b"")
-    return b"%00" in url or b"\x00" in url
+    return any(
+        b"%00" in part or b"\x00" in part
+        for part in (scope.get("raw_path", b""), scope.get("query_string", b""))
+    )
 
 
 def correlation_id() -> str:

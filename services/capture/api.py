@@ -21,8 +21,7 @@ from services.capture.intake_limits import HONEYPOT_FIELD, RateLimiter
 from shared.auth import Principal, Role
 from shared.clock import Clock
 from shared.contracts.asyncapi import document
-from shared.contracts.common import NUL_MESSAGE, nul_paths
-from shared.contracts.partner import FieldError, WebFormLead
+from shared.contracts.partner import FieldError, WebFormLead, nul_errors
 from shared.http_auth import bearer
 from shared.runtime import Readiness, correlate, correlation_id, health_router, observed
 from shared.settings import Settings
@@ -131,10 +130,8 @@ def create_api(
         if isinstance(raw, dict) and raw.pop(HONEYPOT_FIELD, None):
             log.info("web form: honeypot filled; nothing stored", extra={"client": client})
             return JSONResponse({"lead_id": str(uuid.uuid4())}, status_code=202)
-        if nul := nul_paths(raw):
-            return _invalid([FieldError(field=".".join(map(str, p)) or "body",
-                                        code="invalid_character", message=NUL_MESSAGE)
-                             for p in nul])  # fmt: skip
+        if errors := nul_errors(body, raw, "body"):
+            return _invalid(errors)
         try:
             form = WebFormLead.model_validate(raw)
         except ValidationError as exc:

@@ -16,7 +16,6 @@ from eventsourcing.domain import Aggregate
 from pydantic import ValidationError
 
 from services.capture.normalize import match_keys
-from shared.contracts.common import NUL_MESSAGE, nul_paths
 from shared.contracts.events import (
     LeadCaptured,
     LeadForgotten,
@@ -34,6 +33,7 @@ from shared.contracts.partner import (
     PartnerLeadMessage,
     PartnerReply,
     ReplyStatus,
+    nul_errors,
 )
 from shared.domain import Published, PublishedCreated
 from shared.privacy import seal
@@ -353,9 +353,7 @@ def judge(
         raw = json.loads(incoming.value)
     except (ValueError, RecursionError) as exc:  # bad UTF-8, bad JSON, absurd nesting or digits
         return rejected("invalid_json", "value", f"value is not JSON: {str(exc)[:200]}")
-    if nul := nul_paths(raw):
-        errors = [FieldError(field=".".join(map(str, p)) or "value", code="invalid_character",
-                             message=NUL_MESSAGE) for p in nul]  # fmt: skip
+    if errors := nul_errors(incoming.value, raw, "value"):
         reply = PartnerReply(message_id=message_id, status=ReplyStatus.rejected, errors=errors)
         return Verdict(partner_id, message_id, reply, errors=tuple(errors))
     try:
