@@ -242,7 +242,7 @@ async def _partner(args: argparse.Namespace) -> int:
     from services.capture.access import access_commands
     from services.capture.app import MIGRATIONS, SCHEMA
     from services.capture.partners import PartnerExists, add_partner, list_partners, rotate_partner
-    from shared.bus.kafka import ensure_topics, make_admin
+    from shared.bus.kafka import create_topics
     from shared.clock import SystemClock
     from shared.contracts.topics import PARTNER_LEADS, partner_replies
     from shared.runtime import open_schema
@@ -257,12 +257,7 @@ async def _partner(args: argparse.Namespace) -> int:
             except PartnerExists as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return 1
-            admin = make_admin(settings)
-            await admin.start()
-            try:
-                await ensure_topics(admin, settings, [topic])
-            finally:
-                await admin.close()
+            await create_topics(settings, [topic])
             print(f"partner {args.partner_id} added; replies on {topic}")
             print(f"secret: {secret}")
             print(

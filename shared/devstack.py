@@ -17,7 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from shared.bus.kafka import check_broker, ensure_core_topics, make_admin
+from shared.bus.kafka import check_broker, create_topics
+from shared.contracts.topics import CORE_TOPICS
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -185,12 +186,7 @@ class DevStack:
 
         async def check_and_create() -> dict[str, Any]:
             info = await check_broker(settings)
-            admin = make_admin(settings)
-            await admin.start()
-            try:
-                await ensure_core_topics(admin, settings)
-            finally:
-                await admin.close()
+            await create_topics(settings, CORE_TOPICS)
             return info
 
         return _run_blocking(check_and_create())

@@ -126,6 +126,16 @@ async def ensure_core_topics(admin: AIOKafkaAdminClient, settings: Settings) -> 
     await ensure_topics(admin, settings, CORE_TOPICS)
 
 
+async def create_topics(settings: Settings, topics: Iterable[str]) -> None:
+    """`ensure_topics` with an admin client of its own, for callers that hold none."""
+    admin = make_admin(settings)
+    await admin.start()
+    try:
+        await ensure_topics(admin, settings, topics)
+    finally:
+        await admin.close()
+
+
 async def check_broker(settings: Settings, within: float = 30.0) -> dict[str, Any]:
     """Check the broker's API versions and a consumer-group round trip; raise BrokerMisbehaves
     with a clear message if either fails."""

@@ -16,7 +16,7 @@ from services.capture.app import CaptureApp
 from services.capture.bus import partner_intake
 from services.capture.bus import route as capture_route
 from services.capture.partners import PartnerSecrets, add_partner
-from shared.bus.kafka import ensure_topics, make_admin
+from shared.bus.kafka import create_topics
 from shared.bus.relay import OutboxRelay
 from shared.clock import SystemClock
 from shared.contracts.topics import partner_replies
@@ -84,10 +84,5 @@ async def register_partner(settings: Settings, pool: asyncpg.Pool, prefix: str) 
     """A new partner with its replies topic, as `dealstream partner add` makes one."""
     partner = f"{prefix}{uuid.uuid4().hex[:8]}"
     secret = await add_partner(pool, partner)
-    admin = make_admin(settings)
-    await admin.start()
-    try:
-        await ensure_topics(admin, settings, [partner_replies(partner)])
-    finally:
-        await admin.close()
+    await create_topics(settings, [partner_replies(partner)])
     return partner, secret

@@ -14,19 +14,10 @@ from aiokafka.structs import TopicPartition
 from prometheus_client import REGISTRY
 
 from shared.bus.consumer import BatchConsumer, Record
-from shared.bus.kafka import ensure_topics, make_admin, make_producer
+from shared.bus.kafka import create_topics, make_producer
 from shared.contracts.topics import DEAD_LETTER
 from shared.settings import Settings
 from tests.support import read_topic
-
-
-async def create_topic(settings: Settings, topic: str) -> None:
-    admin = make_admin(settings)
-    await admin.start()
-    try:
-        await ensure_topics(admin, settings, [topic])
-    finally:
-        await admin.close()
 
 
 async def until(condition: Callable[[], object], within: float = 30.0) -> None:
@@ -51,7 +42,7 @@ async def test_a_consumer_counts_what_it_handles_and_its_lag_series_go_with_it(
 ) -> None:
     group = f"metrics-{uuid.uuid4().hex[:8]}"
     topic = f"test.{group}"  # a topic of its own: nobody else reads these records
-    await create_topic(settings, topic)
+    await create_topics(settings, [topic])
     seen: list[Record] = []
 
     async def handle(_: TopicPartition, records: list[Record]) -> None:
@@ -90,7 +81,7 @@ async def test_a_record_the_handler_can_never_take_is_dead_lettered_and_the_rest
 ) -> None:
     group = f"poison-{uuid.uuid4().hex[:8]}"
     topic = f"test.{group}"
-    await create_topic(settings, topic)
+    await create_topics(settings, [topic])
     handled: list[bytes] = []
     # A passing outage, long enough to reach the search for poison: read again, never a dead letter.
     outages = [OSError("database away")] * 3

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 
 from services.capture.app import MIGRATIONS, CaptureApp
 from services.capture.bus import route
-from shared.bus.kafka import ensure_topics, make_admin, make_producer
+from shared.bus.kafka import create_topics, make_producer
 from shared.bus.relay import Outbound, OutboxRelay, send_batched
 from shared.bus.relay_process import RelayProcess, RelaySpec
 from shared.contracts.envelope import Envelope
@@ -119,10 +119,7 @@ async def test_relay_batches_land_where_send_would_put_them_in_order(settings: S
     across several batches per partition."""
     run = uuid.uuid4().hex[:8]
     ours, plain = f"relay-batches-{run}", f"relay-plain-{run}"
-    admin = make_admin(settings)
-    await admin.start()
-    await ensure_topics(admin, settings, [ours, plain])
-    await admin.close()
+    await create_topics(settings, [ours, plain])
     keys = [str(uuid.uuid4()).encode() for _ in range(40)]
     # 600 messages of 2 KB: more than one 256 KB batch for some partitions.
     messages = [

@@ -15,7 +15,7 @@ from services.capture.app import MIGRATIONS, CaptureApp
 from services.capture.bus import incoming, partner_intake, route
 from services.capture.partners import PartnerSecrets, add_partner
 from shared.bus.consumer import BatchConsumer, Record
-from shared.bus.kafka import ensure_topics, make_admin, make_producer
+from shared.bus.kafka import create_topics, make_producer
 from shared.bus.relay_process import RelayProcess, RelaySpec
 from shared.clock import SystemClock
 from shared.contracts.topics import PARTNER_LEADS, partner_replies
@@ -70,10 +70,7 @@ async def messages_per_second(stack: DevStack, label: str) -> float:
     app = await asyncio.to_thread(CaptureApp, settings.dsn(), schema, 8)
     partner = f"bench{label}"
     secret = await add_partner(pool, partner)
-    admin = make_admin(settings)
-    await admin.start()
-    await ensure_topics(admin, settings, [partner_replies(partner)])
-    await admin.close()
+    await create_topics(settings, [partner_replies(partner)])
     await produce(settings, partner, secret)
     secrets = PartnerSecrets(pool)
     if label == "ours":
