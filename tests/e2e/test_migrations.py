@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from decimal import Decimal
 from typing import cast
 from urllib.parse import urlsplit, urlunsplit
@@ -39,16 +41,22 @@ STEPS: dict[str, list[Migration]] = {
 }
 
 
+@asynccontextmanager
+async def connected(url: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(url)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
 def latest(schema: str) -> int:
     return max(version for version, _ in STEPS[schema])
 
 
 async def new_database(stack: DevStack, name: str) -> str:
-    conn = await asyncpg.connect(stack.database_url)
-    try:
+    async with connected(stack.database_url) as conn:
         await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
     parts = urlsplit(stack.database_url)
     return urlunsplit(parts._replace(path=f"/{name}"))
 
@@ -60,14 +68,11 @@ def services_on(stack: DevStack, url: str, logs_dir: object) -> Services:
 
 
 async def versions(url: str) -> dict[str, int]:
-    conn = await asyncpg.connect(url)
-    try:
+    async with connected(url) as conn:
         return {
             schema: await conn.fetchval(f'SELECT max(version) FROM "{schema}".schema_version')
             for schema in STEPS
         }
-    finally:
-        await conn.close()
 
 
 async def test_an_empty_database_is_migrated_to_the_latest_version_of_every_schema(
@@ -80,13 +85,11 @@ async def test_an_empty_database_is_migrated_to_the_latest_version_of_every_sche
     for schema in STEPS:
         assert f"{schema}: schema version {latest(schema)}" in printed
     assert cli(running.env, "migrate") == printed  # run again: nothing more to do
-    conn = await asyncpg.connect(url)
-    try:  # the event stores are the migrations' too, recorded with the rest
+    # The event stores are the migrations' too, recorded with the rest.
+    async with connected(url) as conn:
         for table in ("capture.capture_events", "capture.capture_tracking",
                       "pipeline.pipeline_events", "pipeline.pipeline_tracking"):  # fmt: skip
             assert await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", table), table
-    finally:
-        await conn.close()
 
 
 async def test_a_database_at_the_previous_version_keeps_its_data_and_the_services_start(
@@ -94,8 +97,7 @@ async def test_a_database_at_the_previous_version_keeps_its_data_and_the_service
 ) -> None:
     url = await new_database(e2e_stack, f"previous_{uuid.uuid4().hex[:8]}")
     settings = Settings(database_url=url, config_file=e2e_stack.settings.config_file)
-    conn = await asyncpg.connect(url)
-    try:
+    async with connected(url) as conn:
         for schema, steps in STEPS.items():  # the release before: all steps but the last
             previous = sorted(steps)[:-1]
             assert await migrate(conn, schema, previous) == previous[-1][0]
@@ -110,8 +112,6 @@ async def test_a_database_at_the_previous_version_keeps_its_data_and_the_service
             "INSERT INTO reporting.funnel_now VALUES"
             " ('open', 'B', 'CNY', 'li', 'east', 'CN-BJ', 'web', '', 'standard', 2, 900, 450)"
         )
-    finally:
-        await conn.close()
     # An opportunity in the pipeline's event store and index, written by the service's code.
     app = await asyncio.to_thread(PipelineApp, url, "pipeline", 1)
     try:
@@ -145,30 +145,24 @@ async def test_a_database_at_the_previous_version_keeps_its_data_and_the_service
         assert "acme" in cli(running.env, "partner", "list")
     finally:
         running.stop()
-    conn = await asyncpg.connect(url)
-    try:
+    async with connected(url) as conn:
         position = await conn.fetchval(
             "SELECT version FROM notify.stream_position WHERE stream_id = $1", notify_stream
         )
         assert position == 3
         row = await conn.fetchrow("SELECT n, amount FROM reporting.funnel_now WHERE stage = 'B'")
         assert (row["n"], row["amount"]) == (2, Decimal("900.00"))
-    finally:
-        await conn.close()
 
 
 async def test_a_schema_newer_than_the_code_stops_the_migration_and_the_service(
     e2e_stack: DevStack, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     url = await new_database(e2e_stack, f"newer_{uuid.uuid4().hex[:8]}")
-    conn = await asyncpg.connect(url)
-    try:
+    async with connected(url) as conn:
         await migrate(conn, "notify", NOTIFY)
         await conn.execute("INSERT INTO notify.schema_version (version) VALUES (99)")
         with pytest.raises(SchemaTooNew, match="version 99"):
             await migrate(conn, "notify", NOTIFY)
-    finally:
-        await conn.close()
     # A service of an older release, started on it, refuses to run, and says why.
     running = services_on(e2e_stack, url, tmp_path_factory.mktemp("logs"))
     running.start("notify")

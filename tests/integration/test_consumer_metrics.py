@@ -8,8 +8,10 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 
+from aiokafka import AIOKafkaProducer
 from aiokafka.structs import TopicPartition
 from prometheus_client import REGISTRY
 
@@ -25,6 +27,23 @@ async def until(condition: Callable[[], object], within: float = 30.0) -> None:
     while not condition():
         assert asyncio.get_running_loop().time() < deadline, "not within the time given"
         await asyncio.sleep(0.1)
+
+
+@asynccontextmanager
+async def running(consumer: BatchConsumer) -> AsyncIterator[AIOKafkaProducer]:
+    """The consumer running, once it has its partitions, and a producer to feed it; both
+    stopped after."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(consumer.run(stop))
+    producer = make_producer(consumer.settings)
+    await producer.start()
+    try:
+        await until(lambda: consumer.running)
+        yield producer
+    finally:
+        await producer.stop()
+        stop.set()
+        await task
 
 
 def lag_series(group: str) -> dict[str, float]:
@@ -49,12 +68,7 @@ async def test_a_consumer_counts_what_it_handles_and_its_lag_series_go_with_it(
         seen.extend(records)
 
     consumer = BatchConsumer("metrics-probe", settings, group, [topic], handle)
-    stop = asyncio.Event()
-    running = asyncio.create_task(consumer.run(stop))
-    producer = make_producer(settings)
-    await producer.start()
-    try:
-        await until(lambda: consumer.running)
+    async with running(consumer) as producer:
         before = REGISTRY.get_sample_value(
             "dealstream_messages_in_total",
             {"service": group, "consumer": "metrics-probe", "topic": topic},
@@ -69,10 +83,6 @@ async def test_a_consumer_counts_what_it_handles_and_its_lag_series_go_with_it(
             {"service": group, "consumer": "metrics-probe", "topic": topic},
         )
         assert counted is not None and counted - (before or 0) >= 20
-    finally:
-        await producer.stop()
-        stop.set()
-        await running
     assert lag_series(group) == {}
 
 
@@ -94,20 +104,11 @@ async def test_a_record_the_handler_can_never_take_is_dead_lettered_and_the_rest
         handled.extend(r.value for r in records if r.value is not None)
 
     consumer = BatchConsumer("poison-probe", settings, group, [topic], handle)
-    stop = asyncio.Event()
-    running = asyncio.create_task(consumer.run(stop))
-    producer = make_producer(settings)
-    await producer.start()
-    try:
-        await until(lambda: consumer.running)
+    async with running(consumer) as producer:
         for value in (b"one", b"poison", b"two"):  # one key: one partition, in this order
             await producer.send_and_wait(topic, value, key=b"k")
         await until(lambda: handled == [b"one", b"two"], within=60)
         assert consumer.poisoned == 1
-    finally:
-        await producer.stop()
-        stop.set()
-        await running
     letters = [
         json.loads(record.value)
         for record in await read_topic(
