@@ -8,12 +8,14 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import Callable, Sequence
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 import asyncpg
 
+from services.reporting import bulk
 from services.reporting.projection import FUNNEL_KEY, MIGRATIONS, POOL_SETTINGS, project
 from shared.bus.consumer import apply_read_model
 from shared.bus.envelopes import envelope_of
@@ -33,15 +35,24 @@ COMPARED_TABLES = {
     "funnel_now": list(FUNNEL_KEY),
 }
 PAGE = 5000
+T = TypeVar("T")
+# Chunks of a set-based rebuild run at once, each on a connection (and a core) of the database.
+BULK_WORKERS = 2
 
 
 @dataclass
 class Source:
-    """An event store to read, and which of its events reporting wants."""
+    """An event store to read, which of its events reporting wants, and whether its history can
+    be rebuilt set-based in the database first (`bulk`, the opportunity store's)."""
 
     name: str
     app: EventStoreApp
     wanted: Callable[[str], bool]
+    bulk: bool = False
+
+    @property
+    def events_table(self) -> str:
+        return f'"{self.app.schema}"."{self.app.name.lower()}_events"'
 
 
 @dataclass
@@ -88,12 +99,87 @@ def _page(source: Source, position: int) -> tuple[list[Envelope], int, int]:
     return envelopes, notifications[-1].id, len(notifications)
 
 
+async def _set_position(
+    conn: asyncpg.Connection | asyncpg.Pool, source: str, position: int
+) -> None:
+    await conn.execute(
+        "INSERT INTO replay_progress (source, position) VALUES ($1, $2)"
+        " ON CONFLICT (source) DO UPDATE SET position = $2",
+        source,
+        position,
+    )
+
+
+async def _share(workers: int, pool: asyncpg.Pool, work: list[T],
+                 do: Callable[[asyncpg.Connection, T], Awaitable[None]]) -> None:  # fmt: skip
+    """Do each piece of `work` in a transaction of its own, `workers` connections at a time."""
+
+    async def worker() -> None:
+        while work:
+            piece = work.pop(0)
+            async with pool.acquire() as conn, conn.transaction():
+                await do(conn, piece)
+
+    await asyncio.gather(*(worker() for _ in range(workers)))
+
+
+async def rebuild_bulk(pool: asyncpg.Pool, source: Source, progress: Progress) -> tuple[int, int]:
+    """A store's history up to its newest event when the rebuild began, set-based: chunks of
+    streams, BULK_WORKERS at a time, each chunk in one transaction with its mark (so a resumed
+    rebuild does only the chunks left), the written tables' secondary indexes made afterwards;
+    then the funnel sums, and the position the event-by-event rebuild goes on from. Returns
+    that position and the events read."""
+    upto = await _position(pool, f"{source.name}:bulk-upto")
+    if upto == 0:
+        upto = source.app.process_recorder.max_notification_id() or 0
+        async with pool.acquire() as conn:
+            await bulk.set_indexes_aside(conn)
+        await _set_position(pool, f"{source.name}:bulk-upto", upto)
+    marks = await pool.fetch(
+        "SELECT source FROM replay_progress WHERE source LIKE $1", f"{source.name}:bulk-chunk-%"
+    )
+    done = {row["source"] for row in marks}
+    todo = [
+        (mark, bounds)
+        for n, bounds in enumerate(bulk.chunks(upto, BULK_WORKERS))
+        if (mark := f"{source.name}:bulk-chunk-{n}") not in done
+    ]
+    read = 0
+
+    async def chunk(
+        conn: asyncpg.Connection, piece: tuple[str, tuple[uuid.UUID, uuid.UUID]]
+    ) -> None:
+        nonlocal read
+        mark, bounds = piece
+        count = await bulk.rebuild_chunk(conn, source.events_table, bounds, upto)
+        await _set_position(conn, mark, 1)
+        read += count
+        progress.advance(count)
+
+    async def index(conn: asyncpg.Connection, statement: str) -> None:
+        await conn.execute(statement)
+
+    await _share(BULK_WORKERS, pool, todo, chunk)
+    async with pool.acquire() as conn:
+        statements = await bulk.indexes_set_aside(conn)
+    await _share(BULK_WORKERS, pool, statements, index)
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("DROP TABLE IF EXISTS replay_index")
+        await bulk.sum_funnel(conn)
+        await _set_position(conn, source.name, upto)
+    return upto, read
+
+
 async def rebuild(pool: asyncpg.Pool, sources: Sequence[Source], progress: Progress) -> int:
-    """Apply every wanted event of the stores into `pool`'s schema, from where it stopped; the
-    next page is read while this one is applied."""
+    """Apply every wanted event of the stores into `pool`'s schema, from where it stopped: a
+    store that allows it set-based up to where it stood when the rebuild began, then event by
+    event, the next page read while this one is applied."""
     applied = 0
     for source in sources:
         position = await _position(pool, source.name)
+        if position == 0 and source.bulk:
+            position, read = await rebuild_bulk(pool, source, progress)
+            applied += read
         pending = asyncio.create_task(asyncio.to_thread(_page, source, position))
         while True:
             envelopes, position, read = await pending
@@ -102,12 +188,7 @@ async def rebuild(pool: asyncpg.Pool, sources: Sequence[Source], progress: Progr
             pending = asyncio.create_task(asyncio.to_thread(_page, source, position))
             if envelopes:
                 applied += len(await apply_read_model(pool, envelopes, project))
-            await pool.execute(
-                "INSERT INTO replay_progress (source, position) VALUES ($1, $2)"
-                " ON CONFLICT (source) DO UPDATE SET position = $2",
-                source.name,
-                position,
-            )
+            await _set_position(pool, source.name, position)
             progress.advance(read)
     progress.advance(0, final=True)
     return applied
@@ -157,7 +238,7 @@ def sources(
     from services.pipeline.app import PipelineApp
 
     return [
-        Source("pipeline", PipelineApp(settings.dsn(), pipeline, 2), lambda _: True),
+        Source("pipeline", PipelineApp(settings.dsn(), pipeline, 2), lambda _: True, bulk=True),
         # Of capture's events, only registrations (报备) are reported on; leads are not read.
         Source(
             "capture",

@@ -89,7 +89,7 @@ async def bench_operations(settings: Settings) -> dict[str, Any]:
         raw_count, raw_seconds = await asyncio.to_thread(raw_scan, app)
         pool = await open_schema(settings, "bench_ops_replay", MIGRATIONS, server=POOL_SETTINGS)
         started = time.perf_counter()
-        applied = await rebuild(pool, [Source("pipeline", app, lambda _: True)],
+        applied = await rebuild(pool, [Source("pipeline", app, lambda _: True, bulk=True)],
                                 Progress(raw_count))  # fmt: skip
         replay_seconds = time.perf_counter() - started
         await pool.close()
