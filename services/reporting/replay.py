@@ -132,6 +132,8 @@ async def rebuild_bulk(pool: asyncpg.Pool, source: Source, progress: Progress) -
     upto = await _position(pool, f"{source.name}:bulk-upto")
     if upto == 0:
         upto = source.app.process_recorder.max_notification_id() or 0
+        if upto == 0:
+            return 0, 0  # an empty store: nothing to rebuild
         async with pool.acquire() as conn:
             await bulk.set_indexes_aside(conn)
         await _set_position(pool, f"{source.name}:bulk-upto", upto)

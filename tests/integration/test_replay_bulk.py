@@ -186,3 +186,21 @@ async def test_the_set_based_rebuild_equals_the_live_projection_over_every_kind_
             assert await differences(conn, f"{schema}_live", f"{schema}_resumed") == []
     finally:
         app.close()
+
+
+async def test_an_empty_store_rebuilds_to_empty_tables_again_and_again(
+    settings: Settings, schema: str, open_pool: Any
+) -> None:
+    store = f"{schema}_p"
+    await open_pool(store, PIPELINE_MIGRATIONS)
+    app = await asyncio.to_thread(PipelineApp, settings.dsn(), store, 2)
+    try:
+        rebuilt = await open_pool(f"{schema}_bulk", MIGRATIONS)
+        source = Source("pipeline", app, lambda _: True, bulk=True)
+        for _ in range(2):
+            assert await rebuild(rebuilt, [source], Progress(0)) == 0
+            assert set((await tables(rebuilt)).values()) == {0}
+        live_pool = await open_pool(f"{schema}_live", MIGRATIONS)
+        assert await indexes(rebuilt) == await indexes(live_pool)
+    finally:
+        app.close()
