@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import inspect
 import json
 import time
 import uuid
@@ -100,12 +101,21 @@ async def read_topic(
 
 
 async def eventually(
-    probe: Callable[[], Awaitable[T]], ok: Callable[[T], bool], within: float = 30.0
+    probe: Callable[[], Awaitable[T] | T],
+    ok: Callable[[T], bool],
+    within: float = 30.0,
+    every: float = 0.2,
 ) -> T:
-    """Poll `probe` until `ok(result)`; return the last result either way (the test asserts)."""
+    """Poll `probe` (a coroutine function, or a plain function) every `every` seconds until
+    `ok(result)`; return the last result either way (the test asserts)."""
     deadline = time.monotonic() + within
-    result = await probe()
+
+    async def look() -> T:
+        result = probe()
+        return await result if inspect.isawaitable(result) else result  # type: ignore[return-value]
+
+    result = await look()
     while not ok(result) and time.monotonic() < deadline:
-        await asyncio.sleep(0.2)
-        result = await probe()
+        await asyncio.sleep(every)
+        result = await look()
     return result

@@ -26,17 +26,13 @@ from services.reporting.projection import MIGRATIONS, project
 from services.reporting.replay import COMPARED_TABLES, Progress, Source, differences, rebuild
 from shared.bus.consumer import apply_read_model
 from shared.bus.envelopes import envelope_of
-from shared.contracts.common import Money
 from shared.contracts.events import LeadCaptured
-from shared.settings import STAGES, Rules, Settings
+from shared.settings import STAGES, Settings
+from tests.reporting_scenario import RULES, money
+from tests.support import eventually
 
-RULES = Rules()
 START = datetime(2026, 1, 5, 9, tzinfo=UTC)
 LIVES = 400
-
-
-def money(amount: int, currency: str = "CNY") -> Money:
-    return Money(amount=f"{amount}.00", currency=currency)
 
 
 def forward(o: Opportunity) -> str:
@@ -172,8 +168,10 @@ async def test_the_set_based_rebuild_equals_the_live_projection_over_every_kind_
         # Interrupted after its first chunks, then resumed: the same tables.
         resumed = await open_pool(f"{schema}_resumed", MIGRATIONS)
         task = asyncio.create_task(rebuild(resumed, [source], Progress(len(envelopes))))
-        while await marked_chunks(resumed) == 0:
-            await asyncio.sleep(0.001)
+        marked = await eventually(
+            lambda: marked_chunks(resumed), lambda n: n > 0 or task.done(), every=0.001
+        )
+        assert marked > 0 and not task.done()
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
