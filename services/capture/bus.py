@@ -99,5 +99,5 @@ def partner_intake(
             settings.rules(),  # per batch: an edited dealstream.toml applies without a restart
         )
 
-    consumer = BatchConsumer("partner-intake", settings, "capture", [PARTNER_LEADS], handle)
+    consumer = BatchConsumer("partner-intake", settings, "capture", [PARTNER_LEADS], handle, clock)
     return consumer

@@ -24,7 +24,6 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from datetime import UTC, datetime
 from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
@@ -42,6 +41,7 @@ from shared.bus.kafka import (
     make_consumer,
     make_producer,
 )
+from shared.clock import Clock, SystemClock
 from shared.contracts.envelope import Envelope
 from shared.contracts.partner import DeadLetter, FieldError
 from shared.contracts.topics import DEAD_LETTER
@@ -56,15 +56,13 @@ log = logging.getLogger(__name__)
 Record: TypeAlias = ConsumerRecord[bytes, bytes]
 PartitionHandler = Callable[[TopicPartition, list[Record]], Awaitable[None]]
 T = TypeVar("T")
+# What says a record's data cannot be taken. Not ValueError, KeyError and the like: those are
+# as likely a bug in a handler, which must stop the partition, not send its records away.
 _DATA_ERRORS = (
     DataError,  # eventsourcing's, from psycopg's below
     psycopg.DataError,
     asyncpg.DataError,
     ValidationError,
-    ValueError,
-    TypeError,
-    KeyError,
-    ArithmeticError,
 )
 
 
@@ -76,9 +74,11 @@ class BatchConsumer:
         group_id: str,
         topics: Sequence[str],
         handle: PartitionHandler,
+        clock: Clock | None = None,
     ) -> None:
         self.name = name
         self.settings = settings
+        self.clock = clock or SystemClock()  # when a dead letter was written
         self.group_id = group_id
         self.topics = list(topics)
         self.handle = handle
@@ -235,7 +235,7 @@ class BatchConsumer:
             source_offset=record.offset,
             reason="unprocessable",
             errors=[FieldError(field="value", code=type(exc).__name__, message=str(exc)[:500])],
-            received_at=datetime.now(UTC),
+            received_at=self.clock.now(),
             value_bytes=len(value),
             value_sha256=hashlib.sha256(value).hexdigest(),  # the value stays on its topic
         )
