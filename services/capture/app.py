@@ -285,8 +285,9 @@ class CaptureApp(EventStoreApp):
         applied = record_tracked(self, tracking_name, positioned, decide, self.side_writes)
         # Stored: what each partner is told. Refusals at INFO; the usual answers (the bulk of a
         # batch) at DEBUG, their log records built only when DEBUG is on.
+        # (Nothing applied: another replica stored them all, whatever an earlier decide said.)
         every = log.isEnabledFor(logging.DEBUG)
-        for message, verdict, reply in answered:
+        for message, verdict, reply in answered if applied else []:
             status = reply.status.value if reply is not None else "dead-letter"
             usual = status in ("accepted", "duplicate")
             if every or not usual:
