@@ -8,7 +8,8 @@ from aiokafka.structs import TopicPartition
 
 from services.reporting.projection import project
 from shared.bus.consumer import BatchConsumer, Record, apply_read_model
-from shared.bus.envelopes import decode_records
+from shared.bus.envelopes import decode_records, header
+from shared.contracts.envelope import HEADER_EVENT_TYPE
 from shared.contracts.topics import LEAD_EVENTS, OPPORTUNITY_EVENTS
 from shared.settings import Settings
 
@@ -18,6 +19,8 @@ LEAD_ONLY = {"LeadCaptured", "LeadMerged", "LeadForgotten"}
 def opportunity_events(pool: asyncpg.Pool, settings: Settings) -> BatchConsumer:
     async def handle(_: TopicPartition, records: list[Record]) -> None:
         # Leads themselves are not reported on (and carry contact data): only registrations.
+        # Told apart by the relay's header first, so they are not even parsed.
+        records = [r for r in records if header(r, HEADER_EVENT_TYPE) not in LEAD_ONLY]
         wanted = [e for _, e in decode_records(records) if e.event_type not in LEAD_ONLY]
         if wanted:
             await apply_read_model(pool, wanted, project)
