@@ -353,17 +353,18 @@ def judge(
         raw = json.loads(incoming.value)
     except (ValueError, RecursionError) as exc:  # bad UTF-8, bad JSON, absurd nesting or digits
         return rejected("invalid_json", "value", f"value is not JSON: {str(exc)[:200]}")
-    if errors := nul_errors(incoming.value, raw, "value"):
-        reply = PartnerReply(message_id=message_id, status=ReplyStatus.rejected, errors=errors)
-        return Verdict(partner_id, message_id, reply, errors=tuple(errors))
+    errors = nul_errors(incoming.value, raw, "value")
+    lead: PartnerLeadMessage | None = None
     try:
-        lead = PartnerLeadMessage.model_validate(raw)
+        if not errors:
+            lead = PartnerLeadMessage.model_validate(raw)
     except ValidationError as exc:
         errors = field_errors(exc)
-        reply = PartnerReply(message_id=message_id, status=ReplyStatus.rejected, errors=errors)
-        return Verdict(partner_id, message_id, reply, errors=tuple(errors))
     except (ArithmeticError, ValueError, RecursionError) as exc:  # what slips past pydantic
         return rejected("invalid_value", "value", str(exc)[:200])
+    if lead is None:
+        reply = PartnerReply(message_id=message_id, status=ReplyStatus.rejected, errors=errors)
+        return Verdict(partner_id, message_id, reply, errors=tuple(errors))
     mismatch = [
         FieldError(field=name, code="header_mismatch", message=f"must equal the {header} header")
         for name, header, value in (

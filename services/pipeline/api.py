@@ -292,7 +292,7 @@ def create_api(
         stage: str | None = Query(default=None, pattern="^[A-F]$"),
         status: str | None = Query(default=None, pattern="^(open|won|lost|recycled)$"),
         limit: int = Query(default=50, ge=1, le=200),
-        offset: int = Query(default=0, ge=0, le=2**31 - 1),  # beyond int64, asyncpg fails
+        offset: int = Query(default=0, ge=0, le=2**31 - 1),  # past int64 the driver fails
     ) -> v.OpportunityPage:
         if p.role is Role.rep:
             if owner not in (None, p.user):  # another rep's: as if there were none
