@@ -162,13 +162,7 @@ class BatchConsumer:
                 backoff = 0.0
                 for (partition, records), outcome in zip(batch.items(), outcomes, strict=True):
                     if not isinstance(outcome, BaseException):
-                        self.processed += len(records)
-                        self.batches += 1
-                        MESSAGES_IN.labels(self.group_id, self.name, partition.topic).inc(
-                            len(records)
-                        )
-                        self.applied_published = records[-1].timestamp / 1000
-                        self.delay = max(0.0, time.time() - self.applied_published)
+                        self._took(partition, records)
                         failures.pop(partition, None)
                         done[partition] = (records[-1].offset + 1, self.cluster)
                         continue
@@ -182,7 +176,7 @@ class BatchConsumer:
                             log.exception("consumer %s: isolating on %s failed", self.name,
                                           partition)  # fmt: skip
                         else:
-                            self.processed += len(records)
+                            self._took(partition, records)
                             failures.pop(partition, None)
                             done[partition] = (records[-1].offset + 1, self.cluster)
                             continue
@@ -214,6 +208,14 @@ class BatchConsumer:
                 self._dead_letters = None
             with contextlib.suppress(Exception):
                 await admin.close()
+
+    def _took(self, partition: TopicPartition, records: list[Record]) -> None:
+        """A partition's batch is done with (handled, or handled around its poison)."""
+        self.processed += len(records)
+        self.batches += 1
+        MESSAGES_IN.labels(self.group_id, self.name, partition.topic).inc(len(records))
+        self.applied_published = records[-1].timestamp / 1000
+        self.delay = max(0.0, time.time() - self.applied_published)
 
     async def _isolate(self, partition: TopicPartition, records: list[Record]) -> None:
         """Handle the records one by one; each that fails on its data is dead-lettered and

@@ -104,6 +104,8 @@ async def test_a_record_the_handler_can_never_take_is_dead_lettered_and_the_rest
             b"two",
         ]
         assert consumer.poisoned == 1
+        taken = {"service": group, "consumer": "poison-probe", "topic": topic}
+        assert REGISTRY.get_sample_value("dealstream_messages_in_total", taken) == 3
     letters = [
         json.loads(record.value)
         for record in await read_topic(
