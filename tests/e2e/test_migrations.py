@@ -166,6 +166,12 @@ async def test_a_schema_newer_than_the_code_stops_the_migration_and_the_service(
     # A service of an older release, started on it, refuses to run, and says why.
     running = services_on(e2e_stack, url, tmp_path_factory.mktemp("logs"))
     running.start("notify")
-    exited = await asyncio.to_thread(running.processes.pop("notify").wait, 60)
+    notify = running.processes.pop("notify")
+    try:
+        exited = await asyncio.to_thread(notify.wait, 60)
+    finally:
+        if notify.poll() is None:  # it ran on: the failure below, and no process left behind
+            notify.kill()
+            notify.wait()
     assert exited != 0
     assert "schema notify is at version 99" in (running.logs / "notify.log").read_text()
