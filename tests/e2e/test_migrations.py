@@ -7,13 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from decimal import Decimal
 from typing import cast
 from urllib.parse import urlsplit, urlunsplit
 
-import asyncpg
 import httpx
 import pytest
 
@@ -30,6 +27,7 @@ from shared.settings import Settings
 from shared.store.migrations import Migration, SchemaTooNew, migrate
 from tests.e2e.conftest import SERVICES, Services, cli
 from tests.factories import lead_captured
+from tests.support import connected
 
 pytestmark = pytest.mark.e2e
 
@@ -39,15 +37,6 @@ STEPS: dict[str, list[Migration]] = {
     "notify": NOTIFY,
     "reporting": REPORTING,
 }
-
-
-@asynccontextmanager
-async def connected(url: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(url)
-    try:
-        yield conn
-    finally:
-        await conn.close()
 
 
 def latest(schema: str) -> int:

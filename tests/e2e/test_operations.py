@@ -25,7 +25,7 @@ from shared.auth import Principal, Role, issue_token
 from shared.contracts.events import EVENT_TYPES
 from shared.devstack import DevStack
 from tests.e2e.conftest import Services, cli
-from tests.support import eventually, lead_value, send_partner_messages, signed_headers
+from tests.support import connected, eventually, lead_value, send_partner_messages, signed_headers
 
 pytestmark = pytest.mark.e2e
 LEADS = 24
@@ -236,11 +236,8 @@ async def test_demo_loads_a_living_year_that_the_reports_and_audit_show(
 
     # A rebuild from scratch (set-based, services/reporting/bulk.py) over the demo's year equals
     # what the live consumer projected, once it has caught up (a later --verify resumes).
-    db = await asyncpg.connect(e2e_stack.database_url)
-    try:
+    async with connected(e2e_stack.database_url) as db:
         await db.execute("DROP SCHEMA IF EXISTS reporting_replay CASCADE")
-    finally:
-        await db.close()
 
     async def differences() -> list[Any]:
         _, verified = await asyncio.to_thread(run, env, "replay", "reporting", "--verify")
