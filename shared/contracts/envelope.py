@@ -3,18 +3,34 @@
 from __future__ import annotations
 
 import uuid
+from hashlib import sha1
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 
 from shared.contracts.common import FROM_BUS, Contract, UtcTime
 
 EVENT_ID_NAMESPACE = uuid.UUID("5b0f7a52-8e0a-4c8e-9d55-2f1d2f6f0c11")
 
 
+_NAMESPACE_BYTES = EVENT_ID_NAMESPACE.bytes
+
+
 def event_id_for(stream_id: uuid.UUID, stream_version: int) -> uuid.UUID:
-    """Stable across redelivery and republishing: derived from the event's place in its stream."""
-    return uuid.uuid5(EVENT_ID_NAMESPACE, f"{stream_id}:{stream_version}")
+    """Stable across redelivery and republishing: derived from the event's place in its stream
+    (`uuid5(EVENT_ID_NAMESPACE, "<stream_id>:<stream_version>")`)."""
+    return uuid.UUID(event_id_text(stream_id, stream_version))
+
+
+def event_id_text(stream_id: uuid.UUID | str, stream_version: int) -> str:
+    """`str(event_id_for(...))`, as the relays write it for every event: uuid5 computed here
+    without building the UUID objects, a third of the relay's time per event otherwise."""
+    digest = bytearray(sha1(_NAMESPACE_BYTES + f"{stream_id}:{stream_version}".encode(),
+                            usedforsecurity=False).digest()[:16])  # fmt: skip
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = digest.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 class Envelope(Contract):
@@ -27,13 +43,20 @@ class Envelope(Contract):
     correlation_id: str
     causation_id: str
     data: dict[str, Any]
+    # The contract parsed from `data`, with the `data` it was parsed from (a copy made with
+    # other data carries this along, and must not get the old contract).
+    _parsed: tuple[dict[str, Any], Contract] | None = PrivateAttr(default=None)
 
     def contract(self) -> Contract:
         """`data` validated against its event type's contract, as read off the bus: written by
-        one of our services, which checked it in full at the edge (see FROM_BUS)."""
-        from shared.contracts.events import parse_event_data  # events builds on envelope
+        one of our services, which checked it in full at the edge (see FROM_BUS). Parsed once:
+        a consumer checks it on arrival, and its handler reads the contract checked then."""
+        if self._parsed is None or self._parsed[0] is not self.data:
+            from shared.contracts.events import parse_event_data  # events builds on envelope
 
-        return parse_event_data(self.event_type, self.data, {FROM_BUS: True})
+            contract = parse_event_data(self.event_type, self.data, {FROM_BUS: True})
+            self._parsed = (self.data, contract)
+        return self._parsed[1]
 
 
 # Kafka header names the relay writes beside the envelope.

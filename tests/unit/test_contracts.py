@@ -163,6 +163,7 @@ def test_an_envelopes_contract_is_its_data_checked_as_read_off_the_bus() -> None
     from tests.factories import lead_captured
 
     envelope = lead_captured(uuid.uuid4())
+    assert envelope.contract() is envelope.contract()  # parsed once, on arrival
     renamed = envelope.model_copy(update={"data": {**envelope.data, "source": "event"}})
     assert renamed.contract().source == "event" != envelope.contract().source
     odd = envelope.model_copy(update={"data": {**envelope.data, "budget": 12.5}})
