@@ -3,26 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import Sequence
 
 from aiokafka.structs import TopicPartition
-from eventsourcing.domain import DomainEventProtocol
-from eventsourcing.persistence import Notification
 
 from services.pipeline.app import PipelineApp
 from services.pipeline.domain import Opportunity
 from shared.bus.consumer import BatchConsumer, Record
-from shared.bus.envelopes import decode_records, envelope_message
-from shared.bus.relay import Outbound
+from shared.bus.envelopes import PublishedRoute, decode_records
 from shared.contracts.topics import LEAD_EVENTS, OPPORTUNITY_EVENTS
 from shared.settings import Settings
 
-
-def route(event: DomainEventProtocol[uuid.UUID], _: Notification) -> Sequence[Outbound]:
-    if isinstance(event, Opportunity.Opened | Opportunity.Changed):
-        return [envelope_message(OPPORTUNITY_EVENTS, event, "pipeline")]
-    return []
+# Every opportunity event, as its v1 envelope on `opportunity.events.v1`.
+route = PublishedRoute(OPPORTUNITY_EVENTS, "pipeline", (Opportunity.Opened, Opportunity.Changed))
 
 
 def lead_events(app: PipelineApp, settings: Settings) -> BatchConsumer:

@@ -134,6 +134,48 @@ def test_the_relays_fast_envelope_is_the_contract_envelope() -> None:
         assert message.key == str(event.originator_id).encode()
 
 
+def test_the_relays_route_from_the_stored_event_writes_what_the_revived_event_would() -> None:
+    """`PublishedRoute.stored` writes envelopes from the stored JSON without reviving the event;
+    for every kind of stored event (published or not) it writes exactly the general path's
+    messages, and a state it cannot read as such goes the general way (`None`)."""
+    from eventsourcing.persistence import Mapper, Notification
+
+    from services.pipeline.app import PipelineApp
+    from services.pipeline.bus import route
+    from services.pipeline.domain import Opportunity
+    from services.pipeline.rules import Route
+    from shared.contracts.events import LeadCaptured
+
+    lead = LeadCaptured.model_validate({
+        "lead_id": str(uuid.uuid4()), "source": "partner", "captured_at": "2026-11-22T09:00:00Z",
+        "company": {"name": "Northwind 北风", "region": "华东"}, "contact": {"name": "Li Wei"},
+        "budget": {"amount": "1200.50", "currency": "CNY"},
+    })  # fmt: skip
+    rules = Rules()
+    opportunity = Opportunity.open_from_lead(lead, rules, Route("rep1", "xian", "r"), "e", "c")
+    at = datetime(2026, 11, 23, 10, 0, 0, 123456, tzinfo=UTC)
+    with opportunity.acting("corr-2", "cause-2"):
+        opportunity.change_stage("B", "rep1", at, rules)
+        opportunity.log_follow_up("call", "说好了 \u2028 fine", "rep1", at.replace(microsecond=0))
+        opportunity.change_amount("expected", Money(amount=Decimal("99.90"), currency="CNY"),
+                                  "rep1", at, rules)  # fmt: skip
+    # The store's own transcoder and mapper, without a database.
+    mapper = Mapper(transcoder=PipelineApp.construct_transcoder(PipelineApp.__new__(PipelineApp)))
+    events = opportunity.collect_events()
+    assert len(events) >= 6
+    for n, event in enumerate(events, start=1):
+        stored = mapper.to_stored_event(event)
+        notification = Notification(id=n, originator_id=stored.originator_id,
+                                    originator_version=stored.originator_version,
+                                    topic=stored.topic, state=stored.state)  # fmt: skip
+        assert route.stored(notification) == route(event, notification)
+        assert route.stored(notification)  # every opportunity event is published
+    for state in (b'{"x": 12345678901234567890}', b'{"timestamp": 1}', b"not json"):
+        odd = Notification(id=9, originator_id=stored.originator_id, originator_version=9,
+                           topic=stored.topic, state=state)  # fmt: skip
+        assert route.stored(odd) is None
+
+
 def test_money_amounts_are_strings_on_the_wire() -> None:
     with pytest.raises(ValidationError, match="decimal string"):
         Money.model_validate({"amount": 12.5, "currency": "CNY"})
