@@ -29,7 +29,7 @@ def eventsourcing_env(dsn: str, schema: str, pool_size: int = 5) -> dict[str, st
         "POSTGRES_PRE_PING": "n",  # a dead connection fails the batch, which is retried
         "POSTGRES_LOCK_TIMEOUT": "10",
         "SINGLE_ROW_TRACKING": "y",
-        "CREATE_TABLE": "y",
+        "CREATE_TABLE": "n",  # the tables are the migrations' (shared.store.migrations.event_store)
         "PROCESS_RECORDER_TOPIC": "shared.store.recorder:BatchProcessRecorder",
     }
 

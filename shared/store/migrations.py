@@ -45,8 +45,8 @@ async def migrate(conn: asyncpg.Connection, schema: str, steps: Sequence[Migrati
 def event_store(version: int, name: str) -> Migration:
     """The event store of the `EventStoreApp` called `name`: its events, numbered in the order
     of the notification log, and its tracking positions, laid out as eventsourcing 9.5 lays
-    them out (its own creation at start, kept on, then finds them here; IF NOT EXISTS: stores
-    that the library made before this step existed are kept as they are)."""
+    them out. This step alone makes them (the library is told not to: `CREATE_TABLE=n`); IF
+    NOT EXISTS: stores that the library made before this step existed are kept as they are."""
     options = (
         "WITH (autovacuum_enabled = true, autovacuum_vacuum_threshold = 100000000,"
         " autovacuum_vacuum_scale_factor = 0.5, autovacuum_analyze_threshold = 1000,"
