@@ -31,6 +31,7 @@ from shared.runtime import open_schema
 from shared.settings import Rules, Settings
 from tests.factories import lead_captured, opened
 from tests.perf.capture_bench import bench_partner_intake
+from tests.perf.e2e_bench import bench_end_to_end_own_stack
 from tests.perf.notify_bench import bench_reminders
 from tests.perf.operations_bench import bench_operations
 from tests.perf.pipeline_bench import bench_command_latency, bench_opening
@@ -172,6 +173,8 @@ async def main() -> int:
         "capture": lambda: bench_partner_intake(stack),
         "notify": lambda: bench_reminders(stack.child_settings()),
         "reporting": lambda: bench_reporting_consumer(stack),
+        # The four services as processes on a stack of their own, against a CRUD service.
+        "e2e": lambda: bench_end_to_end_own_stack(data_dir),
     }
     rows: list[dict[str, Any]] = []
     latency: dict[str, Any] | None = None
