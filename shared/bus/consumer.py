@@ -42,7 +42,7 @@ from shared.bus.kafka import (
     make_producer,
 )
 from shared.clock import Clock, SystemClock
-from shared.contracts.envelope import Envelope
+from shared.contracts.envelope import HEADER_RELAY_CLUSTER, Envelope
 from shared.contracts.partner import DeadLetter, FieldError
 from shared.contracts.topics import DEAD_LETTER
 from shared.metrics import CONSUMER_LAG, ERRORS, MESSAGES_IN, PROCESSING
@@ -92,6 +92,7 @@ class BatchConsumer:
         self.delay: float | None = None
         self.applied_published: float | None = None
         self._lag_at = 0.0
+        self._cluster_at = 0.0  # when the broker's cluster id was last asked
         self.lagging: set[TopicPartition] = set()  # partitions with a lag series of ours
         self._dead_letters: AIOKafkaProducer | None = None  # started at the first poison record
         self.poisoned = 0
@@ -136,8 +137,12 @@ class BatchConsumer:
                     continue
                 if not batch:
                     await self._measure_lag(consumer)
-                    continue
+                    if time.monotonic() - self._cluster_at < IDLE_CLUSTER_CHECK:
+                        continue
                 # Checked after the fetch: if the id is still ours, the records came from it.
+                # And now and then while nothing comes: on a new broker whose log is shorter
+                # than the position held (the old one had repeats), nothing ever would.
+                self._cluster_at = time.monotonic()
                 current = await cluster_id(admin)
                 if current != self.cluster:
                     log.warning(
@@ -151,6 +156,8 @@ class BatchConsumer:
                     partitions = consumer.assignment()
                     if partitions:
                         await consumer.seek_to_beginning(*partitions)
+                    continue
+                if not (batch := published_here(batch, current)):
                     continue
                 # Partitions are independent streams: handle them side by side, so one
                 # partition's database round trip overlaps another's decisions.
@@ -343,6 +350,27 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         if foreign:
             await self.consumer.seek_to_beginning(*foreign)
 
+
+def published_here(
+    batch: dict[TopicPartition, list[Record]], cluster: str
+) -> dict[TopicPartition, list[Record]]:
+    """The records a relay published to this broker. A relay that had not yet noticed a new,
+    empty broker can put a page on it (the producer's retry of a page in flight reconnects to
+    the same address) before it republishes its store from the start: taken first, that page
+    would move a tracked position past events the republish brings later, or read as a gap."""
+    stamp = cluster.encode()
+    kept = {}
+    for partition, records in batch.items():
+        mine = [
+            r for r in records
+            if all(k != HEADER_RELAY_CLUSTER or v == stamp for k, v in r.headers or ())
+        ]  # fmt: skip
+        if mine:
+            kept[partition] = mine
+    return kept
+
+
+IDLE_CLUSTER_CHECK = 1.0  # seconds between looks at the cluster id while nothing is fetched
 
 # A partition batch failing this often in a row on its data is searched for the records at fault.
 POISON_AFTER = 3

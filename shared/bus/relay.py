@@ -44,7 +44,7 @@ from shared.bus.kafka import (
     make_admin,
     make_producer,
 )
-from shared.contracts.envelope import HEADER_NOTIFICATION_ID
+from shared.contracts.envelope import HEADER_NOTIFICATION_ID, HEADER_RELAY_CLUSTER
 from shared.settings import Settings
 from shared.store.eventstore import EventStoreApp
 
@@ -227,12 +227,13 @@ class OutboxRelay:
         revive = [n for n, out in zip(notifications, routed, strict=True) if out is None]
         events = iter(self.app.to_events(revive))
         messages: list[tuple[int, Outbound]] = []
+        stamp = (HEADER_RELAY_CLUSTER, str(self.cluster).encode())
         for notification, out in zip(notifications, routed, strict=True):
             if out is None:
                 out = self.route(next(events), notification)
             position = (HEADER_NOTIFICATION_ID, str(notification.id).encode())
             messages.extend(
-                (notification.id, Outbound(m.topic, m.key, m.value, (*m.headers, position)))
+                (notification.id, Outbound(m.topic, m.key, m.value, (*m.headers, position, stamp)))
                 for m in out
             )
         return messages

@@ -67,4 +67,7 @@ class Envelope(Contract):
 HEADER_EVENT_TYPE = "event-type"
 HEADER_CONTENT_TYPE = "content-type"
 HEADER_NOTIFICATION_ID = "x-notification-id"
+# The broker (cluster id) the relay published to: one that had not yet seen a new, empty broker
+# can put records on it before its republish from the start (consumers skip those).
+HEADER_RELAY_CLUSTER = "x-relay-cluster"
 HEADER_SOURCE = "x-source"
