@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install browser run test test-unit bench bench-latency lint vendor clean
+.PHONY: install browser run test test-unit chaos bench bench-latency lint vendor clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "DealStream needs Python 3.11 or newer")'
@@ -33,6 +33,11 @@ test: install browser
 
 test-unit: install
 	$(PY) -m pytest -q tests/unit
+
+# The crash and fault suite in full (tests/chaos): kills, a fresh broker, a PostgreSQL crash under
+# load; prints the counts and fails on any loss or duplicate. `make test` runs a shortened form.
+chaos: install
+	$(PY) -m tests.chaos $(CHAOS_ARGS)
 
 bench: install
 	$(PY) -m tests.perf.bench
