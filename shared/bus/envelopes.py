@@ -50,24 +50,33 @@ def envelope_message(topic: str, event: DomainEventProtocol[uuid.UUID], source: 
     against its contract when the event was made, so the envelope is written directly here,
     field for field as `Envelope` (a unit test holds the two equal)."""
     public: Any = event
-    stream = str(event.originator_id)
+    return _message(topic, source, public.public_name, event.originator_id,
+                    event.originator_version, utc_iso(public.timestamp), public.correlation_id,
+                    public.causation_id, public.payload)  # fmt: skip
+
+
+def _message(topic: str, source: str, name: str, stream_id: uuid.UUID | str, version: int,
+             occurred_at: str, correlation_id: str, causation_id: str,
+             data: dict[str, Any]) -> Outbound:  # fmt: skip
+    """A v1 envelope as its bus message, written once for both ways a relay gets there."""
+    stream = str(stream_id)
     value = {
-        "event_id": event_id_text(event.originator_id, event.originator_version),
-        "event_type": public.public_name,
-        "schema_version": schema_version_of(public.public_name),
+        "event_id": event_id_text(stream, version),
+        "event_type": name,
+        "schema_version": schema_version_of(name),
         "stream_id": stream,
-        "stream_version": event.originator_version,
-        "occurred_at": utc_iso(public.timestamp),
-        "correlation_id": public.correlation_id,
-        "causation_id": public.causation_id,
-        "data": public.payload,
+        "stream_version": version,
+        "occurred_at": occurred_at,
+        "correlation_id": correlation_id,
+        "causation_id": causation_id,
+        "data": data,
     }
     return Outbound(
         topic=topic,
         key=stream.encode(),
         value=orjson.dumps(value),  # compact UTF-8, as json.dumps(ensure_ascii=False) writes
         headers=(
-            (HEADER_EVENT_TYPE, public.public_name.encode()),
+            (HEADER_EVENT_TYPE, name.encode()),
             (HEADER_CONTENT_TYPE, b"application/json"),
             (HEADER_SOURCE, source.encode()),
         ),
@@ -108,24 +117,21 @@ class PublishedRoute:
             if at["_type_"] != "datetime_iso" or not occurred.endswith("+00:00"):
                 return None
             name: str = event_class.public_name  # type: ignore[attr-defined]
-            value = {
-                "event_id": event_id_text(notification.originator_id,
-                                          notification.originator_version),
-                "event_type": name,
-                "schema_version": schema_version_of(name),
-                "stream_id": str(notification.originator_id),
-                "stream_version": notification.originator_version,
-                "occurred_at": occurred[:-6] + "Z",  # utc_iso of that time
-                "correlation_id": state["correlation_id"],
-                "causation_id": state["causation_id"],
-                "data": state["payload"],
-            }  # fmt: skip
+            return [
+                _message(
+                    self.topic,
+                    self.source,
+                    name,
+                    notification.originator_id,
+                    notification.originator_version,
+                    occurred[:-6] + "Z",  # utc_iso of that time
+                    state["correlation_id"],
+                    state["causation_id"],
+                    state["payload"],
+                )
+            ]
         except (orjson.JSONDecodeError, KeyError, TypeError):
             return None
-        stream = value["stream_id"].encode()
-        headers = ((HEADER_EVENT_TYPE, name.encode()), (HEADER_CONTENT_TYPE, b"application/json"),
-                   (HEADER_SOURCE, self.source.encode()))  # fmt: skip
-        return [Outbound(self.topic, stream, orjson.dumps(value), headers)]
 
 
 class BadEnvelope(ValueError):
