@@ -8,6 +8,8 @@ import hashlib
 import hmac
 import inspect
 import json
+import signal
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -139,3 +141,14 @@ async def connected(url: str) -> AsyncIterator[asyncpg.Connection]:
         yield conn
     finally:
         await conn.close()
+
+
+async def terminate(process: subprocess.Popen[bytes], grace: float = 15.0) -> None:
+    """Stop a process as an operator would: SIGTERM, and SIGKILL if it has not exited within
+    `grace` seconds."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.to_thread(process.wait, grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        await asyncio.to_thread(process.wait, 10)

@@ -40,7 +40,6 @@ import itertools
 import json
 import math
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -65,7 +64,7 @@ from shared.devstack import DevStack, free_port
 from tests.conftest import stack_settings
 from tests.e2e.conftest import SERVICES, Services, cli
 from tests.perf.pipeline_bench import percentile
-from tests.support import lead_value, signed_headers
+from tests.support import lead_value, signed_headers, terminate
 
 SECONDS = float(os.environ.get("BENCH_E2E_SECONDS", "60"))
 RATE = float(os.environ.get("BENCH_E2E_RATE", "1500"))  # leads/s offered
@@ -689,12 +688,7 @@ async def crud(stack: DevStack, logs: Path) -> dict[str, Any]:
     finally:
         for client in clients:
             await client.aclose()
-        server.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.to_thread(server.wait, 15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            await asyncio.to_thread(server.wait, 10)
+        await terminate(server, 15)
     figures.update(
         window=CRUD_CLIENTS * CRUD_CONNECTIONS,
         clients=f"{CRUD_CLIENTS} httpx clients x {CRUD_CONNECTIONS} connections",

@@ -10,7 +10,6 @@ import contextlib
 import json
 import math
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from shared.devstack import DevStack, free_port
 from shared.runtime import open_schema
 from shared.settings import Settings
 from tests.factories import lead_captured
+from tests.support import terminate
 
 OPEN_N = int(os.environ.get("BENCH_OPEN_N", "5000"))
 READER_FETCH_WAIT_MS = 10
@@ -267,12 +267,7 @@ async def bench_command_latency(
         await consumer.stop()
         for client in clients:
             await client.aclose()
-        service.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.to_thread(service.wait, 20)
-        except subprocess.TimeoutExpired:
-            service.kill()
-            await asyncio.to_thread(service.wait, 10)
+        await terminate(service, 20)
     ordered = sorted(latencies) or [math.nan]
     http_ordered = sorted(answered) or [math.nan]
     return {
