@@ -16,6 +16,8 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 
+from shared.bus.kafka import cluster_id
+
 log = logging.getLogger("chaos")
 Take = Callable[[Any], None]
 BOUND = 10.0  # seconds any one call on the broker may take
@@ -30,8 +32,6 @@ class Follower:
         self.bootstrap = bootstrap
         self.topic = topic
         self.take = take
-        self.brokers: list[str] = []  # cluster ids read from, in order
-        self.records = 0
         self._alive = 0.0  # when the follower last came round its loop
         self.stalls = 0  # clients abandoned, stuck in a call on a broker that went away
 
@@ -71,13 +71,11 @@ class Follower:
         )
 
         async def cluster() -> str:
-            return str((await asyncio.wait_for(admin.describe_cluster(), BOUND))["cluster_id"])
+            return await asyncio.wait_for(cluster_id(admin), BOUND)
 
         try:
             await asyncio.wait_for(admin.start(), BOUND)
             reading = await cluster()
-            if not self.brokers or self.brokers[-1] != reading:
-                self.brokers.append(reading)
             await asyncio.wait_for(consumer.start(), BOUND)
             checked = time.monotonic()
             while not stop.is_set():
@@ -94,7 +92,6 @@ class Follower:
                     return  # a new broker: read it from its beginning
                 for records in batch.values():
                     for record in records:
-                        self.records += 1
                         self.take(record)
         finally:
             for closing in (consumer.stop(), admin.close()):

@@ -26,6 +26,9 @@ class Fault:
     took: float = 0.0
 
 
+BROKER_AT, POSTGRES_AT = 0.35, 0.65  # the fresh broker and the PostgreSQL crash, into the run
+
+
 @dataclass
 class Faults:
     stack: DevStack
@@ -33,8 +36,6 @@ class Faults:
     rng: random.Random
     seconds: float
     every: float = 10.0
-    broker_at: float = 0.0  # seconds into the run; 0: a third of the way
-    postgres_at: float = 0.0  # 0: two thirds of the way
     happened: list[Fault] = field(default_factory=list)
     fresh_broker_at: float | None = None  # monotonic: from then on, sends reach the final broker
 
@@ -47,10 +48,12 @@ class Faults:
 
     async def run(self, stop: asyncio.Event) -> None:
         started = time.monotonic()
-        plan = [(self.broker_at or self.seconds * 0.35, self.replace_broker),
-                (self.postgres_at or self.seconds * 0.65, self.crash_postgres)]  # fmt: skip
+        plan = [(self.seconds * BROKER_AT, self.replace_broker),
+                (self.seconds * POSTGRES_AT, self.crash_postgres)]  # fmt: skip
         plan += [(t, self.kill_one) for t in _every(self.every, self.seconds)]
         for at, fault in sorted(plan, key=lambda p: p[0]):
+            if stop.is_set():
+                return  # the load is over: no fault falls into the drain
             wait = started + at - time.monotonic()
             if wait > 0:
                 try:
@@ -70,8 +73,11 @@ class Faults:
         if target.endswith("-relay"):
             pids = relay_pids(self.services.processes[service].pid)
             if pids:
-                os.kill(pids[0], signal.SIGKILL)
-                return f"SIGKILL {target} (pid {pids[0]}; its service starts it again)"
+                try:
+                    os.kill(pids[0], signal.SIGKILL)
+                    return f"SIGKILL {target} (pid {pids[0]}; its service starts it again)"
+                except ProcessLookupError:
+                    pass  # it exited since the look: its service is killed instead
             target = service  # its relay not running just now (restarting): the service then
         pid = self.services.processes[service].pid
         await asyncio.to_thread(self.services.kill, service)

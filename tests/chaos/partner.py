@@ -54,7 +54,6 @@ class Partner:
         self.messages: dict[str, Message] = {}
         # message id -> the answer's position in capture's store -> the answer
         self.answers: dict[str, dict[str, dict[str, Any]]] = {}
-        self.answered_at: dict[str, float] = {}  # message id -> when its first answer came
         self.reply_copies = 0
         self.producer_errors = 0
         self.follower = Follower(bootstrap, f"partner.{partner_id}.replies.v1", self._take_reply)
@@ -152,7 +151,6 @@ class Partner:
             self.reply_copies += 1
             return
         answers[position] = reply
-        self.answered_at.setdefault(reply["message_id"], time.monotonic())
 
     def reply_counts(self, fresh_broker_at: float | None) -> dict[str, int]:
         """The reply counts of the module docstring."""

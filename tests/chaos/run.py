@@ -28,7 +28,7 @@ from tests.chaos.checks import (
 from tests.chaos.faults import Faults
 from tests.chaos.partner import Partner
 from tests.chaos.sales import AHEAD, StageMover, Ticker, notify_tick
-from tests.e2e.conftest import Services, cli
+from tests.e2e.conftest import Services, cli, partner_secret
 from tests.support import connected, eventually
 
 PARTNER = "chaosco"
@@ -90,7 +90,7 @@ async def run_chaos(stack: DevStack, services: Services, plan: Plan) -> Report:
     rng = random.Random(plan.seed)
     env = services.env
     out = await asyncio.to_thread(cli, env, "partner", "add", PARTNER)
-    secret = out.split("secret: ")[1].split()[0]
+    secret = partner_secret(out)
     partner = Partner(stack.kafka, PARTNER, secret, rng, plan.rate, patience=plan.patience)
     await partner.start()
     mover = StageMover(services.url("pipeline"), env["DEALSTREAM_TOKEN_SECRET"], rng,
