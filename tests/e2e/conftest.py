@@ -88,6 +88,11 @@ def cli(env: dict[str, str], *args: str, timeout: float = 120) -> str:
     return done.stdout
 
 
+def partner_secret(added: str) -> str:
+    """The secret `dealstream partner add` printed."""
+    return added.split("secret: ")[1].split()[0]
+
+
 @pytest.fixture(scope="module")
 def e2e_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]:
     devstack = DevStack(stack_settings(tmp_path_factory.mktemp("e2e")))

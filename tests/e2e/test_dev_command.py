@@ -20,7 +20,7 @@ import httpx
 from services.capture.domain import partner_lead_id
 from services.pipeline.domain import opportunity_id_for
 from shared.devstack import free_port
-from tests.e2e.conftest import cli
+from tests.e2e.conftest import cli, partner_secret
 from tests.support import eventually, lead_value, read_topic, send_partner_messages, signed_headers
 
 
@@ -50,7 +50,7 @@ async def test_make_run_path_from_partner_message_and_web_form_to_funnel(tmp_pat
 
         bootstrap = f"127.0.0.1:{ports['kafka']}"
         out = cli(env, "partner", "add", "acme")
-        secret = out.split("secret: ")[1].split()[0]
+        secret = partner_secret(out)
         assert "kafka-acls.sh" in out and "--topic partner.acme.replies.v1" in out
         token = cli(env, "token", "issue", "--role", "ops", "--user", "ops1").strip()
         funnel_url = f"http://127.0.0.1:{ports['reporting']}/v1/reports/funnel"

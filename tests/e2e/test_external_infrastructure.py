@@ -22,7 +22,7 @@ import pytest
 
 from shared.contracts.topics import LEAD_EVENTS
 from shared.devstack import free_port
-from tests.e2e.conftest import SERVICES, Services, cli
+from tests.e2e.conftest import SERVICES, Services, cli, partner_secret
 from tests.support import lead_value, send_partner_messages, signed_headers
 
 pytestmark = pytest.mark.e2e
@@ -222,7 +222,7 @@ async def test_metrics_show_lag_and_rates_moving_under_load(
     opens what capture relays (its rates). With capture running, it can keep up with the
     burst as it arrives, and a lag sampled once a second may never be caught above 0."""
     count = 2000
-    secret = cli(external.env, "partner", "add", "burst").split("secret: ")[1].split()[0]
+    secret = partner_secret(cli(external.env, "partner", "add", "burst"))
     burst = []
     for n in range(count):
         message_id = f"burst-{n}-{uuid.uuid4().hex[:6]}"

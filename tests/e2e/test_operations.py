@@ -24,7 +24,7 @@ from services.pipeline.domain import opportunity_id_for
 from shared.auth import Principal, Role, issue_token
 from shared.contracts.events import EVENT_TYPES
 from shared.devstack import DevStack
-from tests.e2e.conftest import Services, cli
+from tests.e2e.conftest import Services, cli, partner_secret
 from tests.support import connected, eventually, lead_value, send_partner_messages, signed_headers
 
 pytestmark = pytest.mark.e2e
@@ -42,7 +42,7 @@ def run(env: dict[str, str], *args: str) -> tuple[int, Any]:
 async def history(services: Services, e2e_stack: DevStack) -> dict[str, Any]:
     """Leads from a partner become opportunities; some move to B and some of those are lost;
     reporting has applied it all."""
-    secret = cli(services.env, "partner", "add", "opsco").split("secret: ")[1].split()[0]
+    secret = partner_secret(cli(services.env, "partner", "add", "opsco"))
     messages, ids = [], []
     for _ in range(LEADS):
         message_id = f"opsco-{uuid.uuid4().hex[:10]}"

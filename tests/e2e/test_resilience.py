@@ -15,7 +15,7 @@ import pytest
 from services.capture.domain import partner_lead_id
 from services.pipeline.domain import opportunity_id_for
 from shared.devstack import DevStack
-from tests.e2e.conftest import Services, cli
+from tests.e2e.conftest import Services, cli, partner_secret
 from tests.support import eventually, lead_value, read_topic, send_partner_messages, signed_headers
 
 pytestmark = pytest.mark.e2e
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def partner(services: Services) -> tuple[str, str]:
     out = cli(services.env, "partner", "add", "acme")
-    return "acme", out.split("secret: ")[1].split()[0]
+    return "acme", partner_secret(out)
 
 
 @pytest.fixture

@@ -62,7 +62,7 @@ from shared.contracts.envelope import HEADER_EVENT_TYPE
 from shared.contracts.topics import OPPORTUNITY_EVENTS, PARTNER_LEADS
 from shared.devstack import DevStack, free_port
 from tests.conftest import stack_settings
-from tests.e2e.conftest import SERVICES, Services, cli
+from tests.e2e.conftest import SERVICES, Services, cli, partner_secret
 from tests.perf.pipeline_bench import percentile
 from tests.support import lead_value, signed_headers, terminate
 
@@ -535,7 +535,7 @@ async def ours(stack: DevStack, logs: Path) -> dict[str, Any]:
     secrets = {}
     for partner in PARTNERS:
         out = await asyncio.to_thread(cli, services.env, "partner", "add", partner)
-        secrets[partner] = out.split("secret: ")[1].split()[0]
+        secrets[partner] = partner_secret(out)
     for service in SERVICES:
         services.start(service)
     db = await asyncpg.connect(stack.database_url)
