@@ -183,7 +183,7 @@ class Tracker:
         db: asyncpg.Connection,
         sample: int,
         every: float,
-        count_every: float | None,
+        count_every: float,
         timers: bool = True,
     ) -> None:
         self.db = db
@@ -204,9 +204,8 @@ class Tracker:
         self.look_seconds = 0.0
 
     async def begin(self) -> None:
-        if self.count_every is not None:
-            self.base = await self.db.fetchval(DONE_COUNT)
-            self.counts.append((time.perf_counter(), 0))
+        self.base = await self.db.fetchval(DONE_COUNT)
+        self.counts.append((time.perf_counter(), 0))
 
     def add(self, opportunity_id: uuid.UUID, at: float) -> None:
         if self.sent_count % self.sample == 0:
@@ -217,8 +216,6 @@ class Tracker:
         self.sent_count += 1
 
     def outstanding(self) -> int:
-        if self.count_every is None:
-            return self.sample * (len(self.sent) - len(self.done))
         return self.sent_count - self.counts[-1][1]
 
     def done_by(self, moment: float) -> float:
@@ -244,9 +241,7 @@ class Tracker:
                 del want[key]
                 if key in self.reported and (key in self.timed or not self.timers):
                     self.done[key] = started
-        if self.count_every is not None and (
-            count or started - self.counts[-1][0] >= self.count_every
-        ):
+        if count or started - self.counts[-1][0] >= self.count_every:
             counted = time.perf_counter()
             self.counts.append((counted, await self.db.fetchval(DONE_COUNT) - self.base))
         self.looks += 1
