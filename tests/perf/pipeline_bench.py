@@ -76,8 +76,8 @@ def naive_consumer(app: PipelineApp, settings: Settings, group: str) -> BatchCon
     return BatchConsumer("naive", settings, group, [LEAD_EVENTS], handle)
 
 
-async def opened_per_second(settings: Settings, label: str, first_id: int) -> float:
-    schema = f"bench_open_{label}"
+async def opened_per_second(settings: Settings, label: str, first_id: int, run: int = 0) -> float:
+    schema = f"bench_open_{label}" + (f"_{run}" if run else "")
     pool = await open_schema(settings, schema, MIGRATIONS)
     app = await asyncio.to_thread(PipelineApp, settings.dsn(), schema, 8)
     if label == "ours":
