@@ -25,6 +25,7 @@ from shared.bus.kafka import cluster_id, make_admin
 from shared.bus.relay import OutboxRelay
 from shared.bus.relay_process import RelayProcess
 from shared.contracts.common import NUL_MESSAGE
+from shared.gctune import tune_gc
 from shared.logs import CORRELATION
 from shared.metrics import PROJECTION_LAG, Refresh, instrument, relay_refresh
 from shared.settings import Settings
@@ -240,7 +241,9 @@ async def open_schema(
 
 
 def run_service(main: Coroutine[Any, Any, None]) -> None:
-    """Run a service's main coroutine; a signal ends it quietly (uvicorn re-raises SIGINT)."""
+    """Run a service's main coroutine, the collector tuned for batch work (shared.gctune); a
+    signal ends it quietly (uvicorn re-raises SIGINT)."""
+    tune_gc()
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(main)
 

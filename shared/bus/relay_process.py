@@ -155,12 +155,14 @@ def _child(
     parent: int,
     shared: tuple[Synchronized[int], Synchronized[int], Synchronized[int]],
 ) -> None:
+    from shared.gctune import tune_gc
     from shared.logs import setup_logging
 
     _die_with_parent()
     # Ctrl-C reaches every process of the terminal's group: the service stops its relay itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     setup_logging(f"{spec.name}-relay", settings.log_level)
+    tune_gc()
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_relay(spec, settings, parent, shared))
 

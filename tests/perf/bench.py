@@ -27,6 +27,7 @@ from shared.bus.relay import OutboxRelay
 from shared.contracts.envelope import Envelope
 from shared.contracts.topics import OPPORTUNITY_EVENTS
 from shared.devstack import DevStack, free_port
+from shared.gctune import tune_gc
 from shared.runtime import open_schema
 from shared.settings import Rules, Settings
 from tests.factories import lead_captured, opened
@@ -235,4 +236,7 @@ async def main() -> int:
 
 
 if __name__ == "__main__":
+    # The consumers measured run in this process, as in a service's: the same collector tuning
+    # (the baselines run here too, tuned alike).
+    tune_gc()
     sys.exit(asyncio.run(main()))
