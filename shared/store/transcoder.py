@@ -21,6 +21,7 @@ _NATIVE = (str, int, bool, type(None))
 LONG_NUMBER = re.compile(rb"[0-9]{19}")  # 19 digits or more (in a string too: then slower);
 # as `\d` in a bytes pattern, and 40% faster to search for (measured here)
 _PLAIN = (str, bool, type(None))  # as they are, wherever they are
+_INT_MIN, _INT_END = -(2**63), 2**64  # the integers orjson writes as `json` does
 
 
 class OrjsonTranscoder(JSONTranscoder):
@@ -33,23 +34,40 @@ class OrjsonTranscoder(JSONTranscoder):
     def _plain(self, value: Any) -> Any:
         """`value` as the JSON values `json` writes for it, transcodings applied."""
         if isinstance(value, _NATIVE):
-            if type(value) is int and not -(2**63) <= value < 2**64:
+            if type(value) is int and not _INT_MIN <= value < _INT_END:
                 raise _Unlike
             return value
         if isinstance(value, float):
             if value != value or value in (float("inf"), float("-inf")):
                 raise _Unlike
             return value
+        if type(value) is dict:
+            return self._plain_dict(value)
         if isinstance(value, dict):
-            plain = {}
-            for key, item in value.items():
-                if type(key) is not str:
-                    raise _Unlike
-                plain[key] = item if type(item) in _PLAIN else self._plain(item)
-            return plain
+            return self._plain_dict(dict(value))
         if isinstance(value, list | tuple):
             return [item if type(item) in _PLAIN else self._plain(item) for item in value]
         return self._plain(self._encode_obj(value))
+
+    def _plain_dict(self, value: dict[Any, Any]) -> dict[str, Any]:
+        """A dict's items, the usual ones (text, small integers, nested dicts: an event's
+        payload) handled here rather than by a call each: a third of `_plain`'s time."""
+        plain = {}
+        for key, item in value.items():
+            if type(key) is not str:
+                raise _Unlike
+            kind = type(item)
+            if kind in _PLAIN:
+                plain[key] = item
+            elif kind is int:
+                if not _INT_MIN <= item < _INT_END:
+                    raise _Unlike
+                plain[key] = item
+            elif kind is dict:
+                plain[key] = self._plain_dict(item)
+            else:
+                plain[key] = self._plain(item)
+        return plain
 
     def decode(self, data: bytes) -> Any:
         if LONG_NUMBER.search(data):  # orjson would read an integer beyond 64 bits as a float
