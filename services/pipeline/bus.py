@@ -19,10 +19,12 @@ route = PublishedRoute(OPPORTUNITY_EVENTS, "pipeline", (Opportunity.Opened, Oppo
 
 def lead_events(app: PipelineApp, settings: Settings) -> BatchConsumer:
     async def handle(partition: TopicPartition, records: list[Record]) -> None:
-        items = decode_records(records)
         name = f"capture:p{partition.partition}"
         # Rules are read per batch (cached by the file's mtime): an edited dealstream.toml —
         # a new team, a routing rule — applies without a restart.
-        await asyncio.to_thread(app.apply_lead_events, name, items, settings.rules())
+        rules = settings.rules()
+        # Decoded in the worker thread too: the event loop goes back to fetching, and another
+        # partition's batch starts while this one is parsed.
+        await asyncio.to_thread(lambda: app.apply_lead_events(name, decode_records(records), rules))
 
     return BatchConsumer("lead-events", settings, "pipeline", [LEAD_EVENTS], handle)
