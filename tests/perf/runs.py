@@ -1,0 +1,18 @@
+"""Repeated runs of a throughput benchmark: this machine is shared and noisy (the same run's CPU
+seconds vary by half from one run to the next), so a rate is the median of `RUNS` runs, each on
+a fresh broker and schema, and every run is kept in `bench-results.json` beside it."""
+
+from __future__ import annotations
+
+import os
+import statistics
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+RUNS = int(os.environ.get("BENCH_RUNS", "3"))
+
+
+async def median_of(run: Callable[[int], Awaitable[float]], runs: int = RUNS) -> dict[str, Any]:
+    """`run(n)` for n = 1..runs: the median rate, and every run's."""
+    rates = [await run(n) for n in range(1, runs + 1)]
+    return {"ours": statistics.median(rates), "ours_runs": [round(r, 1) for r in rates]}
