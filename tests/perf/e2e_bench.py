@@ -284,6 +284,34 @@ def process_seconds() -> dict[int, tuple[int, float]]:
     return found
 
 
+def peak_rss_mib(roots: dict[str, int]) -> dict[str, float]:
+    """Peak resident memory (VmHWM, MiB) of each service process and of its relay process, from
+    /proc: read while they still run. (The multiprocessing resource tracker is left out.)"""
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _) in process_seconds().items():
+        children.setdefault(parent, []).append(pid)
+
+    def hwm(pid: int) -> float | None:
+        with contextlib.suppress(OSError, ValueError, StopIteration):
+            status = Path(f"/proc/{pid}/status").read_text().splitlines()
+            line = next(line for line in status if line.startswith("VmHWM:"))
+            return round(int(line.split()[1]) / 1024, 1)
+        return None
+
+    peaks: dict[str, float] = {}
+    for name, root in roots.items():
+        found = hwm(root)
+        if found is not None:
+            peaks[name] = found
+        for child in children.get(root, []):
+            with contextlib.suppress(OSError):
+                if b"spawn_main" not in Path(f"/proc/{child}/cmdline").read_bytes():
+                    continue  # not a relay (the resource tracker)
+            if (found := hwm(child)) is not None:
+                peaks[f"{name} relay"] = found
+    return peaks
+
+
 def busy_seconds() -> float:
     """CPU seconds the whole machine has spent busy (all cores), from /proc/stat."""
     user, nice, system, _idle, _iowait, irq, softirq, steal = map(
@@ -509,6 +537,11 @@ async def totals(db: asyncpg.Connection) -> dict[str, int]:
         "opportunities": await db.fetchval("SELECT count(*) FROM pipeline.opportunity_index"),
         "funnel_rows": await db.fetchval("SELECT count(*) FROM reporting.opportunity_now"),
         "timers": await db.fetchval("SELECT count(*) FROM notify.timer WHERE kind = 'follow_up'"),
+        # Events stored by capture and pipeline (what the relays put on the bus) over the run.
+        "events": await db.fetchval(
+            "SELECT (SELECT count(*) FROM capture.capture_events)"
+            " + (SELECT count(*) FROM pipeline.pipeline_events)"
+        ),
         "stream_gaps": await db.fetchval(
             "SELECT (SELECT count(*) FROM reporting.stream_gap)"
             " + (SELECT count(*) FROM notify.stream_gap)"
@@ -584,6 +617,7 @@ async def ours(stack: DevStack, logs: Path) -> dict[str, Any]:
         print(f"  ours: {STAGE_COMMANDS} stage changes at {STAGE_RATE:.0f}/s ...", flush=True)
         stage = await stage_changes(services, db, sorted(timed.done, key=timed.done.__getitem__))
         counted = await totals(db)
+        peaks = peak_rss_mib({name: p.pid for name, p in services.processes.items()})
     finally:
         await db.close()
         await asyncio.to_thread(services.stop)
@@ -594,6 +628,7 @@ async def ours(stack: DevStack, logs: Path) -> dict[str, Any]:
         "warm_up": {"rate": WARM_UP[0], "seconds": WARM_UP[1], "drain_s": round(warm_drain, 1)},
         "sent_total": leads.made,
         "totals": counted,
+        "peak_rss_mib": peaks,
         "window": WINDOW,
         "partners": list(PARTNERS),
     }
@@ -720,7 +755,9 @@ async def bench_end_to_end(stack: DevStack) -> dict[str, Any]:
         f"  stage command -> event on Kafka: p50 {stage['to_kafka'].get('p50_ms')} ms,"
         f" p99 {stage['to_kafka'].get('p99_ms')} ms; -> report updated:"
         f" p50 {stage['to_report'].get('p50_ms')} ms, p99 {stage['to_report'].get('p99_ms')} ms"
-        f" ({stage['accepted']}/{stage['commands']} accepted)",
+        f" ({stage['accepted']}/{stage['commands']} accepted)\n"
+        f"  peak RSS (MiB) after {measured['totals']['events']} stored events: "
+        + ", ".join(f"{name} {mib:.0f}" for name, mib in measured["peak_rss_mib"].items()),
         flush=True,
     )
     measured["seconds_total"] = round(time.perf_counter() - started, 1)
