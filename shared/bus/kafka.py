@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import random
+import struct
 import uuid
 from collections.abc import Iterable
 from typing import Any
@@ -46,12 +48,45 @@ class BrokerMisbehaves(RuntimeError):
     """The broker answered, but not the way DealStream needs."""
 
 
+_M = 0x5BD1E995
+
+
+def murmur2(data: bytes) -> int:
+    """The Java client's murmur2 of a key, as aiokafka's `murmur2` computes it (a property test
+    holds them equal), a word at a time: aiokafka's, byte by byte, was 38% of a relay's event
+    loop (measured with py-spy on the capture bench)."""
+    length = len(data)
+    h = 0x9747B28C ^ length
+    for k in struct.unpack_from(f"<{length // 4}I", data):
+        k = (k * _M) & 0xFFFFFFFF
+        k = ((k ^ (k >> 24)) * _M) & 0xFFFFFFFF
+        h = ((h * _M) & 0xFFFFFFFF) ^ k
+    tail, extra = length & ~3, length & 3
+    if extra >= 3:
+        h ^= data[tail + 2] << 16
+    if extra >= 2:
+        h ^= data[tail + 1] << 8
+    if extra >= 1:
+        h = ((h ^ data[tail]) * _M) & 0xFFFFFFFF
+    h = ((h ^ (h >> 13)) * _M) & 0xFFFFFFFF
+    return h ^ (h >> 15)
+
+
+def partition_for(key: bytes | None, all_partitions: list[int], available: list[int]) -> int:
+    """aiokafka's DefaultPartitioner (the Java client's choice for a key) with the faster
+    murmur2: a stream's events keep the partition any Kafka client would give their key."""
+    if key is None:
+        return random.choice(available or all_partitions)
+    return all_partitions[(murmur2(key) & 0x7FFFFFFF) % len(all_partitions)]
+
+
 def make_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
     options: dict[str, Any] = {
         "bootstrap_servers": settings.bootstrap_servers(),
         "acks": "all",
         "linger_ms": 5,
         "max_batch_size": 256 * 1024,
+        "partitioner": partition_for,
         "request_timeout_ms": 15000,
         "enable_idempotence": settings.idempotent_producer(),
         **settings.kafka_security(),

@@ -32,7 +32,6 @@ from typing import Any, Protocol, runtime_checkable
 import asyncpg
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.producer.message_accumulator import BatchBuilder
 from eventsourcing.domain import DomainEventProtocol
 from eventsourcing.persistence import Notification
@@ -43,6 +42,7 @@ from shared.bus.kafka import (
     ensure_topics,
     make_admin,
     make_producer,
+    partition_for,
 )
 from shared.contracts.envelope import HEADER_NOTIFICATION_ID, HEADER_RELAY_CLUSTER
 from shared.settings import Settings
@@ -288,9 +288,6 @@ async def relay_lag(app: EventStoreApp, leading: bool, position: int) -> int | N
     return max(0, (latest or 0) - position)
 
 
-_PARTITIONER = DefaultPartitioner()  # the producer's own (make_producer sets no other)
-
-
 async def send_batched(
     producer: AIOKafkaProducer, messages: Sequence[Outbound]
 ) -> list[object | BaseException]:
@@ -320,7 +317,7 @@ async def send_batched(
         for i, m in enumerate(messages):
             tp = placed.get((m.topic, m.key))
             if tp is None:
-                tp = placed[m.topic, m.key] = (m.topic, _PARTITIONER(m.key, *partitions[m.topic]))
+                tp = placed[m.topic, m.key] = (m.topic, partition_for(m.key, *partitions[m.topic]))
             batch_of.append(-1)
             if tp not in open_batches:
                 open_batches[tp] = producer.create_batch()
