@@ -9,13 +9,14 @@ import json
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 
 from eventsourcing.domain import Aggregate
 from pydantic import ValidationError
 
 from services.capture.normalize import match_keys
+from shared.clock import from_iso
 from shared.contracts.events import (
     LeadCaptured,
     LeadForgotten,
@@ -196,12 +197,13 @@ class Registration(Aggregate):
         public_name: ClassVar[str] = "RegistrationExpired"
 
     def __init__(self, payload: dict[str, Any], correlation_id: str, causation_id: str) -> None:
-        registered = PartnerRegistered.model_validate(payload)
-        self.partner_id = registered.partner_id
-        self.lead_id = registered.lead_id
-        self.company_key = registered.company_key
-        self.registered_at = registered.registered_at
-        self.expires_at = registered.expires_at
+        # The payload is a PartnerRegistered as `register` made it, checked in full then: read
+        # as written, not validated again at every registration and every load.
+        self.partner_id: str = payload["partner_id"]
+        self.lead_id = uuid.UUID(payload["lead_id"])
+        self.company_key: str = payload["company_key"]
+        self.registered_at = from_iso(payload["registered_at"]).astimezone(UTC)
+        self.expires_at = from_iso(payload["expires_at"]).astimezone(UTC)
         self.status = "held"
         self.conflicts = 0
 
