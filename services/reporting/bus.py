@@ -26,4 +26,5 @@ def opportunity_events(pool: asyncpg.Pool, settings: Settings) -> BatchConsumer:
             await apply_read_model(pool, wanted, project)
 
     topics = [OPPORTUNITY_EVENTS, LEAD_EVENTS]
-    return BatchConsumer("opportunity-events", settings, "reporting", topics, handle)
+    return BatchConsumer("opportunity-events", settings, "reporting", topics, handle,
+                         batch=settings.reporting_batch)  # fmt: skip

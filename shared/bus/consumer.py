@@ -75,8 +75,10 @@ class BatchConsumer:
         topics: Sequence[str],
         handle: PartitionHandler,
         clock: Clock | None = None,
+        batch: int | None = None,
     ) -> None:
         self.name = name
+        self.batch = batch or settings.consumer_batch  # records per fetch, at most
         self.settings = settings
         self.clock = clock or SystemClock()  # when a dead letter was written
         self.group_id = group_id
@@ -120,6 +122,7 @@ class BatchConsumer:
             self.settings,
             self.group_id,
             session_timeout_ms=self.settings.consumer_session_timeout_ms,
+            max_poll_records=self.batch,
         )
         failures: dict[TopicPartition, int] = {}
         try:
@@ -129,9 +132,7 @@ class BatchConsumer:
             await consumer.start()
             while not stop.is_set():
                 try:
-                    batch = await consumer.getmany(
-                        timeout_ms=200, max_records=self.settings.consumer_batch
-                    )
+                    batch = await consumer.getmany(timeout_ms=200, max_records=self.batch)
                 except UnicodeDecodeError:
                     await self._skip_undecodable(consumer)
                     continue
