@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import date
 from enum import StrEnum
@@ -17,16 +18,40 @@ HEADER_MESSAGE_ID = "x-message-id"
 HEADER_SIGNATURE = "x-signature"
 
 
+# Addresses of the everyday shape: a dot-atom of letters, digits and `_+-`, at plain LDH labels
+# under a letters-only top-level domain. email_validator accepts every one of them that is not
+# too long, has no `--` (IDNA) and is not under a special-use name, and normalises it by
+# lowercasing the domain: known here in ~1 µs instead of its ~35 µs. A property test holds the two equal.
+_PLAIN_EMAIL = re.compile(
+    r"([A-Za-z0-9_+-]+(?:\.[A-Za-z0-9_+-]+)*)"
+    r"@((?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+([A-Za-z]{2,63}))"
+)
+SPECIAL_USE_DOMAINS = frozenset({"arpa", "invalid", "local", "localhost", "onion", "test"})
+
+
+def plain_email(value: str) -> str | None:
+    """The address as email_validator would normalise it, for an address of the everyday shape;
+    None for any other (those go to email_validator itself)."""
+    if len(value) > 254 or (match := _PLAIN_EMAIL.fullmatch(value)) is None:
+        return None
+    local, domain, top = match.groups()
+    if len(local) > 64 or len(domain) > 253 or "--" in domain:
+        return None
+    if top.lower() in SPECIAL_USE_DOMAINS:
+        return None
+    return f"{local}@{domain.lower()}"
+
+
 def _email(value: str, info: ValidationInfo) -> str:
     """pydantic's EmailStr check (same errors, same normalised address) for an address from
-    outside (a partner's message, a web form): about 55 µs, the costliest check of a lead. One
-    read off the bus was checked so by capture before it was stored: the services reading it
-    check only its shape."""
+    outside (a partner's message, a web form): about 35 µs, the costliest check of a lead, but
+    for the everyday shape (`plain_email`, ~1 µs). One read off the bus was checked so by capture
+    before it was stored: the services reading it check only its shape."""
     if info.context and info.context.get(FROM_BUS):
         if "@" not in value or len(value) > 254 or any(c.isspace() for c in value):
             raise ValueError("value is not a valid email address")
         return value
-    return validate_email(value)[1]
+    return plain_email(value) or validate_email(value)[1]
 
 
 Email = Annotated[
