@@ -7,59 +7,112 @@ import asyncio
 import json
 import uuid
 from collections.abc import Sequence
+from typing import Any
 
+import orjson
 from aiokafka.structs import TopicPartition
 from eventsourcing.domain import DomainEventProtocol
 from eventsourcing.persistence import Notification
+from eventsourcing.utils import resolve_topic
 
 from services.capture.app import CaptureApp
 from services.capture.domain import Incoming, Lead, PartnerMessage, Registration
 from services.capture.partners import PartnerSecrets
 from shared.bus.consumer import BatchConsumer, Record
-from shared.bus.envelopes import envelope_message
+from shared.bus.envelopes import PublishedRoute
 from shared.bus.relay import Outbound
 from shared.clock import Clock
 from shared.contracts.envelope import HEADER_CONTENT_TYPE
 from shared.contracts.partner import HEADER_PARTNER_ID
 from shared.contracts.topics import DEAD_LETTER, LEAD_EVENTS, PARTNER_LEADS, partner_replies
 from shared.settings import Settings
+from shared.store.transcoder import LONG_NUMBER
 
 JSON = ((HEADER_CONTENT_TYPE, b"application/json"),)
 
 
-def route(event: DomainEventProtocol[uuid.UUID], _: Notification) -> Sequence[Outbound]:
-    if isinstance(
-        event,
-        Lead.Captured
-        | Lead.Merged
-        | Lead.Forgotten
-        | Registration.Registered
-        | Registration.Changed,
-    ):
-        return [envelope_message(LEAD_EVENTS, event, "capture")]
-    if isinstance(event, PartnerMessage.Handled):
-        out = []
-        if event.reply is not None and event.partner_id is not None:
-            out.append(
-                Outbound(
-                    topic=partner_replies(event.partner_id),
-                    key=str(event.reply["message_id"]).encode(),
-                    value=json.dumps(event.reply, ensure_ascii=False).encode(),
-                    headers=JSON,
-                )
+def answers(
+    partner_id: str | None, reply: dict[str, Any] | None, dead_letter: dict[str, Any] | None
+) -> list[Outbound]:
+    """What a handled partner message becomes: its reply on the partner's topic, a dead letter,
+    or both."""
+    out = []
+    if reply is not None and partner_id is not None:
+        out.append(
+            Outbound(
+                topic=partner_replies(partner_id),
+                key=str(reply["message_id"]).encode(),
+                value=json.dumps(reply, ensure_ascii=False).encode(),
+                headers=JSON,
             )
-        if event.dead_letter is not None:
-            partner = event.dead_letter.get("partner_id") or ""
-            out.append(
-                Outbound(
-                    topic=DEAD_LETTER,
-                    key=str(partner).encode(),
-                    value=json.dumps(event.dead_letter, ensure_ascii=False).encode(),
-                    headers=(*JSON, (HEADER_PARTNER_ID, str(partner).encode())),
-                )
+        )
+    if dead_letter is not None:
+        partner = dead_letter.get("partner_id") or ""
+        out.append(
+            Outbound(
+                topic=DEAD_LETTER,
+                key=str(partner).encode(),
+                value=json.dumps(dead_letter, ensure_ascii=False).encode(),
+                headers=(*JSON, (HEADER_PARTNER_ID, str(partner).encode())),
             )
-        return out
-    return []
+        )
+    return out
+
+
+_ENVELOPED = (Lead.Captured, Lead.Merged, Lead.Forgotten, Registration.Registered,
+              Registration.Changed)  # fmt: skip
+
+
+class CaptureRoute:
+    """Capture's stored events as bus messages: lead and registration events as v1 envelopes on
+    `lead.events.v1`, handled partner messages as their replies and dead letters.
+
+    `stored` (the relay's StoredRoute) writes them straight from the stored JSON: replies and
+    dead letters are JSON in the state already, registration and merge events are enveloped as
+    pipeline's are. A captured lead goes the general way: its contact is sealed in the store,
+    and is opened with its key as the page is revived."""
+
+    def __init__(self) -> None:
+        self._envelopes = PublishedRoute(LEAD_EVENTS, "capture", _ENVELOPED)
+
+    def __call__(
+        self, event: DomainEventProtocol[uuid.UUID], notification: Notification
+    ) -> Sequence[Outbound]:
+        if isinstance(event, _ENVELOPED):
+            return self._envelopes(event, notification)
+        if isinstance(event, PartnerMessage.Handled):
+            return answers(event.partner_id, event.reply, event.dead_letter)
+        return []
+
+    def stored(self, notification: Notification) -> Sequence[Outbound] | None:
+        event_class = resolve_topic(notification.topic)  # cached by the library
+        if event_class is Lead.Captured:
+            return None  # sealed: revived with its key
+        if event_class is not PartnerMessage.Handled:
+            return self._envelopes.stored(notification)
+        if LONG_NUMBER.search(notification.state):  # read otherwise by the store's transcoder
+            return None
+        try:
+            state = orjson.loads(notification.state)
+            reply, dead_letter = state["reply"], state["dead_letter"]
+            if _revived_differently(reply) or _revived_differently(dead_letter):
+                return None
+            return answers(state["partner_id"], reply, dead_letter)
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return None
+
+
+def _revived_differently(value: Any) -> bool:
+    """Whether the store's transcoder would turn part of `value` into something else (an object
+    it wrote as `{"_type_": ..., "_data_": ...}`): then the general way is taken."""
+    if isinstance(value, dict):
+        return "_type_" in value or any(_revived_differently(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_revived_differently(v) for v in value)
+    return False
+
+
+route = CaptureRoute()
 
 
 def incoming(record: Record) -> Incoming:

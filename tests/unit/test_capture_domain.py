@@ -190,3 +190,85 @@ def test_a_nul_character_anywhere_is_rejected_with_its_field() -> None:
     assert [(e.field, e.code) for e in verdict.reply.errors] == [
         ("company.name", "invalid_character")
     ]
+
+
+def test_the_relays_route_from_the_stored_events_writes_what_the_revived_event_would() -> None:
+    """`route.stored` writes replies, dead letters, merges and registrations from the stored
+    JSON; it is exactly what the general path writes, and a captured lead (its contact sealed in
+    the store) goes the general way."""
+    import uuid
+    from datetime import UTC, datetime
+
+    from eventsourcing.persistence import Mapper, Notification
+
+    from services.capture.app import CaptureApp
+    from services.capture.bus import route
+    from services.capture.domain import Lead, Match, PartnerMessage, Registration
+    from shared.privacy import new_key
+
+    at = datetime(2026, 11, 23, 10, 0, 0, 123456, tzinfo=UTC)
+    verdict = judge(signed("acme", "acme-9", lead_value("acme", "acme-9")), SECRETS, MAX)
+    assert verdict.lead is not None and verdict.lead_id is not None
+    first = uuid.uuid4()
+    lead = Lead.capture(
+        verdict.lead_id,
+        verdict.lead,
+        source="partner",
+        captured_at=at,
+        correlation_id="acme-9",
+        causation_id="partner.leads.v1/0/9",
+        partner_id="acme",
+        message_id="acme-9",
+        duplicate_of=Match(first, "acme", "email"),
+        contact_key=new_key(),
+    )
+    registration = Registration.register(
+        "acme", verdict.lead, verdict.lead_id, "northwind|cn", at, 90, "acme-9"
+    )
+    registration.conflict("globex", uuid.uuid4(), at, "g-1")
+    registration.expire(datetime(2027, 3, 1, tzinfo=UTC))
+    accepted = {
+        "message_id": "acme-9",
+        "status": "accepted",
+        "lead_id": str(first),
+        "n": "北 \u2028",
+    }
+    rejected = {"message_id": "m", "status": "rejected", "errors": [{"field": "x", "code": "y"}]}
+    answers = [
+        ("acme", accepted, None),
+        ("acme", rejected, {"reason": "bad", "partner_id": "acme", "value_bytes": 3}),
+        (None, None, {"reason": "unknown_partner", "partner_id": None}),
+    ]
+    handled = [
+        PartnerMessage._create(
+            PartnerMessage.Handled,
+            id=uuid.uuid4(),
+            timestamp=at,
+            partner_id=partner,
+            reply=reply,
+            dead_letter=letter,
+            correlation_id="acme-9",
+            causation_id="p/0/9",
+        )
+        for partner, reply, letter in answers
+    ]
+    mapper = Mapper(transcoder=CaptureApp.construct_transcoder(CaptureApp.__new__(CaptureApp)))
+    events = [*lead.collect_events(), *registration.collect_events()]
+    events += [e for message in handled for e in message.collect_events()]
+    published = 0
+    for n, event in enumerate(events, start=1):
+        stored = mapper.to_stored_event(event)
+        notification = Notification(
+            id=n,
+            originator_id=stored.originator_id,
+            originator_version=stored.originator_version,
+            topic=stored.topic,
+            state=stored.state,
+        )
+        fast = route.stored(notification)
+        if isinstance(event, Lead.Captured):
+            assert fast is None
+            continue
+        assert fast == route(event, notification)
+        published += len(fast or [])
+    assert published == 1 + 3 + 1 + 2 + 1  # merged; registered, conflicted, expired; answers
