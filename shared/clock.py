@@ -35,6 +35,15 @@ def utc_iso(at: datetime) -> str:
     return at.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
+def utc_from_iso(value: str) -> datetime:
+    """A contract time as this code writes it (ISO-8601 with `Z` or an offset) in UTC, as the
+    contracts' UtcTime reads it; a time without a zone is refused."""
+    parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    if parsed.tzinfo is None:
+        raise ValueError(f"time must carry a zone (UTC with Z): {value!r}")
+    return parsed.astimezone(UTC)
+
+
 def from_iso(value: Any) -> datetime:
     """A contract time (ISO-8601, `Z` or an offset) as an aware datetime; datetimes pass."""
     if isinstance(value, datetime):

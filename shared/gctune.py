@@ -7,9 +7,9 @@ collector runs every 700 allocations, promotes those live objects, and then walk
 Python time per lead (decode, open, store: 150-160 µs per lead with the defaults, 120-130 with
 this tuning; `tests/perf` holds the service benchmarks).
 
-So each service process, and each relay process, once started:
-- collects once and freezes what start-up made (imports, settings) out of every later
-  collection (`gc.freeze`, the standard library's own answer for long-lived processes);
+So each service process, and each relay process, before its main coroutine runs:
+- collects once and freezes what its imports made (modules, classes, schemas) out of every
+  later collection (`gc.freeze`, the standard library's own answer for long-lived processes);
 - collects the young generation every `YOUNG` allocations instead of every 700.
 
 Reference counting still frees almost everything at once; only cycles wait a little longer, and

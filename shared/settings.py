@@ -179,10 +179,10 @@ class Settings(BaseSettings):
     # The outbox relay in a process of its own beside each service (shared.bus.relay_process);
     # off: in the service's process, on its event loop.
     relay_process: bool = True
-    consumer_batch: int = 500
+    consumer_batch: int = Field(default=500, ge=1)
     # Records per fetch of reporting's consumer: its per-batch statements (positions, funnel
     # sums) amortise over more events (2,000: 15% more events/s than 500, measured here).
-    reporting_batch: int = 2000
+    reporting_batch: int = Field(default=2000, ge=1)
     # Tansu completes a group join only after about half the session timeout: keep it short in
     # dev and tests, longer on a real cluster.
     consumer_session_timeout_ms: int = 10000

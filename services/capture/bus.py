@@ -9,7 +9,6 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-import orjson
 from aiokafka.structs import TopicPartition
 from eventsourcing.domain import DomainEventProtocol
 from eventsourcing.persistence import Notification
@@ -19,14 +18,13 @@ from services.capture.app import CaptureApp
 from services.capture.domain import Incoming, Lead, PartnerMessage, Registration
 from services.capture.partners import PartnerSecrets
 from shared.bus.consumer import BatchConsumer, Record
-from shared.bus.envelopes import PublishedRoute
+from shared.bus.envelopes import PublishedRoute, stored_state
 from shared.bus.relay import Outbound
 from shared.clock import Clock
 from shared.contracts.envelope import HEADER_CONTENT_TYPE
 from shared.contracts.partner import HEADER_PARTNER_ID
 from shared.contracts.topics import DEAD_LETTER, LEAD_EVENTS, PARTNER_LEADS, partner_replies
 from shared.settings import Settings
-from shared.store.transcoder import LONG_NUMBER
 
 JSON = ((HEADER_CONTENT_TYPE, b"application/json"),)
 
@@ -90,26 +88,13 @@ class CaptureRoute:
             return None  # sealed: revived with its key
         if event_class is not PartnerMessage.Handled:
             return self._envelopes.stored(notification)
-        if LONG_NUMBER.search(notification.state):  # read otherwise by the store's transcoder
+        state = stored_state(notification)
+        if state is None:
             return None
         try:
-            state = orjson.loads(notification.state)
-            reply, dead_letter = state["reply"], state["dead_letter"]
-            if _revived_differently(reply) or _revived_differently(dead_letter):
-                return None
-            return answers(state["partner_id"], reply, dead_letter)
-        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return answers(state["partner_id"], state["reply"], state["dead_letter"])
+        except (KeyError, TypeError):
             return None
-
-
-def _revived_differently(value: Any) -> bool:
-    """Whether the store's transcoder would turn part of `value` into something else (an object
-    it wrote as `{"_type_": ..., "_data_": ...}`): then the general way is taken."""
-    if isinstance(value, dict):
-        return "_type_" in value or any(_revived_differently(v) for v in value.values())
-    if isinstance(value, list):
-        return any(_revived_differently(v) for v in value)
-    return False
 
 
 route = CaptureRoute()

@@ -9,14 +9,14 @@ import json
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
 from eventsourcing.domain import Aggregate
 from pydantic import ValidationError
 
 from services.capture.normalize import match_keys
-from shared.clock import from_iso
+from shared.clock import utc_from_iso
 from shared.contracts.events import (
     LeadCaptured,
     LeadForgotten,
@@ -202,8 +202,8 @@ class Registration(Aggregate):
         self.partner_id: str = payload["partner_id"]
         self.lead_id = uuid.UUID(payload["lead_id"])
         self.company_key: str = payload["company_key"]
-        self.registered_at = from_iso(payload["registered_at"]).astimezone(UTC)
-        self.expires_at = from_iso(payload["expires_at"]).astimezone(UTC)
+        self.registered_at = utc_from_iso(payload["registered_at"])
+        self.expires_at = utc_from_iso(payload["expires_at"])
         self.status = "held"
         self.conflicts = 0
 

@@ -6,14 +6,14 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 from typing import Any, ClassVar
 
 from eventsourcing.domain import Aggregate
 
 from services.pipeline.rules import Route, bant, tier
-from shared.clock import from_iso
+from shared.clock import utc_from_iso
 from shared.contracts import events as contract
 from shared.contracts.common import Contract, Money
 from shared.domain import Published, PublishedCreated
@@ -120,7 +120,7 @@ class Opportunity(Aggregate):
         self.grade = "D"
         self.tier = "small"
         self.lost_stage: str | None = None
-        self.opened_at = from_iso(payload["opened_at"]).astimezone(UTC)
+        self.opened_at = utc_from_iso(payload["opened_at"])
         self.stage_entered_at = self.opened_at
         self.last_activity_at = self.opened_at
         self.correlation_id = correlation_id

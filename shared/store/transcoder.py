@@ -41,10 +41,8 @@ class OrjsonTranscoder(JSONTranscoder):
             if value != value or value in (float("inf"), float("-inf")):
                 raise _Unlike
             return value
-        if type(value) is dict:
-            return self._plain_dict(value)
         if isinstance(value, dict):
-            return self._plain_dict(dict(value))
+            return self._plain_dict(value)
         if isinstance(value, list | tuple):
             return [item if type(item) in _PLAIN else self._plain(item) for item in value]
         return self._plain(self._encode_obj(value))

@@ -22,7 +22,7 @@ from shared.contracts.topics import PARTNER_LEADS, partner_replies
 from shared.devstack import DevStack
 from shared.runtime import open_schema
 from shared.settings import Settings
-from tests.perf.runs import median_of
+from tests.perf.runs import median_of, schema_of
 from tests.support import lead_value, signed_headers
 
 MESSAGES = 5000
@@ -66,7 +66,7 @@ def naive_intake(app: CaptureApp, settings: Settings, secrets: PartnerSecrets) -
 async def messages_per_second(stack: DevStack, label: str, run: int = 0) -> float:
     await asyncio.to_thread(stack.restart_broker)
     settings = stack.child_settings()
-    schema = f"bench_capture_{label}" + (f"_{run}" if run else "")
+    schema = schema_of(f"bench_capture_{label}", run)
     pool = await open_schema(settings, schema, MIGRATIONS)
     app = await asyncio.to_thread(CaptureApp, settings.dsn(), schema, 8)
     partner = f"bench{label}"

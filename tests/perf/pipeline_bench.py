@@ -36,7 +36,7 @@ from shared.devstack import DevStack, free_port
 from shared.runtime import open_schema
 from shared.settings import Settings
 from tests.factories import lead_captured
-from tests.perf.runs import median_of
+from tests.perf.runs import median_of, schema_of
 from tests.support import terminate
 
 OPEN_N = int(os.environ.get("BENCH_OPEN_N", "5000"))
@@ -78,7 +78,7 @@ def naive_consumer(app: PipelineApp, settings: Settings, group: str) -> BatchCon
 
 
 async def opened_per_second(settings: Settings, label: str, first_id: int, run: int = 0) -> float:
-    schema = f"bench_open_{label}" + (f"_{run}" if run else "")
+    schema = schema_of(f"bench_open_{label}", run)
     pool = await open_schema(settings, schema, MIGRATIONS)
     app = await asyncio.to_thread(PipelineApp, settings.dsn(), schema, 8)
     if label == "ours":

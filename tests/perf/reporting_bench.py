@@ -28,7 +28,7 @@ from shared.contracts.topics import OPPORTUNITY_EVENTS
 from shared.devstack import DevStack
 from shared.runtime import open_schema
 from shared.settings import Settings
-from tests.perf.runs import median_of
+from tests.perf.runs import median_of, schema_of
 
 START = datetime(2025, 6, 1, tzinfo=UTC)
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
@@ -163,7 +163,7 @@ async def from_kafka(stack: DevStack, label: str, run: int = 0) -> float:
     envelopes = lives(0, KAFKA_EVENTS // 10)
     if label == "naive":
         envelopes = envelopes[:NAIVE_EVENTS]
-    schema = f"bench_reporting_{label}" + (f"_{run}" if run else "")
+    schema = schema_of(f"bench_reporting_{label}", run)
     pool = await open_schema(settings, schema, MIGRATIONS)
     await produce(settings, envelopes)
     consumer = (

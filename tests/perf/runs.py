@@ -1,6 +1,8 @@
 """Repeated runs of a throughput benchmark: this machine is shared and noisy (the same run's CPU
 seconds vary by half from one run to the next), so a rate is the median of `RUNS` runs, each on
-a fresh broker and schema, and every run is kept in `bench-results.json` beside it."""
+a fresh broker and schema, and every run is kept in `bench-results.json` beside it. A baseline
+runs once: at a tenth of the rate or less, its one run lasts 30-60 s, long enough to average
+the machine's swings that a 2 s run of ours meets or misses."""
 
 from __future__ import annotations
 
@@ -9,7 +11,12 @@ import statistics
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-RUNS = int(os.environ.get("BENCH_RUNS", "3"))
+RUNS = max(1, int(os.environ.get("BENCH_RUNS", "3")))
+
+
+def schema_of(base: str, run: int) -> str:
+    """A run's own schema (run 0: the base name, as a single run has always used)."""
+    return f"{base}_{run}" if run else base
 
 
 async def median_of(run: Callable[[int], Awaitable[float]], runs: int = RUNS) -> dict[str, Any]:

@@ -272,3 +272,30 @@ def test_the_relays_route_from_the_stored_events_writes_what_the_revived_event_w
         assert fast == route(event, notification)
         published += len(fast or [])
     assert published == 1 + 3 + 1 + 2 + 1  # merged; registered, conflicted, expired; answers
+
+
+def test_a_registered_payload_is_read_as_its_contract_reads_it() -> None:
+    """Registration reads its payload without validating it again: the values and types the
+    contract gives; a time without a zone is refused."""
+    import uuid
+    from datetime import UTC, datetime
+
+    import pytest
+
+    from services.capture.domain import Registration
+    from shared.contracts.events import PartnerRegistered
+
+    verdict = judge(signed("acme", "acme-5", lead_value("acme", "acme-5")), SECRETS, MAX)
+    assert verdict.lead is not None and verdict.lead_id is not None
+    at = datetime(2026, 11, 23, 10, 0, 0, 123456, tzinfo=UTC)
+    registration = Registration.register("acme", verdict.lead, verdict.lead_id, "n|cn", at, 90, "m")
+    payload = registration.pending_events[0].payload  # type: ignore[attr-defined]
+    contract = PartnerRegistered.model_validate(payload)
+    for name in ("partner_id", "lead_id", "company_key", "registered_at", "expires_at"):
+        assert getattr(registration, name) == getattr(contract, name), name
+        assert type(getattr(registration, name)) is type(getattr(contract, name)), name
+    assert registration.expires_at.tzinfo is UTC
+    zoneless = {**payload, "expires_at": "2027-01-01T00:00:00"}
+    with pytest.raises(ValueError, match="zone"):
+        Registration._create(Registration.Registered, id=uuid.uuid4(), payload=zoneless,
+                             correlation_id="m", causation_id="c", timestamp=at)  # fmt: skip

@@ -227,3 +227,45 @@ def test_any_sequence_of_commands_keeps_the_invariants(
             assert o.probability == RULES.probability(o.stage)
     assert versions == list(range(1, len(versions) + 1))  # gap-free
     assert o.version == len(versions)
+
+
+OPENED_FIELDS = ("lead_id", "title", "company", "region", "industry", "partner_id", "source",
+                 "expected_close", "authority", "stage", "probability", "amount",
+                 "opened_at")  # fmt: skip
+
+
+def opened_from(payload: dict[str, object]) -> Opportunity:
+    return Opportunity._create(
+        Opportunity.Opened, id=uuid.uuid4(), payload=payload, correlation_id="c",
+        causation_id="e", timestamp=datetime(2026, 11, 22, tzinfo=UTC),
+    )  # fmt: skip
+
+
+def test_an_opened_payload_is_read_as_its_contract_reads_it() -> None:
+    """Opportunity reads its opened payload without validating it again: the same values, of
+    the same types, as the contract gives; an older payload without the optional fields gets
+    the contract's defaults; a time without a zone is refused."""
+    from shared.contracts.events import OpportunityOpened
+
+    lead = LeadCaptured.model_validate({
+        "lead_id": str(uuid.uuid4()), "source": "partner", "partner_id": "acme",
+        "captured_at": "2026-11-22T09:00:00+08:00", "expected_close": "2027-01-31",
+        "company": {"name": "Northwind", "region": "CN-SN", "industry": "retail"},
+        "contact": {"name": "Li Wei"}, "budget": {"amount": "1200.50", "currency": "CNY"},
+        "authority": "decision_maker",
+    })  # fmt: skip
+    opportunity = Opportunity.open_from_lead(lead, Rules(), Route("rep1", "xian", "r"), "e", "c")
+    payload = opportunity.pending_events[0].payload  # type: ignore[attr-defined]
+    contract = OpportunityOpened.model_validate(payload)
+    required = ("opportunity_id", "lead_id", "title", "stage", "probability", "source",
+                "company", "opened_at")  # fmt: skip
+    for opened in (payload, {k: payload[k] for k in required}):
+        read = opened_from(opened)
+        expected = OpportunityOpened.model_validate(opened)
+        for name in OPENED_FIELDS:
+            assert getattr(read, name) == getattr(expected, name), name
+            assert type(getattr(read, name)) is type(getattr(expected, name)), name
+        assert read.opened_at.tzinfo is UTC and read.stage_entered_at == read.opened_at
+    assert contract.amount is not None and opportunity.amount == contract.amount
+    with pytest.raises(ValueError, match="zone"):
+        opened_from({**payload, "opened_at": "2026-11-22T09:00:00"})
