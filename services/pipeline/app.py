@@ -280,19 +280,24 @@ class PipelineApp(EventStoreApp):
     ) -> list[uuid.UUID]:
         """Attach every waiting merge whose customer's lead now has an opportunity — in this
         batch (`home`) or stored — following chains of merges; the leads settled."""
-        pending = self.table("pending_merge")
+        # Every waiting merge in one read (the table holds only merges whose customer is not
+        # opened yet: few), followed through in memory, not a query per link of a chain.
         stored = self.query(
-            SQL("SELECT p.*, l.opportunity_id FROM {} p JOIN {} l ON l.lead_id = p.into_lead_id"
-                ).format(pending, self.table("opportunity_lead")),
+            SQL("SELECT p.*, l.opportunity_id FROM {} p LEFT JOIN {} l"
+                " ON l.lead_id = p.into_lead_id").format(
+                self.table("pending_merge"), self.table("opportunity_lead")),
         )  # fmt: skip
+        waiting_for: dict[uuid.UUID, list[dict[str, Any]]] = {}
         for row in stored:
-            home.setdefault(row["into_lead_id"], row["opportunity_id"])
+            if row["opportunity_id"] is not None:
+                home.setdefault(row["into_lead_id"], row["opportunity_id"])
+            waiting_for.setdefault(row["into_lead_id"], []).append(row)
+        for w in waiting:
+            waiting_for.setdefault(w[1], []).append(dict(zip(PENDING_COLUMNS, w, strict=True)))
         settled: list[uuid.UUID] = []
         homed = set(home)
         while homed:
-            rows = self.query(
-                SQL("SELECT * FROM {} WHERE into_lead_id = ANY(%s)").format(pending), [list(homed)]
-            ) + [dict(zip(PENDING_COLUMNS, w, strict=True)) for w in waiting if w[1] in homed]
+            rows = [row for lead in homed for row in waiting_for.get(lead, ())]
             homed = set()
             for row in rows:
                 if row["lead_id"] in home:
