@@ -38,7 +38,7 @@ def utc_iso(at: datetime) -> str:
 def utc_from_iso(value: str) -> datetime:
     """A contract time as this code writes it (ISO-8601 with `Z` or an offset) in UTC, as the
     contracts' UtcTime reads it; a time without a zone is refused."""
-    parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    parsed = from_iso(value)
     if parsed.tzinfo is None:
         raise ValueError(f"time must carry a zone (UTC with Z): {value!r}")
     return parsed.astimezone(UTC)
