@@ -76,11 +76,9 @@ class CaptureRoute:
     def __call__(
         self, event: DomainEventProtocol[uuid.UUID], notification: Notification
     ) -> Sequence[Outbound]:
-        if isinstance(event, _ENVELOPED):
-            return self._envelopes(event, notification)
         if isinstance(event, PartnerMessage.Handled):
             return answers(event.partner_id, event.reply, event.dead_letter)
-        return []
+        return self._envelopes(event, notification)  # [] for any other event
 
     def stored(self, notification: Notification) -> Sequence[Outbound] | None:
         event_class = resolve_topic(notification.topic)  # cached by the library
