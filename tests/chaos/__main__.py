@@ -1,6 +1,8 @@
-"""`python -m tests.chaos [--seconds S] [--seed N] [--rate R]` (`make chaos`): the crash and
-fault suite in full, on a stack of its own in a temporary folder (kept when a count is not
-zero, for its logs); exits 1 on any loss or duplicate."""
+"""`python -m tests.chaos [--seconds S] [--seed N] [--rate R] [--scale-out N]` (`make chaos`): the
+crash and fault suite in full, on a stack of its own in a temporary folder (kept when a count is
+not zero, for its logs); exits 1 on any loss or duplicate. With `--scale-out N` pipeline,
+reporting and notify run as N replicas each and the faults are rebalances instead (a replica of
+each added, later one of each killed: tests.chaos.faults.Rebalances), with the same counts."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from shared.devstack import DevStack
+from tests.chaos.faults import SCALED, Faults, Rebalances
 from tests.chaos.run import Plan, run_chaos
 from tests.conftest import stack_settings
 from tests.e2e.conftest import SERVICES, Services, cli
@@ -23,6 +26,13 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=Plan.seed, help="for what is killed when")
     parser.add_argument("--rate", type=float, default=Plan.rate, help="partner messages/s")
     parser.add_argument("--every", type=float, default=Plan.every, help="seconds between kills")
+    parser.add_argument(
+        "--scale-out",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run the consumer services as N replicas; rebalances as the faults",
+    )
     args = parser.parse_args()
     plan = Plan(seconds=args.seconds, seed=args.seed, rate=args.rate, every=args.every)
     folder = Path(tempfile.mkdtemp(prefix="dealstream-chaos-"))
@@ -34,8 +44,12 @@ def main() -> int:
         cli(services.env, "migrate")
         for service in SERVICES:
             services.start(service)
-        services.wait_ready()
-        report = asyncio.run(run_chaos(stack, services, plan))
+        for service in SCALED if args.scale_out > 1 else ():
+            for _ in range(args.scale_out - 1):
+                services.add(service)
+        services.wait_ready(within=120)
+        kind = Rebalances if args.scale_out > 1 else Faults
+        report = asyncio.run(run_chaos(stack, services, plan, kind))
     finally:
         services.stop()
         stack.stop()

@@ -10,6 +10,7 @@ import os
 import random
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,12 +47,15 @@ class Faults:
     def count(self, what: str) -> int:
         return sum(f.what.startswith(what) for f in self.happened)
 
-    async def run(self, stop: asyncio.Event) -> None:
-        started = time.monotonic()
+    def schedule(self) -> list[tuple[float, Callable[[], Awaitable[str]]]]:
+        """(seconds into the run, fault) of every fault of the run."""
         plan = [(self.seconds * BROKER_AT, self.replace_broker),
                 (self.seconds * POSTGRES_AT, self.crash_postgres)]  # fmt: skip
-        plan += [(t, self.kill_one) for t in _every(self.every, self.seconds)]
-        for at, fault in sorted(plan, key=lambda p: p[0]):
+        return plan + [(t, self.kill_one) for t in _every(self.every, self.seconds)]
+
+    async def run(self, stop: asyncio.Event) -> None:
+        started = time.monotonic()
+        for at, fault in sorted(self.schedule(), key=lambda p: p[0]):
             if stop.is_set():
                 return  # the load is over: no fault falls into the drain
             wait = started + at - time.monotonic()
@@ -94,6 +98,35 @@ class Faults:
     async def crash_postgres(self) -> str:
         await asyncio.to_thread(self.stack.restart_postgres, "immediate")
         return "PostgreSQL crashed (immediate stop) and started again"
+
+
+SCALED = ("pipeline", "reporting", "notify")  # the services the scale-out run replicates
+
+
+@dataclass
+class Rebalances(Faults):
+    """Scale-out under load: the consumer services run as several replicas in their consumer
+    groups; at a third of the run one more replica of each joins, at two thirds one of each is
+    SIGKILLed and not started again. Each change moves partitions between the replicas (a
+    rebalance) while messages flow. The first replica of each service is spared: the run's
+    HTTP calls go to it, as a load balancer would route around a dead one."""
+
+    def schedule(self) -> list[tuple[float, Callable[[], Awaitable[str]]]]:
+        return [(self.seconds / 3, self.add_replicas), (2 * self.seconds / 3, self.kill_replicas)]
+
+    async def add_replicas(self) -> str:
+        added = [self.services.add(service) for service in SCALED]
+        await asyncio.to_thread(self.services.wait_ready, *added)
+        return f"added {', '.join(added)} (ready)"
+
+    async def kill_replicas(self) -> str:
+        killed = []
+        for service in SCALED:
+            name = self.rng.choice(self.services.replicas(service)[1:])
+            pid = self.services.processes[name].pid
+            await asyncio.to_thread(self.services.kill, name)
+            killed.append(f"{name} (pid {pid})")
+        return f"SIGKILL {', '.join(killed)}, not started again"
 
 
 def _every(every: float, seconds: float) -> list[float]:

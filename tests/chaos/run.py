@@ -48,6 +48,7 @@ class Plan:
 @dataclass
 class Report:
     plan: Plan
+    kind: str = "Faults"
     counts: dict[str, dict[str, int]] = field(default_factory=dict)  # must all be zero
     seen: dict[str, Any] = field(default_factory=dict)  # what happened, for the reader
     totals: dict[str, int] = field(default_factory=dict)  # the same, as numbers for tests
@@ -64,8 +65,10 @@ class Report:
 
     def print(self) -> None:
         p = self.plan
-        print(f"\nchaos: {p.seconds:.0f}s of load at {p.rate:.0f} msg/s, seed {p.seed}, "
-              f"a kill every {p.every:.0f}s")  # fmt: skip
+        faults = (
+            f"a kill every {p.every:.0f}s" if self.kind == "Faults" else "replicas added, killed"
+        )
+        print(f"\nchaos: {p.seconds:.0f}s of load at {p.rate:.0f} msg/s, seed {p.seed}, {faults}")
         print("faults:")
         for fault in self.faults:
             print(f"  {fault}")
@@ -84,8 +87,12 @@ class Report:
         print(f"result: {verdict}", flush=True)
 
 
-async def run_chaos(stack: DevStack, services: Services, plan: Plan) -> Report:
-    report = Report(plan)
+async def run_chaos(
+    stack: DevStack, services: Services, plan: Plan, kind: type[Faults] = Faults
+) -> Report:
+    """The run, with the faults of `kind`: `Faults` (kills, a fresh broker, a PostgreSQL crash)
+    or `Rebalances` (replicas added and killed: tests/e2e/test_scale_out.py)."""
+    report = Report(plan, kind.__name__)
     began = time.monotonic()
     rng = random.Random(plan.seed)
     env = services.env
@@ -96,7 +103,7 @@ async def run_chaos(stack: DevStack, services: Services, plan: Plan) -> Report:
     mover = StageMover(services.url("pipeline"), env["DEALSTREAM_TOKEN_SECRET"], rng,
                        lambda: list(partner.accepted_leads().values()))  # fmt: skip
     ticker = Ticker(env)
-    faults = Faults(stack, services, random.Random(plan.seed + 1), plan.seconds, plan.every)
+    faults = kind(stack, services, random.Random(plan.seed + 1), plan.seconds, plan.every)
     live = StreamWatch()
     subscriber = Follower(stack.kafka, "opportunity.events.v1", live.take)
     stop_load, stop_all = asyncio.Event(), asyncio.Event()

@@ -21,7 +21,9 @@ SERVICES = ("capture", "pipeline", "notify", "reporting")
 
 
 class Services:
-    """The four services as processes; each can be killed and restarted."""
+    """The four services as processes; each can be killed and restarted, and any of them run as
+    more replicas (`add`: `pipeline-2`, `pipeline-3`, ... each on a port of its own, in the same
+    consumer groups as the first)."""
 
     def __init__(self, stack: DevStack, logs: Path) -> None:
         self.stack = stack
@@ -40,20 +42,38 @@ class Services:
     def url(self, service: str) -> str:
         return f"http://127.0.0.1:{self.ports[service]}"
 
-    def start(self, service: str) -> None:
-        log = (self.logs / f"{service}.log").open("ab")
-        self.processes[service] = subprocess.Popen(
-            [sys.executable, "-m", f"services.{service}"], env=self.env, stdout=log, stderr=log
+    def start(self, name: str) -> None:
+        """Start `name`: a service (its first replica) or a replica `add` named."""
+        service = service_of(name)
+        port = self.ports.setdefault(name, free_port())
+        log = (self.logs / f"{name}.log").open("ab")
+        self.processes[name] = subprocess.Popen(
+            [sys.executable, "-m", f"services.{service}"],
+            env={**self.env, f"DEALSTREAM_{service.upper()}_PORT": str(port)},
+            stdout=log,
+            stderr=log,
         )
 
-    def kill(self, service: str) -> None:
-        process = self.processes.pop(service)
+    def add(self, service: str) -> str:
+        """Start one more replica of `service`; its name."""
+        n = 2
+        while f"{service}-{n}" in self.ports:
+            n += 1
+        self.start(name := f"{service}-{n}")
+        return name
+
+    def replicas(self, service: str) -> list[str]:
+        """The running replicas of `service`, the first one first."""
+        return [name for name in self.processes if service_of(name) == service]
+
+    def kill(self, name: str) -> None:
+        process = self.processes.pop(name)
         process.send_signal(signal.SIGKILL)
         process.wait(10)
 
-    def wait_ready(self, *services: str, within: float = 60) -> None:
+    def wait_ready(self, *names: str, within: float = 60) -> None:
         deadline = time.monotonic() + within
-        for service in services or SERVICES:
+        for service in names or list(self.processes):
             while True:
                 try:
                     if httpx.get(f"{self.url(service)}/readyz", timeout=2).status_code == 200:
@@ -73,6 +93,11 @@ class Services:
             except subprocess.TimeoutExpired:
                 process.kill()
         self.processes.clear()
+
+
+def service_of(name: str) -> str:
+    """`pipeline-2` -> `pipeline`."""
+    return name.split("-")[0]
 
 
 def cli(env: dict[str, str], *args: str, timeout: float = 120) -> str:
