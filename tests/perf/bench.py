@@ -37,6 +37,7 @@ from tests.perf.notify_bench import bench_reminders
 from tests.perf.operations_bench import bench_operations
 from tests.perf.pipeline_bench import bench_command_latency, bench_opening
 from tests.perf.reporting_bench import bench_report_latency, bench_reporting_consumer
+from tests.perf.scale_bench import bench_memory, bench_scale_out
 
 N = 5000
 BATCH = 500
@@ -159,6 +160,11 @@ async def bench_relay(settings: Settings) -> dict[str, Any]:
     }
 
 
+def sustained(rows: list[dict[str, Any]]) -> float | None:
+    """The end-to-end rate measured earlier in this run, if the e2e bench ran."""
+    return next((r["ours"] for r in rows if r["name"].startswith("end to end")), None)
+
+
 async def main() -> int:
     data_dir = Path(tempfile.mkdtemp(prefix="dealstream-bench-"))
     stack = DevStack(Settings(data_dir=data_dir, kafka_port=free_port()))
@@ -176,8 +182,11 @@ async def main() -> int:
         "reporting": lambda: bench_reporting_consumer(stack),
         # The four services as processes on a stack of their own, against a CRUD service.
         "e2e": lambda: bench_end_to_end_own_stack(data_dir),
+        # 1 vs 3 replicas draining a burst 10x the sustained rate (the e2e rate, if it ran).
+        "scale": lambda: bench_scale_out(data_dir, sustained(rows)),
     }
     rows: list[dict[str, Any]] = []
+    memory: dict[str, Any] | None = None
     latency: dict[str, Any] | None = None
     reports: dict[str, Any] | None = None
     audit: dict[str, Any] | None = None
@@ -196,6 +205,9 @@ async def main() -> int:
             operations = await bench_operations(stack.child_settings())
             rows.append(operations["replay"])
             audit = operations["audit"]
+        if not chosen or "memory" in chosen:
+            print("memory ...", flush=True)
+            memory = await bench_memory(data_dir)
     finally:
         await asyncio.to_thread(stack.stop)
     for row in rows:
@@ -215,6 +227,7 @@ async def main() -> int:
             "latency": latency,
             "reports": reports,
             "audit": audit,
+            "memory": memory,
         },
         indent=2,
     )
@@ -231,6 +244,11 @@ async def main() -> int:
             print(f"  {route:<22} {ms:7.1f}")
     if audit is not None:
         print(f"\n{audit['name']}: {audit['seconds']:.1f} s ({audit['lost_deals']} lost deals)")
+    if memory is not None:
+        print(f"\n{memory['name']}, {memory['rate']:.0f} leads/s offered; growth over the second"
+              " half of the run in brackets:")  # fmt: skip
+        for name, mib in memory["peak_rss_mib"].items():
+            print(f"  {name:<22} {mib:7.1f}  ({memory['rss_growth_second_half_mib'].get(name)})")
     print("\nwrote bench-results.json")
     return 0
 

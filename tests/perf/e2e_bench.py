@@ -284,9 +284,10 @@ def process_seconds() -> dict[int, tuple[int, float]]:
     return found
 
 
-def peak_rss_mib(roots: dict[str, int]) -> dict[str, float]:
-    """Peak resident memory (VmHWM, MiB) of each service process and of its relay process, from
-    /proc: read while they still run. (The multiprocessing resource tracker is left out.)"""
+def peak_rss_mib(roots: dict[str, int], field: str = "VmHWM") -> dict[str, float]:
+    """Peak resident memory (VmHWM, MiB; with `field="VmRSS"` the current one) of each service
+    process and of its relay process, from /proc: read while they still run. (The
+    multiprocessing resource tracker is left out.)"""
     children: dict[int, list[int]] = {}
     for pid, (parent, _) in process_seconds().items():
         children.setdefault(parent, []).append(pid)
@@ -294,7 +295,7 @@ def peak_rss_mib(roots: dict[str, int]) -> dict[str, float]:
     def hwm(pid: int) -> float | None:
         with contextlib.suppress(OSError, ValueError, StopIteration):
             status = Path(f"/proc/{pid}/status").read_text().splitlines()
-            line = next(line for line in status if line.startswith("VmHWM:"))
+            line = next(line for line in status if line.startswith(f"{field}:"))
             return round(int(line.split()[1]) / 1024, 1)
         return None
 
