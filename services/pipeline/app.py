@@ -172,12 +172,17 @@ class PipelineApp(EventStoreApp):
     def save(self, opportunities: Sequence[Opportunity], **tracking: Any) -> None:
         self.record(opportunities, side_writes=self.index_writes(opportunities), **tracking)
 
-    def owner_loads(self) -> dict[str, int]:
+    def owner_loads(self, owners: Sequence[str]) -> dict[str, int]:
+        """Open opportunities held by each of `owners` (the reps routing may pick): an index
+        range per owner, whatever the number of opportunities held by nobody or by others."""
+        if not owners:
+            return {}
         rows = self.query(
             SQL(
-                "SELECT owner, count(*) AS n FROM {} WHERE status = 'open' AND owner IS NOT NULL"
+                "SELECT owner, count(*) AS n FROM {} WHERE owner = ANY(%s) AND status = 'open'"
                 " GROUP BY owner"
-            ).format(self.table("opportunity_index"))
+            ).format(self.table("opportunity_index")),
+            (list(owners),),
         )
         return {row["owner"]: int(row["n"]) for row in rows}
 
@@ -198,7 +203,8 @@ class PipelineApp(EventStoreApp):
             }
             ids = {event_id: opportunity_id_for(c.lead_id) for event_id, c in captured.items()}
             known = self.existing_ids(list(ids.values()))
-            loads = self.owner_loads() if captured else {}
+            reps = [u.id for u in rules.directory.users if u.role == "rep"]
+            loads = self.owner_loads(reps) if captured else {}
             changed: dict[uuid.UUID, Opportunity] = {}
             home: dict[uuid.UUID, uuid.UUID] = {}  # lead -> opportunity, for this batch
             waiting: list[tuple[Any, ...]] = []

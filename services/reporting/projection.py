@@ -246,7 +246,6 @@ async def _project_opportunities(conn: asyncpg.Connection, envelopes: Sequence[E
             if newer.valid_from > older.valid_from:
                 history.append((*_row(older), newer.valid_from))
         latest.append(chain[-1])
-    await _add_to_funnel(conn, [current[i] for i in replaced], latest)
     if replaced:
         await conn.execute(
             "DELETE FROM opportunity_now WHERE opportunity_id = ANY($1::uuid[])", replaced
@@ -269,6 +268,9 @@ async def _project_opportunities(conn: asyncpg.Connection, envelopes: Sequence[E
             "payment", records=payments,
             columns=["opportunity_id", "version", "amount", "received_at"],
         )  # fmt: skip
+    # Last: every partition's batch of new leads adds to the same few sums, and a batch holds
+    # their row locks from here until it commits; the other partitions wait that long.
+    await _add_to_funnel(conn, [current[i] for i in replaced], latest)
 
 
 async def _add_to_funnel(
