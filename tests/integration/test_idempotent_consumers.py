@@ -39,7 +39,15 @@ async def test_tracked_consumer_applies_each_upstream_event_once(
     assert await asyncio.to_thread(app.apply_lead_events, "capture:p0", republished, Rules()) == 1
     assert app.tracked_position("capture:p0") == 16
     opened_ids = {opportunity_id_for(lead) for lead in leads}
-    assert app.existing_ids(list(opened_ids)) == opened_ids
+    unknown = uuid.uuid4()
+    assert app.existing_ids([*opened_ids, unknown]) == opened_ids
+    # A page of streams read at once: each asked-for stream once, in order, even asked twice.
+    some = sorted(opened_ids)[:2]
+    histories = app.events_of([some[0], unknown, some[1], some[0]])
+    assert list(histories) == [some[0], unknown, some[1]] and histories[unknown] == []
+    for opportunity_id in some:
+        assert [e.originator_version for e in histories[opportunity_id]] == [1, 2, 3]
+        assert {e.originator_id for e in histories[opportunity_id]} == {opportunity_id}
     for lead in leads:
         opportunity = app.repository.get(opportunity_id_for(lead))
         assert opportunity.version == 3 and opportunity.stage == "A"  # opened, scored, assigned
