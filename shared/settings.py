@@ -179,6 +179,9 @@ class Settings(BaseSettings):
     # The outbox relay in a process of its own beside each service (shared.bus.relay_process);
     # off: in the service's process, on its event loop.
     relay_process: bool = True
+    # Seconds a relay process may go without coming round its loop before it exits to be started
+    # again (stuck in a call that never returns: shared.bus.relay_process).
+    relay_stalled_s: float = Field(default=60.0, gt=0)
     consumer_batch: int = Field(default=500, ge=1)
     # Records per fetch of reporting's consumer: its per-batch statements (positions, funnel
     # sums) amortise over more events (2,000: 15% more events/s than 500, measured here).

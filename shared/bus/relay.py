@@ -51,6 +51,7 @@ from shared.store.eventstore import EventStoreApp
 log = logging.getLogger(__name__)
 CLUSTER_CHECK = 0.2  # seconds: the broker's cluster id is asked at most this often
 IDLE_WAIT = 0.5  # seconds between looks at the log (and the broker) while nothing is stored
+ACQUIRE_WITHIN = 30.0  # seconds to wait for a database connection of the relay's pool
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,10 @@ class OutboxRelay:
         self._wake = asyncio.Event()
         self._checked_at = 0.0
         self.leading = False
+        # When the relay last came round one of its loops (monotonic): a relay process whose
+        # relay stops coming round is stuck in a call that never returns, and is started again
+        # (`relay_stalled_s`, shared.bus.relay_process).
+        self.beat = time.monotonic()
         # Reads of the notification log in a thread of their own: never behind request handlers.
         self._reader: ThreadPoolExecutor | None = None
         self._next: tuple[int, asyncio.Future[Page]] | None = None  # a read ahead, and its start
@@ -107,6 +112,7 @@ class OutboxRelay:
         backoff = 0.2
         try:
             while not stop.is_set():
+                self.beat = time.monotonic()
                 try:
                     await self._lead(stop)
                     backoff = 0.2
@@ -123,7 +129,8 @@ class OutboxRelay:
 
     async def _lead(self, stop: asyncio.Event) -> None:
         lock_key = zlib.crc32(f"dealstream-relay-{self.app.schema}-{self.name}".encode())
-        async with self.pool.acquire() as conn:
+        # Bounded: a pool whose connections died with their server must not keep us waiting.
+        async with self.pool.acquire(timeout=ACQUIRE_WITHIN) as conn:
             if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock_key):
                 await sleep_or_stop(stop, 1.0)
                 return
@@ -138,6 +145,7 @@ class OutboxRelay:
                 await admin.start()
                 await producer.start()
                 while not stop.is_set():
+                    self.beat = time.monotonic()
                     if conn.is_closed():
                         raise ConnectionError("lost the relay lock's connection: stepping down")
                     self._wake.clear()  # before the batch, so a commit during it wakes the next

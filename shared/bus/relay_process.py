@@ -189,6 +189,16 @@ async def _relay(
             if os.getppid() != parent:  # the service died without a word: so does its relay
                 log.warning("relay %s: the service's process is gone; stopping", spec.name)
                 stop.set()
+            # A relay that has not come round its loop for `relay_stalled_s` (60) is stuck in a
+            # call that never returns (seen in the chaos suite: after PostgreSQL crashed, a relay
+            # waited on, silent, for minutes): its process exits and the service starts a fresh
+            # one, as after a crash. A healthy relay's waits are far shorter: 1 s as a standby,
+            # 5 s at most between retries, a batch within seconds.
+            if time.monotonic() - relay.beat > settings.relay_stalled_s:
+                log.error("relay %s: stuck for %.0f s; exiting to be started again",
+                          spec.name, time.monotonic() - relay.beat)  # fmt: skip
+                logging.shutdown()
+                os._exit(75)  # no cleanup: the stuck call would hold it up too
             await sleep_or_stop(stop, SHARE_EVERY)
 
     sharing = asyncio.create_task(share())

@@ -17,7 +17,7 @@ from shared.devstack import DevStack
 from tests.chaos.faults import SCALED, Faults, Rebalances
 from tests.chaos.run import Plan, run_chaos
 from tests.conftest import stack_settings
-from tests.e2e.conftest import SERVICES, Services, cli
+from tests.e2e.conftest import Services, cli
 
 
 def main() -> int:
@@ -42,11 +42,7 @@ def main() -> int:
     services = Services(stack, folder / "logs")
     try:
         cli(services.env, "migrate")
-        for service in SERVICES:
-            services.start(service)
-        for service in SCALED if args.scale_out > 1 else ():
-            for _ in range(args.scale_out - 1):
-                services.add(service)
+        services.start_all(dict.fromkeys(SCALED, max(1, args.scale_out)))
         services.wait_ready(within=120)
         kind = Rebalances if args.scale_out > 1 else Faults
         report = asyncio.run(run_chaos(stack, services, plan, kind))

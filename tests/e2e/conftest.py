@@ -54,6 +54,14 @@ class Services:
             stderr=log,
         )
 
+    def start_all(self, replicas: dict[str, int] | None = None) -> None:
+        """Start the four services, with `replicas` of some (service -> how many)."""
+        for service in SERVICES:
+            self.start(service)
+        for service, n in (replicas or {}).items():
+            for _ in range(n - 1):
+                self.add(service)
+
     def add(self, service: str) -> str:
         """Start one more replica of `service`; its name."""
         n = 2
@@ -132,8 +140,7 @@ def e2e_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]:
 def services(e2e_stack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
     running = Services(e2e_stack, tmp_path_factory.mktemp("logs"))
     cli(running.env, "migrate")
-    for service in SERVICES:
-        running.start(service)
+    running.start_all()
     running.wait_ready()
     try:
         yield running

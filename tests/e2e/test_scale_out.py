@@ -17,7 +17,7 @@ from shared.devstack import DevStack
 from tests.chaos.faults import SCALED, Rebalances
 from tests.chaos.run import Plan, run_chaos
 from tests.conftest import stack_settings
-from tests.e2e.conftest import SERVICES, Services, cli
+from tests.e2e.conftest import Services, cli
 
 pytestmark = pytest.mark.e2e
 
@@ -41,11 +41,7 @@ def scaled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DevStack,
     services = Services(stack, tmp_path_factory.mktemp("scale-logs"))
     try:
         cli(services.env, "migrate")
-        for service in SERVICES:
-            services.start(service)
-        for service in SCALED:
-            for _ in range(REPLICAS - 1):
-                services.add(service)
+        services.start_all(dict.fromkeys(SCALED, REPLICAS))
         services.wait_ready(within=120)
         yield stack, services
     finally:

@@ -8,11 +8,16 @@ import asyncio
 import json
 import os
 import signal
+import time
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime
+from pathlib import Path
+
+from eventsourcing.persistence import Notification
 
 from services.capture.app import MIGRATIONS, CaptureApp
-from services.capture.bus import route
+from services.capture.bus import CaptureRoute, route
 from shared.bus.kafka import create_topics, make_producer
 from shared.bus.relay import Outbound, OutboxRelay, send_batched
 from shared.bus.relay_process import RelayProcess, RelaySpec
@@ -201,6 +206,52 @@ async def test_relay_process_publishes_is_restarted_and_stops_with_the_service(
     stop.set()
     await eventually(_value(lambda: relay.pid), lambda pid: pid is None)
     assert child is not None and not _alive(child)
+    app.close()
+
+
+class StallingRoute(CaptureRoute):
+    """Capture's route, except that it never returns while the file `stall` exists: a relay
+    stuck in a call, as one was once after PostgreSQL crashed (the relay process imports this
+    class by reference; the path travels with the instance)."""
+
+    def __init__(self, stall: Path) -> None:
+        super().__init__()
+        self.stall = stall
+
+    def stored(self, notification: Notification) -> Sequence[Outbound] | None:
+        while self.stall.exists():
+            time.sleep(0.05)
+        return super().stored(notification)
+
+
+async def test_a_stuck_relay_process_exits_and_a_fresh_one_publishes(
+    settings: Settings,
+    schema: str,
+    open_pool,
+    background,  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+) -> None:
+    await open_pool(schema, MIGRATIONS)
+    app = await asyncio.to_thread(CaptureApp, settings.dsn(), schema)
+    stall = tmp_path / "stall"
+    spec = RelaySpec(f"stuck-{schema}", CaptureApp, schema, StallingRoute(stall))
+    relay = RelayProcess(spec, settings.model_copy(update={"relay_stalled_s": 3.0}), app)
+    stop = background(relay.run)
+    await eventually(_value(lambda: relay.leading), bool)
+    stall.touch()
+    lead = await asyncio.to_thread(app.capture_web_lead, web_lead(0), NOW, "stuck-0")
+    # Stuck routing the lead's page: the process gives up after 3 s and is started again.
+    stuck = relay.pid
+    assert await eventually(_value(lambda: relay.restarts), lambda n: n >= 1, within=30) >= 1
+    await eventually(_value(lambda: relay.pid), lambda pid: pid not in (None, stuck))
+    assert relay.published == 0
+    stall.unlink()
+    pick = mine({lead})
+    records = await read_topic(settings.bootstrap_servers(), "lead.events.v1",
+                               lambda r: len(pick(r)) >= 1)  # fmt: skip
+    assert [uuid.UUID(r.key.decode()) for r in pick(records)] == [lead]
+    stop.set()
+    await eventually(_value(lambda: relay.pid), lambda pid: pid is None)
     app.close()
 
 

@@ -62,7 +62,7 @@ from shared.contracts.envelope import HEADER_EVENT_TYPE
 from shared.contracts.topics import OPPORTUNITY_EVENTS, PARTNER_LEADS
 from shared.devstack import DevStack, free_port
 from tests.conftest import stack_settings
-from tests.e2e.conftest import SERVICES, Services, cli, partner_secret
+from tests.e2e.conftest import Services, cli, partner_secret
 from tests.perf.pipeline_bench import percentile
 from tests.support import lead_value, signed_headers, terminate
 
@@ -558,19 +558,30 @@ def infrastructure(stack: DevStack) -> dict[str, int | None]:
     }
 
 
-async def ours(stack: DevStack, logs: Path) -> dict[str, Any]:
+async def launch(
+    stack: DevStack, logs: Path, replicas: dict[str, int] | None = None
+) -> tuple[Services, Leads]:
+    """Migrate, add PARTNERS, start the four services (with `replicas` of some) and wait until
+    every one is ready; the services and the partners' lead maker."""
     services = Services(stack, logs)
     await asyncio.to_thread(cli, services.env, "migrate")
     secrets = {}
     for partner in PARTNERS:
         out = await asyncio.to_thread(cli, services.env, "partner", "add", partner)
         secrets[partner] = partner_secret(out)
-    for service in SERVICES:
-        services.start(service)
+    try:
+        services.start_all(replicas)
+        await asyncio.to_thread(services.wait_ready, within=180)
+    except BaseException:
+        await asyncio.to_thread(services.stop)
+        raise
+    return services, Leads(secrets)
+
+
+async def ours(stack: DevStack, logs: Path) -> dict[str, Any]:
+    services, leads = await launch(stack, logs)
     db = await asyncpg.connect(stack.database_url)
     try:
-        await asyncio.to_thread(services.wait_ready)
-        leads = Leads(secrets)
         warm = Tracker(db, SAMPLE_LOAD, POLL_SLOW, COUNT_EVERY)
         await drive_partners(stack, leads, warm, *WARM_UP, WINDOW)
         warm_drain = await warm.drain()

@@ -40,11 +40,10 @@ import httpx
 from shared.devstack import DevStack
 from tests.chaos.faults import SCALED
 from tests.conftest import stack_settings
-from tests.e2e.conftest import SERVICES, Services, cli, partner_secret
+from tests.e2e.conftest import SERVICES, Services
 from tests.perf.e2e_bench import (
     COUNT_EVERY,
     DONE_COUNT,
-    PARTNERS,
     POLL_SLOW,
     SAMPLE_LOAD,
     WARM_UP,
@@ -56,6 +55,7 @@ from tests.perf.e2e_bench import (
     drive_partners,
     infrastructure,
     latency_ms,
+    launch,
     peak_rss_mib,
 )
 
@@ -105,19 +105,7 @@ async def started(root: Path, name: str, replicas: int) -> tuple[DevStack, Servi
     await asyncio.to_thread(stack.start)
     logs = stack.settings.data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    services = Services(stack, logs)
-    await asyncio.to_thread(cli, services.env, "migrate")
-    secrets = {}
-    for partner in PARTNERS:
-        out = await asyncio.to_thread(cli, services.env, "partner", "add", partner)
-        secrets[partner] = partner_secret(out)
-    for service in SERVICES:
-        services.start(service)
-    for service in SCALED:
-        for _ in range(replicas - 1):
-            services.add(service)
-    await asyncio.to_thread(services.wait_ready, within=180)
-    leads = Leads(secrets)
+    services, leads = await launch(stack, logs, dict.fromkeys(SCALED, replicas))
     db = await asyncpg.connect(stack.database_url)
     try:
         warm = Tracker(db, SAMPLE_LOAD, POLL_SLOW, COUNT_EVERY)
