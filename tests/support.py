@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import inspect
 import json
+import re
 import signal
 import subprocess
 import time
@@ -152,3 +153,16 @@ async def terminate(process: subprocess.Popen[bytes], grace: float = 15.0) -> No
     except subprocess.TimeoutExpired:
         process.kill()
         await asyncio.to_thread(process.wait, 10)
+
+
+def metric_sum(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples of `name` in a /metrics text whose labels include `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        match = re.match(rf"^{re.escape(name)}(?:\{{(.*)\}})? (\S+)$", line)
+        if not match:
+            continue
+        seen = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1) or ""))
+        if all(seen.get(k) == v for k, v in labels.items()):
+            total += float(match.group(2))
+    return total

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import secrets
 import socket
 import subprocess
@@ -23,7 +22,7 @@ import pytest
 from shared.contracts.topics import LEAD_EVENTS
 from shared.devstack import free_port
 from tests.e2e.conftest import SERVICES, Services, cli, partner_secret
-from tests.support import lead_value, send_partner_messages, signed_headers
+from tests.support import lead_value, metric_sum, send_partner_messages, signed_headers
 
 pytestmark = pytest.mark.e2e
 
@@ -201,19 +200,6 @@ def _line_of(log: Path, correlation_id: str) -> dict[str, object]:
     raise AssertionError(f"no line with correlation_id {correlation_id} in {log}")
 
 
-def _series(text: str, name: str, **labels: str) -> float:
-    """The sum of the samples of `name` whose labels include `labels`."""
-    total = 0.0
-    for line in text.splitlines():
-        match = re.match(rf"^{re.escape(name)}(?:\{{(.*)\}})? (\S+)$", line)
-        if not match:
-            continue
-        seen = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1) or ""))
-        if all(seen.get(k) == v for k, v in labels.items()):
-            total += float(match.group(2))
-    return total
-
-
 async def test_metrics_show_lag_and_rates_moving_under_load(
     external: ExternalServices, broker: tuple[str, str]
 ) -> None:
@@ -231,7 +217,7 @@ async def test_metrics_show_lag_and_rates_moving_under_load(
     capture, pipeline = f"{external.url('capture')}/metrics", f"{external.url('pipeline')}/metrics"
     opened = "dealstream_messages_in_total"
     async with httpx.AsyncClient(timeout=5) as http:
-        handled_before = _series((await http.get(pipeline)).text, opened, topic=LEAD_EVENTS)
+        handled_before = metric_sum((await http.get(pipeline)).text, opened, topic=LEAD_EVENTS)
         external.kill("capture")
         try:
             await send_partner_messages(broker[0], burst)
@@ -246,9 +232,9 @@ async def test_metrics_show_lag_and_rates_moving_under_load(
             except httpx.HTTPError:  # capture still starting
                 await asyncio.sleep(0.1)
                 continue
-            handled = _series(scrapes[-1][1], opened, topic=LEAD_EVENTS)
+            handled = metric_sum(scrapes[-1][1], opened, topic=LEAD_EVENTS)
             lags.append(
-                _series(scrapes[-1][0], "dealstream_consumer_lag", consumer="partner-intake")
+                metric_sum(scrapes[-1][0], "dealstream_consumer_lag", consumer="partner-intake")
             )
             if max(lags) > 0 and lags[-1] == 0 and handled - handled_before >= count:
                 break
@@ -257,10 +243,10 @@ async def test_metrics_show_lag_and_rates_moving_under_load(
     assert max(lags) > 0, "the burst never showed as consumer lag"
     assert lags[-1] == 0, "the consumer lag did not come back to zero"
     last = scrapes[-1][1]
-    assert _series(last, opened, topic=LEAD_EVENTS) - handled_before >= count
-    out = [_series(p, "dealstream_messages_out_total", relay="pipeline") for _, p in scrapes]
+    assert metric_sum(last, opened, topic=LEAD_EVENTS) - handled_before >= count
+    out = [metric_sum(p, "dealstream_messages_out_total", relay="pipeline") for _, p in scrapes]
     assert out[-1] - out[0] > 0 and out == sorted(out), "the relay's published count did not rise"
     assert 'dealstream_relay_lag{relay="pipeline",service="pipeline"}' in last
-    assert _series(last, "dealstream_processing_seconds_count", consumer="lead-events") > 0
-    assert _series(last, "dealstream_http_requests_total", route="/readyz") > 0  # by template
+    assert metric_sum(last, "dealstream_processing_seconds_count", consumer="lead-events") > 0
+    assert metric_sum(last, "dealstream_http_requests_total", route="/readyz") > 0  # by template
     assert "process_resident_memory_bytes" in last

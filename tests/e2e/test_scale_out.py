@@ -18,20 +18,11 @@ from tests.chaos.faults import SCALED, Rebalances
 from tests.chaos.run import Plan, run_chaos
 from tests.conftest import stack_settings
 from tests.e2e.conftest import Services, cli
+from tests.support import metric_sum
 
 pytestmark = pytest.mark.e2e
 
 REPLICAS = 3
-
-
-def messages_in(url: str) -> float:
-    """Messages the service at `url` handled from the bus, all its consumers, from /metrics."""
-    text = httpx.get(f"{url}/metrics", timeout=5).text
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("dealstream_messages_in_total{")
-    )
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +54,13 @@ async def test_replicas_join_and_die_under_load_and_nothing_is_lost_or_duplicate
         assert len(services.replicas(service)) == REPLICAS  # one joined, one died
     # The work was shared: every replica still running (the one that joined included) handled
     # messages of its own.
-    handled = {
-        name: messages_in(services.url(name)) for s in SCALED for name in services.replicas(s)
-    }
+    async with httpx.AsyncClient(timeout=5) as http:
+        handled = {
+            name: metric_sum((await http.get(f"{services.url(name)}/metrics")).text,
+                             "dealstream_messages_in_total")
+            for s in SCALED
+            for name in services.replicas(s)
+        }  # fmt: skip
     assert all(n > 0 for n in handled.values()), handled
     totals = report.totals
     assert totals["messages"] > 1000 and totals["accepted"] == totals["opportunities"] > 1000

@@ -58,6 +58,7 @@ from tests.perf.e2e_bench import (
     launch,
     peak_rss_mib,
 )
+from tests.support import metric_sum
 
 SUSTAINED = float(os.environ.get("BENCH_SUSTAINED", "600"))  # leads/s, see the docstring
 BURST_FACTOR = 10
@@ -90,11 +91,7 @@ def errors_counted(services: Services) -> dict[str, float]:
     counted = {}
     for name in services.processes:
         text = httpx.get(f"{services.url(name)}/metrics", timeout=10).text
-        counted[name] = sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line.startswith("dealstream_errors_total{")
-        )
+        counted[name] = metric_sum(text, "dealstream_errors_total")
     return counted
 
 
