@@ -101,8 +101,9 @@ class Directory(BaseModel):
     def team(self, team_id: str | None) -> Team | None:
         return next((t for t in self.teams if t.id == team_id), None)
 
-    def reps(self, team_id: str) -> list[User]:
-        return [u for u in self.users if u.team == team_id and u.role == "rep"]
+    def reps(self, team_id: str | None = None) -> list[User]:
+        """The reps of a team; of every team without one."""
+        return [u for u in self.users if u.role == "rep" and (team_id is None or u.team == team_id)]
 
 
 class NotifyRules(BaseModel):

@@ -203,7 +203,7 @@ class PipelineApp(EventStoreApp):
             }
             ids = {event_id: opportunity_id_for(c.lead_id) for event_id, c in captured.items()}
             known = self.existing_ids(list(ids.values()))
-            reps = [u.id for u in rules.directory.users if u.role == "rep"]
+            reps = [rep.id for rep in rules.directory.reps()]
             loads = self.owner_loads(reps) if captured else {}
             changed: dict[uuid.UUID, Opportunity] = {}
             home: dict[uuid.UUID, uuid.UUID] = {}  # lead -> opportunity, for this batch
