@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import collections
 import contextlib
 import itertools
 import json
@@ -109,8 +110,16 @@ class Leads:
         self.secrets = secrets
         self.partners = itertools.cycle(sorted(secrets))
         self.made = 0
+        self._ahead: collections.deque[Lead] = collections.deque()
+
+    def make_ahead(self, n: int) -> None:
+        """Make and sign the next `n` leads now, so sending them later costs only the send."""
+        self._ahead.extend(self._make() for _ in range(n))
 
     def next(self) -> Lead:
+        return self._ahead.popleft() if self._ahead else self._make()
+
+    def _make(self) -> Lead:
         partner_id = next(self.partners)
         self.made += 1
         n, tag = self.made, uuid.uuid4().hex[:8]

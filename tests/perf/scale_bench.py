@@ -28,7 +28,6 @@ Never a timing assertion."""
 from __future__ import annotations
 
 import asyncio
-import collections
 import os
 import time
 from pathlib import Path
@@ -49,7 +48,6 @@ from tests.perf.e2e_bench import (
     WARM_UP,
     WINDOW,
     CpuMeter,
-    Lead,
     Leads,
     Tracker,
     drive_partners,
@@ -72,18 +70,6 @@ STORED_EVENTS = (
     "SELECT (SELECT count(*) FROM capture.capture_events)"
     " + (SELECT count(*) FROM pipeline.pipeline_events)"
 )
-
-
-class Prepared:
-    """Leads made and signed before the clock starts, handed out in order."""
-
-    def __init__(self, leads: Leads, n: int) -> None:
-        self.made = 0
-        self._left = collections.deque(leads.next() for _ in range(n))
-
-    def next(self) -> Lead:
-        self.made += 1
-        return self._left.popleft()
 
 
 def errors_counted(services: Services) -> dict[str, float]:
@@ -122,7 +108,7 @@ async def burst(root: Path, replicas: int, sustained: float) -> dict[str, Any]:
     stack, services, leads = await started(root, f"burst-{replicas}", replicas)
     try:
         rate = BURST_FACTOR * sustained
-        prepared = Prepared(leads, round(rate * BURST_SECONDS))
+        leads.make_ahead(round(rate * BURST_SECONDS))
         errors_before = errors_counted(services)
         db = await asyncpg.connect(stack.database_url)
         try:
@@ -130,14 +116,7 @@ async def burst(root: Path, replicas: int, sustained: float) -> dict[str, Any]:
             roots = {name: p.pid for name, p in services.processes.items()}
             meter = CpuMeter({**roots, **infrastructure(stack)})
             meter.start()
-            offered = await drive_partners(
-                stack,
-                prepared,  # type: ignore[arg-type]  # a Leads that only hands out
-                tracker,
-                rate,
-                BURST_SECONDS,
-                10**9,
-            )
+            offered = await drive_partners(stack, leads, tracker, rate, BURST_SECONDS, 10**9)
             await tracker.drain(within=BURST_DRAIN)
             cores = meter.cores()
             gaps = await db.fetchval(
