@@ -47,6 +47,9 @@ class Faults:
     def count(self, what: str) -> int:
         return sum(f.what.startswith(what) for f in self.happened)
 
+    def describe(self) -> str:
+        return f"a kill every {self.every:.0f}s"
+
     def schedule(self) -> list[tuple[float, Callable[[], Awaitable[str]]]]:
         """(seconds into the run, fault) of every fault of the run."""
         plan = [(self.seconds * BROKER_AT, self.replace_broker),
@@ -110,6 +113,9 @@ class Rebalances(Faults):
     SIGKILLed and not started again. Each change moves partitions between the replicas (a
     rebalance) while messages flow. The first replica of each service is spared: the run's
     HTTP calls go to it, as a load balancer would route around a dead one."""
+
+    def describe(self) -> str:
+        return "a replica of each added, then one of each killed"
 
     def schedule(self) -> list[tuple[float, Callable[[], Awaitable[str]]]]:
         return [(self.seconds / 3, self.add_replicas), (2 * self.seconds / 3, self.kill_replicas)]

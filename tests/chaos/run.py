@@ -48,7 +48,7 @@ class Plan:
 @dataclass
 class Report:
     plan: Plan
-    kind: str = "Faults"
+    how: str = ""  # the faults, in a few words
     counts: dict[str, dict[str, int]] = field(default_factory=dict)  # must all be zero
     seen: dict[str, Any] = field(default_factory=dict)  # what happened, for the reader
     totals: dict[str, int] = field(default_factory=dict)  # the same, as numbers for tests
@@ -65,10 +65,7 @@ class Report:
 
     def print(self) -> None:
         p = self.plan
-        faults = (
-            f"a kill every {p.every:.0f}s" if self.kind == "Faults" else "replicas added, killed"
-        )
-        print(f"\nchaos: {p.seconds:.0f}s of load at {p.rate:.0f} msg/s, seed {p.seed}, {faults}")
+        print(f"\nchaos: {p.seconds:.0f}s of load at {p.rate:.0f} msg/s, seed {p.seed}, {self.how}")
         print("faults:")
         for fault in self.faults:
             print(f"  {fault}")
@@ -92,7 +89,7 @@ async def run_chaos(
 ) -> Report:
     """The run, with the faults of `kind`: `Faults` (kills, a fresh broker, a PostgreSQL crash)
     or `Rebalances` (replicas added and killed: tests/e2e/test_scale_out.py)."""
-    report = Report(plan, kind.__name__)
+    report = Report(plan)
     began = time.monotonic()
     rng = random.Random(plan.seed)
     env = services.env
@@ -104,6 +101,7 @@ async def run_chaos(
                        lambda: list(partner.accepted_leads().values()))  # fmt: skip
     ticker = Ticker(env)
     faults = kind(stack, services, random.Random(plan.seed + 1), plan.seconds, plan.every)
+    report.how = faults.describe()
     live = StreamWatch()
     subscriber = Follower(stack.kafka, "opportunity.events.v1", live.take)
     stop_load, stop_all = asyncio.Event(), asyncio.Event()
