@@ -40,6 +40,7 @@ from shared.bus.kafka import (
     make_admin,
     make_consumer,
     make_producer,
+    stop_quietly,
 )
 from shared.clock import Clock, SystemClock
 from shared.contracts.envelope import HEADER_RELAY_CLUSTER, Envelope
@@ -208,14 +209,8 @@ class BatchConsumer:
         finally:
             self.running = False
             self.forget_lag(list(self.lagging))  # stop() tells no rebalance listener
-            with contextlib.suppress(Exception):
-                await consumer.stop()
-            if self._dead_letters is not None:
-                with contextlib.suppress(Exception):
-                    await self._dead_letters.stop()
-                self._dead_letters = None
-            with contextlib.suppress(Exception):
-                await admin.close()
+            dead_letters, self._dead_letters = self._dead_letters, None
+            await stop_quietly(consumer, dead_letters, admin)
 
     def _took(self, partition: TopicPartition, records: list[Record]) -> None:
         """A partition's batch is done with (handled, or handled around its poison)."""

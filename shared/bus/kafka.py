@@ -120,6 +120,33 @@ def make_admin(settings: Settings) -> AIOKafkaAdminClient:
     )
 
 
+async def stop_quietly(*clients: AIOKafkaConsumer | AIOKafkaProducer | AIOKafkaAdminClient | None
+                       ) -> None:  # fmt: skip
+    """Stop aiokafka clients, each whatever the others did; a failure to stop is logged, not
+    raised. aiokafka's consumer `stop()` can raise a CancelledError of its own: its fetcher
+    cancels a fetch that is sleeping out its retry backoff after the broker went away, then
+    awaits it (aio-libs/aiokafka#647; seen here after a broker was replaced). Taken for this
+    task's cancellation, it would end a consumer's loop for good while the service runs on. A
+    real cancellation of this task is raised again, once every client was stopped."""
+    cancelled = False
+    for client in clients:
+        if client is None:
+            continue
+        name = type(client).__name__
+        try:
+            await (client.close() if isinstance(client, AIOKafkaAdminClient) else client.stop())
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                cancelled = True
+            else:
+                log.warning("stopping the %s: a CancelledError of the client's own, ignored", name)
+        except Exception:
+            log.debug("stopping the %s failed", name, exc_info=True)
+    if cancelled:
+        raise asyncio.CancelledError
+
+
 async def cluster_id(admin: AIOKafkaAdminClient) -> str:
     described = await admin.describe_cluster()
     return str(described["cluster_id"])
@@ -214,4 +241,4 @@ async def _group_round_trip(settings: Settings, topic: str) -> None:
     except Exception as exc:
         raise BrokerMisbehaves(f"consumer-group round trip failed: {exc!r}") from exc
     finally:
-        await consumer.stop()
+        await stop_quietly(consumer)

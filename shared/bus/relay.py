@@ -43,6 +43,7 @@ from shared.bus.kafka import (
     make_admin,
     make_producer,
     partition_for,
+    stop_quietly,
 )
 from shared.contracts.envelope import HEADER_NOTIFICATION_ID, HEADER_RELAY_CLUSTER
 from shared.settings import Settings
@@ -159,10 +160,7 @@ class OutboxRelay:
                 self.leading = False
                 self._next = None
                 await conn.remove_listener(channel, self._on_notify)
-                with contextlib.suppress(Exception):
-                    await producer.stop()
-                with contextlib.suppress(Exception):
-                    await admin.close()
+                await stop_quietly(producer, admin)
                 with contextlib.suppress(Exception):
                     await conn.execute("SELECT pg_advisory_unlock($1)", lock_key)
 

@@ -16,7 +16,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 
-from shared.bus.kafka import cluster_id
+from shared.bus.kafka import cluster_id, stop_quietly
 
 log = logging.getLogger("chaos")
 Take = Callable[[Any], None]
@@ -49,8 +49,12 @@ class Follower:
                 self.stalls += 1
                 following.cancel()
                 abandoned.append(following)
-            elif following.exception() is not None:  # the broker away: start over
-                log.debug("follower of %s: %r", self.topic, following.exception())
+            elif following.cancelled() or following.exception() is not None:
+                # The broker away: start over. A CancelledError raised inside the client (not
+                # ours: we cancel only the stuck) ends the task as cancelled, and asking its
+                # exception would raise it here, silently ending the follower for good.
+                why = "cancelled" if following.cancelled() else repr(following.exception())
+                log.info("follower of %s: %s; starting over", self.topic, why)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), 0.5)
         if abandoned:
@@ -94,9 +98,8 @@ class Follower:
                     for record in records:
                         self.take(record)
         finally:
-            for closing in (consumer.stop(), admin.close()):
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(closing, BOUND)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop_quietly(consumer, admin), BOUND)
 
 
 @dataclass

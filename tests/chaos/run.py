@@ -124,7 +124,11 @@ async def run_chaos(
         report.took["drain"] = time.monotonic() - drained
     finally:
         stop_all.set()
-        await asyncio.gather(*background, return_exceptions=True)
+        ended = await asyncio.gather(*background, return_exceptions=True)
+        for task, outcome in zip(("the partner's reply follower", "the live subscriber",
+                                  "the re-sender"), ended, strict=True):  # fmt: skip
+            if isinstance(outcome, BaseException):
+                report.stuck.append(f"{task} ended early: {outcome!r}")
         await partner.stop()
     checked = time.monotonic()
     fresh = StreamWatch()
