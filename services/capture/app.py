@@ -310,14 +310,18 @@ class CaptureApp(EventStoreApp):
              r.status, r.conflicts, r.version)
             for r in registrations
         ]  # fmt: skip
+        # One statement for the batch's registrations (each once: they are aggregates), in the
+        # order given: the one-hold-per-company index is checked row by row as they are written.
         statement = SQL(
             "INSERT INTO {table} (registration_id, company_key, partner_id, lead_id,"
-            " registered_at, expires_at, status, conflicts, version)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (registration_id) DO UPDATE"
+            " registered_at, expires_at, status, conflicts, version) "
+            + unnest_rows(("uuid", "text", "text", "uuid", "timestamptz", "timestamptz", "text",
+                           "int4", "int4"))  # fmt: skip
+            + " ON CONFLICT (registration_id) DO UPDATE"
             " SET status = EXCLUDED.status, conflicts = EXCLUDED.conflicts,"
             " version = EXCLUDED.version WHERE {table}.version < EXCLUDED.version"
         ).format(table=self.table("registration"))
-        return [(statement, rows)]
+        return [(statement, as_columns(rows))]
 
     def held_registrations(self, companies: set[str], now: datetime) -> dict[str, Registration]:
         if not companies:
@@ -401,7 +405,7 @@ class _BatchIntake:
             verdict.lead_id, lead_in, source="partner", captured_at=self.now,
             correlation_id=lead_in.message_id, causation_id=_position(message),
             partner_id=partner, message_id=verdict.message_id, duplicate_of=match,
-            contact_key=new_key(),
+            contact_key=new_key(), keys=keys,
         )  # fmt: skip
         self.stored.append(lead)
         for key in keys:  # later leads of this batch know this customer now
