@@ -312,11 +312,12 @@ class CaptureApp(EventStoreApp):
         ]  # fmt: skip
         # One statement for the batch's registrations (each once: they are aggregates), in the
         # order given: the one-hold-per-company index is checked row by row as they are written.
+        types = ("uuid", "text", "text", "uuid", "timestamptz", "timestamptz", "text", "int4",
+                 "int4")  # fmt: skip
         statement = SQL(
             "INSERT INTO {table} (registration_id, company_key, partner_id, lead_id,"
             " registered_at, expires_at, status, conflicts, version) "
-            + unnest_rows(("uuid", "text", "text", "uuid", "timestamptz", "timestamptz", "text",
-                           "int4", "int4"))  # fmt: skip
+            + unnest_rows(types)
             + " ON CONFLICT (registration_id) DO UPDATE"
             " SET status = EXCLUDED.status, conflicts = EXCLUDED.conflicts,"
             " version = EXCLUDED.version WHERE {table}.version < EXCLUDED.version"

@@ -55,7 +55,14 @@ class PartnerClient:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
-        await self._consumer.stop()
+        try:
+            await self._consumer.stop()
+        except asyncio.CancelledError:
+            # aiokafka's own when the broker went away (aio-libs/aiokafka#647: its fetcher
+            # awaits a fetch it cancelled); only a cancellation of this task goes on.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
         await self._producer.stop()
 
     async def _partitions(self) -> list[TopicPartition]:
