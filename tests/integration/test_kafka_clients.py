@@ -48,16 +48,18 @@ async def test_a_real_cancellation_still_cancels_once_every_client_is_stopped() 
     stopped: list[str] = []
 
     class Slow:
-        def __init__(self, name: str) -> None:
-            self.name = name
+        def __init__(self, name: str, seconds: float) -> None:
+            self.name, self.seconds = name, seconds
 
         async def stop(self) -> None:
             try:
-                await asyncio.sleep(10)
+                await asyncio.sleep(self.seconds)
             finally:
                 stopped.append(self.name)
 
-    task = asyncio.create_task(stop_quietly(Slow("first"), Slow("second")))  # type: ignore[arg-type]
+    # The first is stopping when the cancellation comes; the second is stopped all the same.
+    clients = (Slow("first", 10), Slow("second", 0.1))
+    task = asyncio.create_task(stop_quietly(*clients))  # type: ignore[arg-type]
     await asyncio.sleep(0.05)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
