@@ -208,12 +208,36 @@ def projection_lag(consumer: BatchConsumer, now: float | None = None) -> float |
     return max(consumer.delay, (now or time.time()) - consumer.applied_published)
 
 
+LOOP_ENDED = 70  # the exit status of a service one of whose loops ended while it ran
+
+
+class LoopEnded(RuntimeError):
+    """A service's loop ended while the service ran (see `serve`); `run_service` exits with
+    LOOP_ENDED."""
+
+
 async def serve(app: FastAPI, port: int, loops: Sequence[Loop], host: str = "127.0.0.1") -> None:
-    """Serve `app` and run `loops` until a signal stops uvicorn; then stop the loops."""
+    """Serve `app` and run `loops` until a signal stops uvicorn; then stop the loops.
+
+    Every loop runs until stopped. One that ends before (an exception it did not catch, a
+    CancelledError a library raised of its own) would leave the service answering HTTP while
+    it no longer consumes, relays or schedules: the service stops instead (LoopEnded) and exits
+    with LOOP_ENDED, so whatever runs it (`dealstream run`, a service manager) starts it
+    afresh."""
     stop = asyncio.Event()
-    tasks = [asyncio.create_task(loop(stop)) for loop in loops]
+    tasks = [asyncio.create_task(loop(stop), name=getattr(loop, "__qualname__", "loop"))
+             for loop in loops]  # fmt: skip
     config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False)
     server = uvicorn.Server(config)
+    ended: list[asyncio.Task[None]] = []
+
+    def watch(task: asyncio.Task[None]) -> None:
+        if not stop.is_set():
+            ended.append(task)
+            server.should_exit = True
+
+    for task in tasks:
+        task.add_done_callback(watch)
     try:
         await server.serve()
     finally:
@@ -222,8 +246,12 @@ async def serve(app: FastAPI, port: int, loops: Sequence[Loop], host: str = "127
         for task in pending:
             task.cancel()
         for task in done:
-            if task.exception() is not None:
-                log.error("loop ended with %r", task.exception())
+            if task not in ended and not task.cancelled() and task.exception() is not None:
+                log.error("loop %s ended with %r", task.get_name(), task.exception())
+    if ended:
+        whys = [f"{t.get_name()}: {'cancelled' if t.cancelled() else repr(t.exception())}"
+                for t in ended]  # fmt: skip
+        raise LoopEnded(f"loops ended while the service ran ({'; '.join(whys)})")
 
 
 async def open_schema(
@@ -244,8 +272,12 @@ def run_service(main: Coroutine[Any, Any, None]) -> None:
     """Run a service's main coroutine, the collector tuned for batch work (shared.gctune); a
     signal ends it quietly (uvicorn re-raises SIGINT)."""
     tune_gc()
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(main)
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(main)
+    except LoopEnded as ended:
+        log.error("%s: exiting to be started again", ended)
+        raise SystemExit(LOOP_ENDED) from None
 
 
 def drain(due: Callable[[], Sequence[T]]) -> list[T]:

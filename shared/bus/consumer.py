@@ -35,6 +35,7 @@ from eventsourcing.persistence import DataError, IntegrityError, Tracking
 from pydantic import ValidationError
 
 from shared.bus.kafka import (
+    being_cancelled,
     cluster_id,
     ensure_core_topics,
     make_admin,
@@ -107,8 +108,19 @@ class BatchConsumer:
             try:
                 await self._consume(stop)
                 backoff = 0.2
-            except (asyncio.CancelledError, KeyboardInterrupt):
+            except KeyboardInterrupt:
                 raise
+            except asyncio.CancelledError:
+                if being_cancelled():
+                    raise  # this consumer is being stopped
+                # A client library's own (aiokafka has had several): a failure like any other,
+                # not a reason to stop consuming for good while the service runs on.
+                self.errors += 1
+                log.exception("consumer %s: a CancelledError not ours; restarting in %.1fs",
+                              self.name, backoff)  # fmt: skip
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), backoff)
+                backoff = min(backoff * 2, 5.0)
             except Exception:
                 self.errors += 1
                 log.exception("consumer %s failed; restarting in %.1fs", self.name, backoff)

@@ -120,6 +120,13 @@ def make_admin(settings: Settings) -> AIOKafkaAdminClient:
     )
 
 
+def being_cancelled() -> bool:
+    """Whether the running task is being cancelled (`Task.cancel`), as opposed to meeting a
+    CancelledError that a library raised of its own (aiokafka has: see `stop_quietly`)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 async def stop_quietly(*clients: AIOKafkaConsumer | AIOKafkaProducer | AIOKafkaAdminClient | None
                        ) -> None:  # fmt: skip
     """Stop aiokafka clients, each whatever the others did; a failure to stop is logged, not
@@ -136,8 +143,7 @@ async def stop_quietly(*clients: AIOKafkaConsumer | AIOKafkaProducer | AIOKafkaA
         try:
             await (client.close() if isinstance(client, AIOKafkaAdminClient) else client.stop())
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
+            if being_cancelled():
                 cancelled = True
             else:
                 log.warning("stopping the %s: a CancelledError of the client's own, ignored", name)

@@ -1,9 +1,11 @@
-"""Stopping aiokafka clients after their broker went away: `stop_quietly` (shared.bus.kafka), on
-a broker of the test's own (the session's must stay up for the other tests)."""
+"""aiokafka's CancelledErrors of its own: stopping clients after their broker went away
+(`stop_quietly`, on a broker of the test's own: the session's must stay up for the other tests),
+and a consumer that meets one and goes on."""
 
 from __future__ import annotations
 
 import asyncio
+import uuid
 from pathlib import Path
 
 import pytest
@@ -11,8 +13,10 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.structs import TopicPartition
 
-from shared.bus.kafka import stop_quietly
+from shared.bus.consumer import BatchConsumer, Record
+from shared.bus.kafka import create_topics, make_producer, stop_quietly
 from shared.devstack import EmbeddedBroker, free_port
+from shared.settings import Settings
 
 BACKOFF_MS = 3000  # long, so the stop surely falls into the fetcher's retry backoff
 
@@ -65,3 +69,45 @@ async def test_a_real_cancellation_still_cancels_once_every_client_is_stopped() 
     with pytest.raises(asyncio.CancelledError):
         await task
     assert stopped == ["first", "second"]
+
+
+class _LibraryCancels(BatchConsumer):
+    """A consumer whose first session meets a CancelledError that is not its task's (as
+    aiokafka's `stop()` raised one); the sessions after it are the real ones."""
+
+    sessions = 0
+
+    async def _consume(self, stop: asyncio.Event) -> None:
+        self.sessions += 1
+        if self.sessions == 1:
+            raise asyncio.CancelledError
+        await super()._consume(stop)
+
+
+async def test_a_consumer_goes_on_past_a_cancelled_error_not_its_own(settings: Settings) -> None:
+    topic = f"t.cancel.{uuid.uuid4().hex[:8]}"
+    await create_topics(settings, [topic])
+    seen: list[bytes] = []
+
+    async def handle(_: TopicPartition, records: list[Record]) -> None:
+        seen.extend(r.value or b"" for r in records)
+
+    consumer = _LibraryCancels("cancels", settings, f"g-{topic}", [topic], handle)
+    stop = asyncio.Event()
+    running = asyncio.create_task(consumer.run(stop))
+    producer = make_producer(settings)
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, b"after", key=b"k")
+    finally:
+        await producer.stop()
+    for _ in range(200):
+        if seen:
+            break
+        await asyncio.sleep(0.1)
+    assert seen == [b"after"] and consumer.sessions == 2 and consumer.errors == 1
+    assert not running.done()
+    # Its own cancellation still ends it.
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
