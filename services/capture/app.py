@@ -203,6 +203,7 @@ class CaptureApp(EventStoreApp):
             causation_id=correlation_id,
             duplicate_of=first_match(keys, self.known_customers(keys)),
             contact_key=new_key(),
+            keys=keys,
         )
         self.record([lead], side_writes=self.key_writes([lead]))
         return lead_id

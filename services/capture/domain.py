@@ -111,11 +111,12 @@ class Lead(Aggregate):
         channel: str | None = None,
         duplicate_of: Match | None = None,
         contact_key: bytes | None = None,
-        keys: list[tuple[str, str]] | None = None,
+        *,
+        keys: list[tuple[str, str]],
     ) -> Lead:
         """Capture a lead; one that matches a known customer (`duplicate_of`) is stored all the
-        same and merged into it, naming the rule that matched. `keys`: its matching keys, when
-        the caller has them already (else taken from the details)."""
+        same and merged into it, naming the rule that matched. `keys`: its matching keys
+        (`match_keys` of its details), which the caller looked the customer up by."""
         contract = LeadCaptured(
             # The details' own (validated) values: their addresses are not checked again.
             **{name: getattr(details, name) for name in LeadDetails.model_fields},
@@ -128,9 +129,6 @@ class Lead(Aggregate):
             duplicate_of=duplicate_of.lead_id if duplicate_of else None,
         )
         payload = contract.model_dump(mode="json")
-        if keys is None:
-            keys = match_keys(details.contact.email, details.contact.phone, details.company.name,
-                              details.company.region)  # fmt: skip
         if contact_key is not None:  # stored sealed from the start: see shared.privacy
             payload["contact"] = seal(contact_key, payload["contact"])
         lead = cls._create(

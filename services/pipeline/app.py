@@ -203,8 +203,8 @@ class PipelineApp(EventStoreApp):
             }
             ids = {event_id: opportunity_id_for(c.lead_id) for event_id, c in captured.items()}
             known = self.existing_ids(list(ids.values()))
-            reps = [rep.id for rep in rules.directory.reps()]
-            loads = self.owner_loads(reps) if captured else {}
+            reps = [rep.id for rep in rules.directory.reps()] if captured else []
+            loads = self.owner_loads(reps)  # {} without reps
             changed: dict[uuid.UUID, Opportunity] = {}
             home: dict[uuid.UUID, uuid.UUID] = {}  # lead -> opportunity, for this batch
             waiting: list[tuple[Any, ...]] = []

@@ -204,12 +204,14 @@ def test_the_relays_route_from_the_stored_events_writes_what_the_revived_event_w
     from services.capture.app import CaptureApp
     from services.capture.bus import route
     from services.capture.domain import Lead, Match, PartnerMessage, Registration
+    from services.capture.normalize import match_keys
     from shared.privacy import new_key
 
     at = datetime(2026, 11, 23, 10, 0, 0, 123456, tzinfo=UTC)
     verdict = judge(signed("acme", "acme-9", lead_value("acme", "acme-9")), SECRETS, MAX)
     assert verdict.lead is not None and verdict.lead_id is not None
     first = uuid.uuid4()
+    contact, company = verdict.lead.contact, verdict.lead.company
     lead = Lead.capture(
         verdict.lead_id,
         verdict.lead,
@@ -221,6 +223,7 @@ def test_the_relays_route_from_the_stored_events_writes_what_the_revived_event_w
         message_id="acme-9",
         duplicate_of=Match(first, "acme", "email"),
         contact_key=new_key(),
+        keys=match_keys(contact.email, contact.phone, company.name, company.region),
     )
     registration = Registration.register(
         "acme", verdict.lead, verdict.lead_id, "northwind|cn", at, 90, "acme-9"
