@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.bus.consumer import BatchConsumer
 from shared.bus.kafka import cluster_id, make_admin
+from shared.bus.loops import being_cancelled
 from shared.bus.relay import OutboxRelay
 from shared.bus.relay_process import RelayProcess
 from shared.contracts.common import NUL_MESSAGE
@@ -296,14 +297,16 @@ def scheduled(name: str, due: Callable[[], Sequence[Any]], every: float) -> Loop
 
 
 def periodic(name: str, work: Callable[[], Awaitable[Any]], every: float) -> Loop:
-    """Run `work` now and then every `every` seconds until stopped; a failure is logged and
-    tried again at the next tick."""
+    """Run `work` now and then every `every` seconds until stopped; a failure (a library's own
+    CancelledError included: shared.bus.loops) is logged and tried again at the next tick."""
 
     async def loop(stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
                 await work()
-            except Exception:
+            except (Exception, asyncio.CancelledError) as exc:
+                if isinstance(exc, asyncio.CancelledError) and being_cancelled():
+                    raise
                 log.exception("%s failed; trying again at the next tick", name)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), every)

@@ -35,7 +35,6 @@ from eventsourcing.persistence import DataError, IntegrityError, Tracking
 from pydantic import ValidationError
 
 from shared.bus.kafka import (
-    being_cancelled,
     cluster_id,
     ensure_core_topics,
     make_admin,
@@ -43,6 +42,7 @@ from shared.bus.kafka import (
     make_producer,
     stop_quietly,
 )
+from shared.bus.loops import retrying
 from shared.clock import Clock, SystemClock
 from shared.contracts.envelope import HEADER_RELAY_CLUSTER, Envelope
 from shared.contracts.partner import DeadLetter, FieldError
@@ -103,30 +103,11 @@ class BatchConsumer:
         self.behind = 0  # messages not yet handled on them, as last measured
 
     async def run(self, stop: asyncio.Event) -> None:
-        backoff = 0.2
-        while not stop.is_set():
-            try:
-                await self._consume(stop)
-                backoff = 0.2
-            except KeyboardInterrupt:
-                raise
-            except asyncio.CancelledError:
-                if being_cancelled():
-                    raise  # this consumer is being stopped
-                # A client library's own (aiokafka has had several): a failure like any other,
-                # not a reason to stop consuming for good while the service runs on.
-                self.errors += 1
-                log.exception("consumer %s: a CancelledError not ours; restarting in %.1fs",
-                              self.name, backoff)  # fmt: skip
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), backoff)
-                backoff = min(backoff * 2, 5.0)
-            except Exception:
-                self.errors += 1
-                log.exception("consumer %s failed; restarting in %.1fs", self.name, backoff)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), backoff)
-                backoff = min(backoff * 2, 5.0)
+        await retrying(lambda: self._consume(stop), stop, log, f"consumer {self.name}",
+                       "restarting", self._failed)  # fmt: skip
+
+    def _failed(self) -> None:
+        self.errors += 1
 
     async def _consume(self, stop: asyncio.Event) -> None:
         admin = make_admin(self.settings)

@@ -22,6 +22,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.protocol.metadata import MetadataRequest
 
+from shared.bus.loops import being_cancelled
 from shared.contracts.topics import CORE_TOPICS
 from shared.settings import Settings
 
@@ -118,13 +119,6 @@ def make_admin(settings: Settings) -> AIOKafkaAdminClient:
         request_timeout_ms=10000,
         **settings.kafka_security(),
     )
-
-
-def being_cancelled() -> bool:
-    """Whether the running task is being cancelled (`Task.cancel`), as opposed to meeting a
-    CancelledError that a library raised of its own (aiokafka has: see `stop_quietly`)."""
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
 
 
 async def stop_quietly(*clients: AIOKafkaConsumer | AIOKafkaProducer | AIOKafkaAdminClient | None

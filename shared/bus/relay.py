@@ -45,6 +45,7 @@ from shared.bus.kafka import (
     partition_for,
     stop_quietly,
 )
+from shared.bus.loops import retrying, sleep_or_stop
 from shared.contracts.envelope import HEADER_NOTIFICATION_ID, HEADER_RELAY_CLUSTER
 from shared.settings import Settings
 from shared.store.eventstore import EventStoreApp
@@ -110,25 +111,15 @@ class OutboxRelay:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Relay until `stop` is set; survive broker and database outages."""
-        backoff = 0.2
         try:
-            while not stop.is_set():
-                self.beat = time.monotonic()
-                try:
-                    await self._lead(stop)
-                    backoff = 0.2
-                except (asyncio.CancelledError, KeyboardInterrupt):
-                    raise
-                except Exception:
-                    log.exception("relay %s failed; retrying in %.1fs", self.name, backoff)
-                    await sleep_or_stop(stop, backoff)
-                    backoff = min(backoff * 2, 5.0)
+            await retrying(lambda: self._lead(stop), stop, log, f"relay {self.name}")
         finally:
             if self._reader is not None:
                 self._reader.shutdown(wait=False)
                 self._reader = None
 
     async def _lead(self, stop: asyncio.Event) -> None:
+        self.beat = time.monotonic()
         lock_key = zlib.crc32(f"dealstream-relay-{self.app.schema}-{self.name}".encode())
         # Bounded: a pool whose connections died with their server must not keep us waiting.
         async with self.pool.acquire(timeout=ACQUIRE_WITHIN) as conn:
@@ -345,8 +336,3 @@ async def send_batched(
         # same (their outcome retrieved, not left to the loop's "never retrieved" warning).
         outcomes = await asyncio.gather(*sent, return_exceptions=True)
     return [outcomes[b] for b in batch_of]
-
-
-async def sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)

@@ -30,7 +30,8 @@ from multiprocessing.process import BaseProcess
 from multiprocessing.sharedctypes import Synchronized
 from typing import Any
 
-from shared.bus.relay import OutboxRelay, Route, relay_lag, sleep_or_stop
+from shared.bus.loops import sleep_or_stop
+from shared.bus.relay import OutboxRelay, Route, relay_lag
 from shared.settings import Settings
 from shared.store.db import create_pool
 from shared.store.eventstore import EventStoreApp
