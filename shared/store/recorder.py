@@ -62,7 +62,8 @@ class BatchProcessRecorder(PostgresProcessRecorder):
             ids: Sequence[int] | None = []
             if stored_events:
                 self._insert_stored_events(curs, stored_events, **kwargs)
-                ids = self._fetch_ids_after_insert_events(curs, stored_events, **kwargs)
+                if kwargs.get("notification_ids", True):
+                    ids = self._fetch_ids_after_insert_events(curs, stored_events, **kwargs)
             # Also without events: a batch may change only the service's own rows (pipeline's
             # merges that wait for their customer's opportunity), with its position.
             side_writes: Sequence[SideWrite] = kwargs.get("side_writes", ())
@@ -79,17 +80,22 @@ class BatchProcessRecorder(PostgresProcessRecorder):
         psycopg dumps a composite row by row in Python (text, escaped with a regular expression:
         half the cost of a 500-lead batch measured here), an array of uuid, int, text or bytea
         in its C dumpers, in binary (`%b`: a text array's elements would each be quoted)."""
-        id_type = SQL(self.datastore.originator_id_type)
         return SQL(
-            "WITH stored AS (INSERT INTO {schema}.{table}"
-            " (originator_id, originator_version, topic, state)"
-            " SELECT * FROM unnest(%b::{id_type}[], %b::int8[], %b::text[], %b::bytea[])"
-            " RETURNING notification_id)"
+            "WITH stored AS ({insert} RETURNING notification_id)"
             " SELECT array_agg(notification_id ORDER BY notification_id) AS ids FROM stored"
+        ).format(insert=self._insert_only)
+
+    @cached_property
+    def _insert_only(self) -> Composed:
+        """The same insert, for a save that does not ask for the new notification ids
+        (`notification_ids=False`: the services' own saves, whose relays read the log)."""
+        return SQL(
+            "INSERT INTO {schema}.{table} (originator_id, originator_version, topic, state)"
+            " SELECT * FROM unnest(%b::{id_type}[], %b::int8[], %b::text[], %b::bytea[])"
         ).format(
             schema=Identifier(self.datastore.schema),
             table=Identifier(self.events_table_name),
-            id_type=id_type,
+            id_type=SQL(self.datastore.originator_id_type),
         )
 
     def _fetch_ids_after_insert_events(
@@ -103,7 +109,7 @@ class BatchProcessRecorder(PostgresProcessRecorder):
         return list(ids)
 
     def _insert_stored_events(
-        self, curs: Any, stored_events: Sequence[StoredEvent], **_: Any
+        self, curs: Any, stored_events: Sequence[StoredEvent], **kwargs: Any
     ) -> None:
         curs.execute(self._lock_and_notify, prepare=False)
         columns = (
@@ -112,4 +118,5 @@ class BatchProcessRecorder(PostgresProcessRecorder):
             [e.topic for e in stored_events],
             [e.state for e in stored_events],
         )
-        curs.execute(self._insert_columns, columns, binary=True)
+        insert = self._insert_columns if kwargs.get("notification_ids", True) else self._insert_only
+        curs.execute(insert, columns, binary=True)
