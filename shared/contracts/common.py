@@ -38,7 +38,34 @@ def _utc(value: datetime) -> datetime:
         raise ValueError("time is out of range") from None
 
 
-UtcTime = Annotated[datetime, AfterValidator(_utc), PlainSerializer(utc_iso, return_type=str)]
+def _utc_text(value: object) -> object:
+    """A time in the form every service writes (`utc_iso`: `2026-01-01T10:00:00Z`, or with one
+    to six digits of a second after a point), parsed by the standard library, which gives it
+    the UTC zone itself: a quarter of the time of pydantic's parse and `_utc`'s replacing of its
+    zone (1.5 µs a time, measured; a consumer reads several times in every event). The library
+    refuses any other character where this form has digits; any other text, and a time out of
+    range, goes pydantic's way (and gets its errors). A property test holds both ways equal."""
+    if (
+        type(value) is str
+        and value[-1:] == "Z"
+        and (len(value) == 20 or (22 <= len(value) <= 27 and value[19] == "."))
+        and value[10] == "T"
+        and value[4] == value[7] == "-"
+        and value[13] == value[16] == ":"
+    ):
+        try:
+            return datetime.fromisoformat(value)
+        except ValueError:
+            pass
+    return value
+
+
+UtcTime = Annotated[
+    datetime,
+    BeforeValidator(_utc_text),
+    AfterValidator(_utc),
+    PlainSerializer(utc_iso, return_type=str),
+]
 
 
 MAX_AMOUNT = Decimal(10) ** 15  # fits numeric(18, 2)

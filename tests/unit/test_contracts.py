@@ -5,11 +5,15 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Annotated
 
 import pytest
-from pydantic import ValidationError
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import AfterValidator, TypeAdapter, ValidationError
 
 from shared.contracts import Envelope, Money, PartnerLeadMessage, PartnerReply, event_id_for
+from shared.contracts.common import UtcTime, _utc
 from shared.contracts.topics import CORE_TOPICS, partner_replies
 from shared.settings import Rules
 
@@ -232,3 +236,43 @@ def test_fields_a_newer_producer_added_are_ignored_off_the_bus_and_refused_at_th
     broken = {**newer, "budget": 12.5}  # an unknown field does not hide a real error
     with pytest.raises(ValidationError, match="budget"):
         parse_event_data("LeadCaptured", broken, {FROM_BUS: True})
+
+
+# UtcTime as pydantic alone reads it: its parse, then the zone made UTC.
+_PYDANTIC_TIME = TypeAdapter(Annotated[datetime, AfterValidator(_utc)])
+_UTC_TIME = TypeAdapter(UtcTime)
+_TIME_CHARS = "0123456789-:.TtZz+ ,_\u0661\uff10"
+
+
+def _read(adapter: TypeAdapter[datetime], text: str) -> tuple[str, object]:
+    try:
+        value = adapter.validate_python(text)
+    except ValidationError:
+        return ("refused", None)
+    return ("read", (value, value.tzinfo is UTC))
+
+
+@st.composite
+def _time_texts(draw: st.DrawFn) -> str:
+    """A time as the services write it, with up to three characters changed, added or taken
+    away (a digit, a separator, a zone, a non-ASCII digit)."""
+    at = draw(st.datetimes(min_value=datetime(1, 1, 1), max_value=datetime(9999, 12, 31)))
+    spec = draw(st.sampled_from(["seconds", "milliseconds", "microseconds"]))
+    text = list(at.isoformat(timespec=spec) + "Z")
+    for _ in range(draw(st.integers(0, 3))):
+        where = draw(st.integers(0, len(text) - 1))
+        change = draw(st.sampled_from(["replace", "insert", "delete"]))
+        if change == "delete" and len(text) > 1:
+            del text[where]
+        else:
+            char = draw(st.sampled_from(_TIME_CHARS))
+            text[where : where + (change == "replace")] = [char]
+    return "".join(text)
+
+
+@settings(max_examples=3000)
+@given(st.one_of(_time_texts(), st.text(_TIME_CHARS, min_size=18, max_size=28)))
+def test_utc_times_read_by_the_standard_library_read_as_pydantic_reads_them(text: str) -> None:
+    """The fast path of UtcTime (`_utc_text`) reads every text as pydantic would: the same
+    time in UTC, or refused."""
+    assert _read(_UTC_TIME, text) == _read(_PYDANTIC_TIME, text)
