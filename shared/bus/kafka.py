@@ -105,6 +105,7 @@ def make_consumer(
         "enable_auto_commit": False,
         "auto_offset_reset": "earliest",
         "max_poll_records": settings.consumer_batch,
+        "fetch_max_wait_ms": settings.consumer_fetch_wait_ms,
         "session_timeout_ms": 10000,
         "heartbeat_interval_ms": 1000,
         **settings.kafka_security(),
