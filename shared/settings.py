@@ -191,10 +191,11 @@ class Settings(BaseSettings):
     # dev and tests, longer on a real cluster.
     consumer_session_timeout_ms: int = 10000
     # How long a broker may hold a fetch before answering (Kafka's fetch.max.wait.ms; aiokafka's
-    # default is 500). Kafka answers as soon as there is a record; Tansu at times holds a fetch
-    # for the whole wait with records there to be read (measured here: capture's consumer stood
-    # still for 0.35 s every 2,000 partner messages). Short, so such a wait stays short; an idle
-    # consumer then asks its broker 20 times a second instead of twice.
+    # default is 500). Kafka answers as soon as there is a record. Tansu answers a fetch that
+    # found nothing new only after the whole wait, records arriving meanwhile or not, and at
+    # times holds one with records there to be read (measured here: capture's consumer stood
+    # still for 0.35 s every 2,000 partner messages). Short, so such a wait stays short, at
+    # every hop of a lead; an idle consumer then asks its broker 20 times a second, not twice.
     consumer_fetch_wait_ms: int = Field(default=50, ge=1)
     log_level: str = "INFO"
     http_host: str = "127.0.0.1"
