@@ -96,6 +96,11 @@ def make_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
     return AIOKafkaProducer(**options)
 
 
+# A fetch's records, all partitions together, at most (aiokafka's default is 50 MiB): what a
+# consumer holds of a backlog at once.
+FETCH_MAX_BYTES = 16 << 20
+
+
 def make_consumer(
     settings: Settings, group_id: str, *topics: str, **overrides: Any
 ) -> AIOKafkaConsumer:
@@ -105,7 +110,8 @@ def make_consumer(
         "enable_auto_commit": False,
         "auto_offset_reset": "earliest",
         "max_poll_records": settings.consumer_batch,
-        "fetch_max_wait_ms": settings.consumer_fetch_wait_ms,
+        "max_partition_fetch_bytes": settings.consumer_partition_fetch_bytes,
+        "fetch_max_bytes": FETCH_MAX_BYTES,
         "session_timeout_ms": 10000,
         "heartbeat_interval_ms": 1000,
         **settings.kafka_security(),
