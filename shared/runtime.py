@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.bus.consumer import BatchConsumer
 from shared.bus.kafka import cluster_id, make_admin
-from shared.bus.loops import being_cancelled
+from shared.bus.loops import being_cancelled, sleep_or_stop
 from shared.bus.relay import OutboxRelay
 from shared.bus.relay_process import RelayProcess
 from shared.contracts.common import NUL_MESSAGE
@@ -308,7 +308,6 @@ def periodic(name: str, work: Callable[[], Awaitable[Any]], every: float) -> Loo
                 if isinstance(exc, asyncio.CancelledError) and being_cancelled():
                     raise
                 log.exception("%s failed; trying again at the next tick", name)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), every)
+            await sleep_or_stop(stop, every)
 
     return loop
