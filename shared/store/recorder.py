@@ -6,7 +6,8 @@ rows in the same transaction as the events (`side_writes`: statements with their
 Why: with pipeline mode, psycopg 3.3 hangs for good when one transaction carries a large batch
 (reproduced here: ~400 leads of 1 KB in one save never return; the server waits in ClientRead,
 the client in Pipeline.sync). The same statements, sent one after another in one transaction,
-commit at once. Tracking, table lock and notification ids are unchanged.
+commit at once. Tracking, the table lock and the order of notification ids are unchanged;
+the new ids are not read back (`insert_events`).
 
 Round trips are what a small save (one HTTP command) costs, most of them while it holds the
 table lock: the lock timeout, the lock and the NOTIFY go in one simple query, and a side write
