@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -190,6 +191,7 @@ async def main() -> int:
     latency: dict[str, Any] | None = None
     reports: dict[str, Any] | None = None
     audit: dict[str, Any] | None = None
+    finished = False
     try:
         for name, bench in benches.items():
             if not chosen or name in chosen:
@@ -208,8 +210,15 @@ async def main() -> int:
         if not chosen or "memory" in chosen:
             print("memory ...", flush=True)
             memory = await bench_memory(data_dir)
+        finished = True
     finally:
         await asyncio.to_thread(stack.stop)
+        # The databases of a run take gigabytes: gone after a run, kept (logs and all) after a
+        # failure, to be looked at.
+        if finished:
+            await asyncio.to_thread(shutil.rmtree, data_dir, True)
+        else:
+            print(f"kept {data_dir} (the run failed)", file=sys.stderr)
     for row in rows:
         row["ratio"] = row["ours"] / row["baseline"]
     width = max((len(r["name"]) for r in rows), default=10)

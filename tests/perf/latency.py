@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -23,6 +24,7 @@ async def main(rate: float, seconds: float) -> int:
         latency = await bench_command_latency(stack.child_settings(), rate, seconds)
     finally:
         await asyncio.to_thread(stack.stop)
+    await asyncio.to_thread(shutil.rmtree, data_dir, True)  # kept when the run failed
     print(json.dumps(latency, indent=2))
     print(
         f"\n{latency['name']}: p50 {latency['p50_ms']:.1f} ms, p99 {latency['p99_ms']:.1f} ms"
