@@ -50,6 +50,9 @@ _STATE_DDL = """
     competitor text,
     received numeric(18, 2) NOT NULL
 """
+# The bounds of the span classes of `opportunity_history` (migration 10; fixed once applied):
+# class i < len holds versions valid for under SPAN_HOURS[i] hours, the last class the longer.
+SPAN_HOURS = tuple(2**i for i in range(16))
 MIGRATIONS: list[Migration] = [
     BUS_TABLES,
     READ_MODEL_TABLES,
@@ -190,12 +193,41 @@ MIGRATIONS: list[Migration] = [
         DROP INDEX IF EXISTS stage_stay_left;
         """,
     ),
+    (
+        10,
+        f"""
+        -- A version valid at a moment t began less than its span before t. The versions are
+        -- classed by span (`SPAN_HOURS`), and as_of reads each class only from t minus that
+        -- class's bound: about twice the rows it needs, not every version that began before t.
+        ALTER TABLE opportunity_history ADD COLUMN span_class smallint GENERATED ALWAYS AS
+            (width_bucket(extract(epoch FROM valid_to - valid_from),
+                          ARRAY[{", ".join(str(3600 * h) for h in SPAN_HOURS)}]::numeric[])) STORED;
+        CREATE INDEX opportunity_history_span ON opportunity_history (span_class, valid_from)
+            INCLUDE (valid_to, status, stage, currency, amount, probability);
+        DROP INDEX IF EXISTS opportunity_history_as_of;
+        DROP INDEX IF EXISTS opportunity_history_valid_to;
+        -- The current versions as known at t: the open ones (a funnel) without the others.
+        DROP INDEX IF EXISTS opportunity_now_as_of;
+        CREATE INDEX opportunity_now_as_of ON opportunity_now (status, valid_from)
+            INCLUDE (stage, currency, amount, probability);
+        -- Stays of a period in stage order from the index alone (a skip scan over the few
+        -- stages): cycle time's percentiles need no sort by stage. One index instead of two.
+        DROP INDEX IF EXISTS stage_stay_period;
+        DROP INDEX IF EXISTS stage_stay_stage;
+        CREATE INDEX stage_stay_stage ON stage_stay (stage, left_at)
+            INCLUDE (days, opportunity_id);
+        """,
+    ),
 ]
 FUNNEL_KEY = ("status", "stage", "currency", "owner", "team", "region", "source", "partner_id",
               "tier")  # fmt: skip
 
 # Reports sort and aggregate tens of thousands of rows (percentiles, groupings): in memory.
-POOL_SETTINGS = {"work_mem": "64MB"}
+# Without parallel workers: a report reads a few tens of thousands of rows, and reports run
+# side by side (forecast's three reads, concurrent callers) on the database's few cores, where
+# starting workers cost more than they saved. Measured on 100,000 opportunities, p95 of 60
+# requests, two runs: forecast 27-29 vs 46-51 ms, fresh 19-23 vs 29, funnel as_of 26-27 vs 30-39.
+POOL_SETTINGS = {"work_mem": "64MB", "max_parallel_workers_per_gather": "0"}
 REGISTRATION_EVENTS = {"PartnerRegistered", "RegistrationConflicted", "RegistrationExpired"}
 
 

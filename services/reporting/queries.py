@@ -15,7 +15,7 @@ from typing import Any
 import asyncpg
 
 from services.reporting.domain import at_midnight, fresh_window, month_start
-from services.reporting.projection import STATE_COLUMNS
+from services.reporting.projection import SPAN_HOURS, STATE_COLUMNS
 from shared.settings import STAGES, Rules
 
 GROUPS = {"owner": "owner", "team": "team", "region": "region", "source": "source",
@@ -54,11 +54,14 @@ class Query:
             base = f"SELECT {cols} FROM opportunity_now"
         else:
             t = self.arg(f.as_of)
-            base = (
-                f"SELECT {cols} FROM opportunity_now WHERE valid_from <= {t} UNION ALL"
-                f" SELECT {cols} FROM opportunity_history"
-                f" WHERE valid_from <= {t} AND valid_to > {t}"
-            )
+            # The versions valid at t, class by class of their span (see SPAN_HOURS): a class
+            # began less than its bound before t, the last class at any time.
+            began = [f" AND valid_from > {t} - interval '{h} hours'" for h in SPAN_HOURS] + [""]
+            base = " UNION ALL ".join([
+                f"SELECT {cols} FROM opportunity_now WHERE valid_from <= {t}",
+                *(f"SELECT {cols} FROM opportunity_history WHERE span_class = {c}{after}"
+                  f" AND valid_from <= {t} AND valid_to > {t}" for c, after in enumerate(began)),
+            ])  # fmt: skip
         where = " AND ".join(self.filters(f)) or "TRUE"
         return f"(SELECT * FROM ({base}) s WHERE {where}) o"
 

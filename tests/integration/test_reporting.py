@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import random
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -18,7 +19,9 @@ import httpx
 import pytest
 
 from services.reporting.api import create_api
-from services.reporting.projection import MIGRATIONS, project
+from services.reporting.domain import State
+from services.reporting.projection import MIGRATIONS, SPAN_HOURS, STATE_COLUMNS, project
+from services.reporting.queries import Filters, Query
 from shared.auth import Principal, Role, issue_token
 from shared.bus.consumer import apply_read_model
 from shared.clock import FixedClock
@@ -209,6 +212,44 @@ async def test_csv_carries_the_same_rows_and_periods_compare(reports: Any) -> No
     assert [s["total"]["won"] for s in months["series"]] == [
         scenario.win_rate(at(f"{m:02d}-01", 0), at(f"{m + 1:02d}-01", 0))["won"] for m in (1, 2, 3)
     ]
+
+
+async def test_as_known_at_a_moment_each_span_class_yields_exactly_the_versions_valid_then(
+    settings: Settings, schema: str, open_pool: Any
+) -> None:
+    """As-of reports read old versions class by class of their span, each class only from the
+    moment minus its bound: the same versions as the plain test of validity, at the bounds of
+    every class (a microsecond either side), for spans of a microsecond to twenty years."""
+    pool = await open_pool(schema, MIGRATIONS)
+    rng = random.Random(11)
+    tick = timedelta(microseconds=1)
+    spans = [tick, timedelta(days=7300), *(rng.uniform(0, 9e4) * timedelta(hours=1)
+                                           for _ in range(200))]  # fmt: skip
+    for hours in SPAN_HOURS:
+        spans += [timedelta(hours=hours) + d for d in (-tick, 0 * tick, tick)]
+    base = datetime(2026, 1, 1, tzinfo=UTC)
+    rows, moments = [], {base}
+    for n, span in enumerate(spans):
+        began = base + rng.uniform(-400, 400) * timedelta(days=1)
+        state = State(uuid.UUID(int=n), 1, began, (uuid.UUID(int=n),), "Co", "web_form", None,
+                      None, None, None, None, "normal", "open", "A", 10, "CNY", None, None, began,
+                      began, "A", None, None, None, None, None, None, Decimal(0))  # fmt: skip
+        rows.append((*state, began + span))
+        moments |= {began - tick, began, began + span - tick, began + span}
+    await pool.copy_records_to_table(
+        "opportunity_history", records=rows, columns=[*STATE_COLUMNS, "valid_to"]
+    )
+    classes = await pool.fetchval("SELECT count(DISTINCT span_class) FROM opportunity_history")
+    assert classes == len(SPAN_HOURS) + 1
+    for moment in sorted(moments):
+        q = Query()
+        snapshot = q.snapshot(Filters(as_of=moment))
+        found = await pool.fetch(f"SELECT o.opportunity_id FROM {snapshot}", *q.args)
+        valid = await pool.fetch(
+            "SELECT opportunity_id FROM opportunity_history WHERE valid_from <= $1"
+            " AND valid_to > $1", moment,
+        )  # fmt: skip
+        assert sorted(r[0] for r in found) == sorted(r[0] for r in valid), moment
 
 
 async def tables(pool: asyncpg.Pool) -> dict[str, list[Any]]:
