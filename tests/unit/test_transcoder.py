@@ -3,6 +3,7 @@ writes reads back the same with either, and what it reads equals the library's r
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -12,7 +13,7 @@ from eventsourcing.persistence import DatetimeAsISO, DecimalAsStr, JSONTranscode
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shared.store.transcoder import OrjsonTranscoder
+from shared.store.transcoder import OrjsonTranscoder, long_number
 
 
 def _registered(transcoder: JSONTranscoder) -> JSONTranscoder:
@@ -68,3 +69,23 @@ def test_an_event_state_revives_its_types() -> None:
         "correlation_id": "req-1",
     }
     assert OURS.decode(LIBRARY.encode(state)) == state  # 2**70: orjson refuses, json reads it
+
+
+# Runs of digits around 19 long, between the bytes that sit next to numbers in JSON (and any).
+_CHUNKS = (
+    (st.integers(1, 22) | st.sampled_from([18, 19, 20]))
+    .flatmap(lambda n: st.text("0123456789", min_size=n, max_size=n))
+    .map(str.encode)
+    | st.sampled_from([b'"', b"-", b".", b"e", b":", b"\x00", b"\xff"])
+    | st.binary(max_size=6)
+)  # fmt: skip
+
+
+@given(st.lists(_CHUNKS, max_size=8).map(b"".join))
+def test_long_number_finds_what_the_regular_expression_finds(data: bytes) -> None:
+    assert long_number(data) == bool(re.search(rb"[0-9]{19}", data))
+
+
+def test_long_number_at_the_edges() -> None:
+    assert long_number(b"1" * 19) and long_number(b'{"n":12345678901234567890}')
+    assert not long_number(b"9" * 18) and not long_number(b"123456789-123456789-1234")
