@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from services.reporting.api import create_api
 from services.reporting.bus import opportunity_events
-from services.reporting.projection import MIGRATIONS, POOL_SETTINGS, SCHEMA
+from services.reporting.projection import MIGRATIONS, SCHEMA, SERVICE_POOL_SETTINGS
 from shared.logs import setup_logging
 from shared.runtime import Readiness, open_schema, run_service, serve
 from shared.settings import Settings
@@ -14,7 +14,7 @@ from shared.tracing import setup_tracing
 async def main(settings: Settings) -> None:
     setup_logging("reporting", settings.log_level)
     setup_tracing("reporting", settings.otel)
-    pool = await open_schema(settings, SCHEMA, MIGRATIONS, server=POOL_SETTINGS)
+    pool = await open_schema(settings, SCHEMA, MIGRATIONS, server=SERVICE_POOL_SETTINGS)
     events = opportunity_events(pool, settings)
     readiness = Readiness(settings, pool, [events])
     api = create_api(settings, pool, lambda: readiness)

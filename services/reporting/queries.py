@@ -53,7 +53,7 @@ class Query:
         if f.as_of is None:
             base = f"SELECT {cols} FROM opportunity_now"
         else:
-            t = self.arg(f.as_of)
+            t = f"{self.arg(f.as_of)}::timestamptz"
             # The versions valid at t, class by class of their span (see SPAN_HOURS): a class
             # began less than its bound before t, the last class at any time.
             began = [f" AND valid_from > {t} - interval '{h} hours'" for h in SPAN_HOURS] + [""]

@@ -202,3 +202,23 @@ async def test_an_empty_store_rebuilds_to_empty_tables_again_and_again(
         assert await indexes(rebuilt) == await indexes(live_pool)
     finally:
         app.close()
+
+
+async def test_a_rebuild_under_way_across_migration_10_does_not_make_the_dropped_indexes_again(
+    schema: str, open_pool: Any
+) -> None:
+    """A rebuild set its indexes aside before the upgrade; migration 10 ran on its schema at
+    the resume. At the end it makes again only what that schema still has: the new indexes."""
+    before = await open_pool(schema, [m for m in MIGRATIONS if m[0] < 10])
+    async with before.acquire() as conn:
+        await bulk.set_indexes_aside(conn)
+    await before.close()
+    after = await open_pool(schema, MIGRATIONS)  # the resumed rebuild's migration 10
+    async with after.acquire() as conn:
+        for statement in await bulk.indexes_set_aside(conn):
+            await conn.execute(statement)
+        names = {r["indexname"] for r in await conn.fetch(
+            "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema()")}  # fmt: skip
+    assert {"opportunity_history_span", "stage_stay_stage", "opportunity_now_opened"} <= names
+    assert not names & {"opportunity_history_as_of", "opportunity_history_valid_to",
+                        "stage_stay_period"}  # fmt: skip

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import random
+import re
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -250,6 +251,15 @@ async def test_as_known_at_a_moment_each_span_class_yields_exactly_the_versions_
             " AND valid_to > $1", moment,
         )  # fmt: skip
         assert sorted(r[0] for r in found) == sorted(r[0] for r in valid), moment
+
+
+def test_the_span_bounds_read_are_the_ones_migration_10_wrote() -> None:
+    """A database keeps the classes its migration made: the bounds the query reads by must
+    stay those."""
+    step = next(text for number, text in MIGRATIONS if number == 10)
+    written = re.search(r"ARRAY\[([\d,\s]+)\]::numeric", step)
+    assert written is not None
+    assert [int(n) for n in written[1].split(",")] == [3600 * h for h in SPAN_HOURS]
 
 
 async def tables(pool: asyncpg.Pool) -> dict[str, list[Any]]:

@@ -17,7 +17,7 @@ from aiokafka.structs import TopicPartition
 
 from services.reporting.api import create_api
 from services.reporting.bus import opportunity_events
-from services.reporting.projection import MIGRATIONS, POOL_SETTINGS, project
+from services.reporting.projection import MIGRATIONS, SERVICE_POOL_SETTINGS, project
 from shared.auth import Principal, Role, issue_token
 from shared.bus.consumer import BatchConsumer, Record, apply_read_model
 from shared.bus.envelopes import decode_records
@@ -201,7 +201,9 @@ async def bench_reporting_consumer(stack: DevStack) -> dict[str, Any]:
 
 async def bench_report_latency(settings: Settings) -> dict[str, Any]:
     """p95 of each report route over a loaded read model (100,000 opportunities)."""
-    pool = await open_schema(settings, "bench_reporting_loaded", MIGRATIONS, server=POOL_SETTINGS)
+    pool = await open_schema(
+        settings, "bench_reporting_loaded", MIGRATIONS, server=SERVICE_POOL_SETTINGS
+    )
     loaded = 0
     started = time.perf_counter()
     for first in range(0, LOADED_OPPORTUNITIES, 5000):
