@@ -27,7 +27,7 @@ from shared.contracts.envelope import (
     event_id_text,
 )
 from shared.contracts.events import EVENT_TYPES, schema_version_of
-from shared.store.transcoder import long_number
+from shared.store.transcoder import read_plain
 
 
 def envelope_of(event: DomainEventProtocol[uuid.UUID]) -> Envelope:
@@ -138,12 +138,9 @@ def stored_state(notification: Notification) -> dict[str, Any] | None:
     store's transcoder reads it as written: an integer beyond 64 bits, JSON that orjson refuses,
     or an object it revives from `{"_type_": ..., "_data_": ...}` besides the event's time (a
     count of the bytes, so a text that merely reads `_type_` goes the general way too)."""
-    if long_number(notification.state) or notification.state.count(b'"_type_"') > 1:
+    if notification.state.count(b'"_type_"') > 1:
         return None
-    try:
-        state = orjson.loads(notification.state)
-    except orjson.JSONDecodeError:
-        return None
+    state = read_plain(notification.state)
     return state if isinstance(state, dict) else None
 
 

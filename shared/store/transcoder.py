@@ -67,13 +67,8 @@ class OrjsonTranscoder(JSONTranscoder):
         return plain
 
     def decode(self, data: bytes) -> Any:
-        if long_number(data):  # orjson would read an integer beyond 64 bits as a float
-            return super().decode(data)
-        try:
-            parsed = orjson.loads(data)
-        except orjson.JSONDecodeError:  # what orjson refuses and `json` reads (NaN, say)
-            return super().decode(data)
-        return self._revive(parsed)
+        parsed = read_plain(data)
+        return super().decode(data) if parsed is NOT_PLAIN else self._revive(parsed)
 
     def _revive(self, value: Any) -> Any:
         if type(value) is dict:
@@ -87,6 +82,20 @@ class OrjsonTranscoder(JSONTranscoder):
                 for item in value
             ]
         return value
+
+
+NOT_PLAIN = object()
+
+
+def read_plain(data: bytes) -> Any:
+    """orjson's reading of stored JSON, or NOT_PLAIN where only `json` reads it as written: an
+    integer beyond 64 bits (orjson would read a float), or what orjson refuses (NaN, say)."""
+    if long_number(data):
+        return NOT_PLAIN
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return NOT_PLAIN
 
 
 def long_number(data: bytes) -> bool:
