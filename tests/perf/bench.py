@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import platform
-import shutil
 import sys
 import tempfile
 import time
@@ -38,6 +37,7 @@ from tests.perf.notify_bench import bench_reminders
 from tests.perf.operations_bench import bench_operations
 from tests.perf.pipeline_bench import bench_command_latency, bench_opening
 from tests.perf.reporting_bench import bench_report_latency, bench_reporting_consumer
+from tests.perf.runs import remove_databases
 from tests.perf.scale_bench import bench_memory, bench_scale_out
 
 N = 5000
@@ -213,12 +213,10 @@ async def main() -> int:
         finished = True
     finally:
         await asyncio.to_thread(stack.stop)
-        # The databases of a run take gigabytes: gone after a run, kept (logs and all) after a
-        # failure, to be looked at.
+        # A run's databases take gigabytes: gone after it, kept after a failure; the logs stay.
         if finished:
-            await asyncio.to_thread(shutil.rmtree, data_dir, True)
-        else:
-            print(f"kept {data_dir} (the run failed)", file=sys.stderr)
+            await asyncio.to_thread(remove_databases, data_dir)
+        print(f"logs{'' if finished else ' and databases'} in {data_dir}", file=sys.stderr)
     for row in rows:
         row["ratio"] = row["ours"] / row["baseline"]
     width = max((len(r["name"]) for r in rows), default=10)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 from shared.devstack import DevStack, free_port
 from shared.settings import Settings
 from tests.perf.pipeline_bench import bench_command_latency
+from tests.perf.runs import remove_databases
 
 
 async def main(rate: float, seconds: float) -> int:
@@ -24,7 +24,7 @@ async def main(rate: float, seconds: float) -> int:
         latency = await bench_command_latency(stack.child_settings(), rate, seconds)
     finally:
         await asyncio.to_thread(stack.stop)
-    await asyncio.to_thread(shutil.rmtree, data_dir, True)  # kept when the run failed
+    await asyncio.to_thread(remove_databases, data_dir)  # kept when the run failed; logs stay
     print(json.dumps(latency, indent=2))
     print(
         f"\n{latency['name']}: p50 {latency['p50_ms']:.1f} ms, p99 {latency['p99_ms']:.1f} ms"

@@ -7,8 +7,10 @@ the machine's swings that a 2 s run of ours meets or misses."""
 from __future__ import annotations
 
 import os
+import shutil
 import statistics
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 RUNS = max(1, int(os.environ.get("BENCH_RUNS", "3")))
@@ -23,3 +25,11 @@ async def median_of(run: Callable[[int], Awaitable[float]], runs: int = RUNS) ->
     """`run(n)` for n = 1..runs: the median rate, and every run's."""
     rates = [await run(n) for n in range(1, runs + 1)]
     return {"ours": statistics.median(rates), "ours_runs": [round(r, 1) for r in rates]}
+
+
+def remove_databases(root: Path) -> None:
+    """The PostgreSQL data directories a run made under `root` (gigabytes) removed; the logs,
+    small, stay for a look at what the run did."""
+    for marker in list(root.rglob("PG_VERSION")):
+        if marker.parent.exists() and (marker.parent / "global").is_dir():  # a cluster, not a db
+            shutil.rmtree(marker.parent, ignore_errors=True)
