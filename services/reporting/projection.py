@@ -229,15 +229,6 @@ MIGRATIONS: list[Migration] = [
         DROP INDEX IF EXISTS stage_stay_stage;
         CREATE INDEX stage_stay_stage ON stage_stay (stage, left_at)
             INCLUDE (days, opportunity_id);
-        -- A rebuild under way (`replay`) must not make the dropped indexes again at its end.
-        DO $$ BEGIN
-            IF to_regclass('replay_index') IS NOT NULL THEN
-                DELETE FROM replay_index WHERE name IN ('opportunity_history_as_of',
-                    'opportunity_history_valid_to', 'opportunity_now_as_of',
-                    'opportunity_now_opened', 'opportunity_now_won', 'stage_stay_period',
-                    'stage_stay_stage');
-            END IF;
-        END $$;
         """,
     ),
 ]

@@ -250,6 +250,25 @@ def sources(
     ]
 
 
+async def open_rebuild(settings: Settings, schema: str) -> asyncpg.Pool:
+    """The rebuild's schema, migrated. A rebuild under way that newer code resumes first makes
+    again the indexes it set aside (`bulk.set_indexes_aside`), so that a new step dropping or
+    replacing one finds it: a set-aside definition is of the schema it was taken from. The
+    rebuild then goes on with them in place: slower, and right."""
+    conn = await asyncpg.connect(settings.dsn(), server_settings={"search_path": schema})
+    try:
+        if await conn.fetchval("SELECT to_regclass('replay_index')") is not None and (
+            await conn.fetchval("SELECT max(version) FROM schema_version")
+            < max(version for version, _ in MIGRATIONS)
+        ):
+            for statement in await bulk.indexes_set_aside(conn):
+                await conn.execute(statement)
+            await conn.execute("DROP TABLE replay_index")
+    finally:
+        await conn.close()
+    return await open_schema(settings, schema, MIGRATIONS, server=POOL_SETTINGS)
+
+
 async def replay(
     settings: Settings,
     verify: bool,
@@ -259,7 +278,7 @@ async def replay(
 ) -> dict[str, Any]:
     """`dealstream replay reporting [--verify]`."""
     fresh = f"{live}_replay"
-    pool = await open_schema(settings, fresh, MIGRATIONS, server=POOL_SETTINGS)
+    pool = await open_rebuild(settings, fresh)
     stores = stores if stores is not None else sources(settings)
     try:
         total = 0
