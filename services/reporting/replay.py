@@ -22,6 +22,7 @@ from shared.bus.envelopes import envelope_of
 from shared.contracts.envelope import Envelope
 from shared.runtime import open_schema
 from shared.settings import Settings
+from shared.store.db import create_pool
 from shared.store.eventstore import EventStoreApp
 
 # The read models a rebuild is compared on, by their keys.
@@ -255,17 +256,18 @@ async def open_rebuild(settings: Settings, schema: str) -> asyncpg.Pool:
     again the indexes it set aside (`bulk.set_indexes_aside`), so that a new step dropping or
     replacing one finds it: a set-aside definition is of the schema it was taken from. The
     rebuild then goes on with them in place: slower, and right."""
-    conn = await asyncpg.connect(settings.dsn(), server_settings={"search_path": schema})
+    before = await create_pool(settings.dsn(), schema, max_size=1)
     try:
-        if await conn.fetchval("SELECT to_regclass('replay_index')") is not None and (
-            await conn.fetchval("SELECT max(version) FROM schema_version")
-            < max(version for version, _ in MIGRATIONS)
-        ):
-            for statement in await bulk.indexes_set_aside(conn):
-                await conn.execute(statement)
-            await conn.execute("DROP TABLE replay_index")
+        async with before.acquire() as conn:
+            if await conn.fetchval("SELECT to_regclass('replay_index')") is not None and (
+                await conn.fetchval("SELECT max(version) FROM schema_version")
+                < max(version for version, _ in MIGRATIONS)
+            ):
+                for statement in await bulk.indexes_set_aside(conn):
+                    await conn.execute(statement)
+                await conn.execute("DROP TABLE replay_index")
     finally:
-        await conn.close()
+        await before.close()
     return await open_schema(settings, schema, MIGRATIONS, server=POOL_SETTINGS)
 
 
