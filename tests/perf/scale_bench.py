@@ -54,6 +54,7 @@ from tests.perf.e2e_bench import (
     infrastructure,
     latency_ms,
     launch,
+    looking,
     peak_rss_mib,
 )
 from tests.support import metric_sum
@@ -89,7 +90,7 @@ async def started(root: Path, name: str, replicas: int) -> tuple[DevStack, Servi
     logs = stack.settings.data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     services, leads = await launch(stack, logs, dict.fromkeys(SCALED, replicas))
-    db = await asyncpg.connect(stack.database_url)
+    db = await looking(stack)
     try:
         warm = Tracker(db, SAMPLE_LOAD, POLL_SLOW, COUNT_EVERY)
         await drive_partners(stack, leads, warm, *WARM_UP, WINDOW)
@@ -110,7 +111,7 @@ async def burst(root: Path, replicas: int, sustained: float) -> dict[str, Any]:
         rate = BURST_FACTOR * sustained
         leads.make_ahead(round(rate * BURST_SECONDS))
         errors_before = errors_counted(services)
-        db = await asyncpg.connect(stack.database_url)
+        db = await looking(stack)
         try:
             tracker = Tracker(db, SAMPLE_LOAD, POLL_SLOW, COUNT_EVERY)
             roots = {name: p.pid for name, p in services.processes.items()}
