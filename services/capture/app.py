@@ -216,13 +216,16 @@ class CaptureApp(EventStoreApp):
         stored = {self.stored_key(k): k for k in keys}
         keys = list(stored)
         rows = self.query(
-            # Joined on (rule, key) so the primary key's index serves it: a batch's lookups cost
-            # the same however many leads are known.
+            # A probe of the primary key's index per key (LIMIT keeps the lateral subquery a
+            # probe): a batch's lookups cost the same however many leads are known. As a join,
+            # it was planned as a hash join over the whole table (29-32 ms a batch of 500 at
+            # 45,000 keys, growing with the table; 8.5 at 15,000).
             SQL(
-                "SELECT DISTINCT ON (k.rule, k.key) k.rule, k.key, k.lead_id, k.partner_id"
-                " FROM {} k JOIN unnest(%s::text[], %s::text[]) AS wanted(rule, key)"
-                " ON k.rule = wanted.rule AND k.key = wanted.key"
-                " ORDER BY k.rule, k.key, k.captured_at, k.lead_id"
+                "SELECT k.rule, k.key, k.lead_id, k.partner_id"
+                " FROM unnest(%s::text[], %s::text[]) AS wanted(rule, key)"
+                " CROSS JOIN LATERAL (SELECT * FROM {} x"
+                " WHERE x.rule = wanted.rule AND x.key = wanted.key"
+                " ORDER BY x.captured_at, x.lead_id LIMIT 1) k"
             ).format(self.table("lead_key")),
             [[rule for rule, _ in keys], [key for _, key in keys]],
         )
