@@ -49,15 +49,6 @@ async def create_pool(
         server_settings={
             "search_path": f"{schema},public",
             "application_name": f"dealstream-{schema}",
-            # asyncpg prepares every statement, and after five runs PostgreSQL may keep one
-            # plan for all values. Made while a table is new and still small (its statistics
-            # wait for autovacuum's next round, a minute away), that plan is a sequential scan,
-            # kept as the table grows: `WHERE opportunity_id = ANY($1)` over 27,000 rows read
-            # them all, batch after batch (reporting's projection, the first minute of the
-            # end-to-end bench: 7 ms a batch instead of well under one). Planned for the values
-            # each time, the lookups stay index lookups; planning a batch's few statements costs
-            # far less.
-            "plan_cache_mode": "force_custom_plan",
             **(server or {}),
         },
     )

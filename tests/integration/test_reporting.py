@@ -285,6 +285,10 @@ async def test_twice_out_of_order_and_after_a_restart_the_tables_are_the_same(
     await feed(straight, played.envelopes, batch=500)
     expected = await tables(straight)
     assert len(expected["opportunity_now"]) == len(scenario.DEALS)
+    # Every registration, the conflict and the expiries landed (each kind one statement a batch).
+    assert len(expected["registration"]) == len(scenario.REGISTRATIONS)
+    assert len(expected["registration_conflict"]) == 1
+    assert await straight.fetchval("SELECT count(*) FROM registration WHERE expired_at IS NOT NULL")
 
     # Twice, with streams interleaved differently (each stream's own order kept, as Kafka keeps
     # it per partition), in batches of every size.
