@@ -124,9 +124,10 @@ class EventStoreApp(Application[uuid.UUID]):
         self, statement: Composable | str, params: Sequence[Any] = ()
     ) -> list[dict[str, Any]]:
         """Read the service's own tables through the store's connection pool. Planned for its
-        values each time, never prepared: psycopg prepares a statement run five times, and a
-        plan kept from a table's first, small minutes can scan it whole ever after (see
-        shared.store.db.create_pool)."""
+        values each time, never prepared: psycopg prepares a statement from its sixth run, and
+        PostgreSQL may then keep one plan for all values. A plan made in a table's first, small
+        minutes can scan it whole until autovacuum next analyzes it (see reporting's
+        projection, where that was measured). A precaution here: not measured on its own."""
         datastore: Any = getattr(self.recorder, "datastore")  # noqa: B009
         with datastore.transaction(commit=False) as cursor:
             cursor.execute(statement, params, prepare=False)

@@ -96,10 +96,10 @@ DONE_COUNT = (
 
 
 async def looking(stack: DevStack) -> asyncpg.Connection:
-    """The bench's own connection for its looks at the stack. Planned for each look's ids, as the
-    services' pools are (shared.store.db.create_pool): a plan kept from the first looks, at a
-    table still small, reads the whole table at every look later, and takes the database's
-    time from the system measured."""
+    """The bench's own connection for its looks at the stack, planned for each look's ids: a
+    plan kept from the first looks, at a table still small, reads the whole table at every look
+    until autovacuum analyzes it (the first minute or more of a fresh stack), and takes the
+    database's time from the system measured (6.1 s in a 40 s window, 0.2 s planned so)."""
     return await asyncpg.connect(
         stack.database_url, server_settings={"plan_cache_mode": "force_custom_plan"}
     )

@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 
 from shared.devstack import DevStack
@@ -192,7 +191,7 @@ async def bench_memory(root: Path) -> dict[str, Any]:
     began = time.perf_counter()
     try:
         roots = {name: p.pid for name, p in services.processes.items()}
-        db = await asyncpg.connect(stack.database_url)
+        db = await looking(stack)
         try:
             stored = await db.fetchval(STORED_EVENTS)
             while stored < MEMORY_EVENTS:
