@@ -108,10 +108,19 @@ MIGRATIONS: list[Migration] = [
 ]
 
 PICTURE_COLUMNS = [f.name for f in fields(Picture)]
+# Each column's type, for a batch's changed pictures as one statement of arrays (executemany
+# ran one statement per picture on the server).
+PICTURE_TYPES = {
+    "opportunity_id": "uuid", "title": "text", "company": "text", "stage": "text",
+    "status": "text", "owner": "text", "team": "text", "tier": "text", "expected_close": "date",
+    "clock_started_at": "timestamptz", "clock_event": "uuid", "next_follow_up_at": "timestamptz",
+    "last_activity_at": "timestamptz", "last_activity_event": "uuid", "opened_event": "uuid",
+}  # fmt: skip
+assert list(PICTURE_TYPES) == PICTURE_COLUMNS, "a type for every column of the picture, in order"
 _UPSERT_PICTURE = (
-    f"INSERT INTO opportunity_picture ({', '.join(PICTURE_COLUMNS)}) VALUES "
-    f"({', '.join(f'${n}' for n in range(1, len(PICTURE_COLUMNS) + 1))})"
-    " ON CONFLICT (opportunity_id) DO UPDATE SET "
+    f"INSERT INTO opportunity_picture ({', '.join(PICTURE_COLUMNS)}) SELECT * FROM unnest("
+    + ", ".join(f"${n}::{t}[]" for n, t in enumerate(PICTURE_TYPES.values(), 1))
+    + ") ON CONFLICT (opportunity_id) DO UPDATE SET "
     + ", ".join(f"{c} = EXCLUDED.{c}" for c in PICTURE_COLUMNS[1:])
 )
 
@@ -143,9 +152,10 @@ def timer_projector(rules: Rules) -> Projector:
         changed = [p for key, p in pictures.items() if before.get(key) != p]
         if not changed:
             return
-        # A shallow tuple: dataclasses.astuple deep-copies every field.
-        rows = [tuple(getattr(p, c) for c in PICTURE_COLUMNS) for p in changed]
-        await conn.executemany(_UPSERT_PICTURE, rows)
+        # Columns of shallow values (dataclasses.astuple deep-copies every field); each
+        # opportunity once, as ON CONFLICT DO UPDATE needs.
+        columns = [[getattr(p, c) for p in changed] for c in PICTURE_COLUMNS]
+        await conn.execute(_UPSERT_PICTURE, *columns)
         await set_timers(conn, changed, rules)
 
     return project
