@@ -258,13 +258,6 @@ async def project(conn: asyncpg.Connection, envelopes: Sequence[Envelope]) -> No
 
 async def _project_opportunities(conn: asyncpg.Connection, envelopes: Sequence[Envelope]) -> None:
     ids = list({e.stream_id for e in envelopes})
-    # This transaction's statements planned for their values. asyncpg prepares every statement,
-    # and after five runs PostgreSQL may keep one plan for all values; made while
-    # opportunity_now is new and small (its statistics wait for autovacuum, up to a minute
-    # away), that plan is a sequential scan, kept until the statistics are next updated. In the
-    # end-to-end bench's first minute the lookup below read the whole table at every batch:
-    # 7.3 ms for ~37 opportunities, 12.3 M rows read in 40 s. (Reports keep their plans.)
-    await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
     rows = await conn.fetch(
         f"SELECT {', '.join(STATE_COLUMNS)} FROM opportunity_now"
         " WHERE opportunity_id = ANY($1::uuid[])",

@@ -433,6 +433,16 @@ async def _apply_once(
 ) -> list[Envelope]:
     stream_ids = list({e.stream_id for e in envelopes})
     async with pool.acquire() as conn, conn.transaction():
+        # The batch's statements planned for their values. asyncpg prepares every statement,
+        # and after five runs PostgreSQL may keep one plan for all values; made while a table is
+        # new and small (its statistics wait for autovacuum, a minute or more away), that plan
+        # can be a sequential scan, kept until the statistics are next updated. In the
+        # end-to-end bench's first minute, reporting's `opportunity_now` lookup read the whole
+        # table at every batch (7.3 ms for ~37 opportunities, 12.3 M rows read in 40 s), and in
+        # another run notify's timer `DELETE … WHERE opportunity_id = ANY($1)` took 13 ms a
+        # batch instead of 0.15. Planning costs a statement a fraction of a millisecond, and a
+        # projection runs a few per batch (arrays, not executemany). Reports keep their plans.
+        await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
         rows = await conn.fetch(
             "SELECT stream_id, version FROM stream_position WHERE stream_id = ANY($1::uuid[])"
             " FOR UPDATE",
