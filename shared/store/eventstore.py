@@ -126,8 +126,8 @@ class EventStoreApp(Application[uuid.UUID]):
         """Read the service's own tables through the store's connection pool. Planned for its
         values each time, never prepared: psycopg prepares a statement from its sixth run, and
         PostgreSQL may then keep one plan for all values. A plan made in a table's first, small
-        minutes can scan it whole until autovacuum next analyzes it (see reporting's
-        projection, where that was measured). A precaution here: not measured on its own."""
+        minutes can scan it whole until autovacuum next analyzes it (measured on the read
+        models' lookups: shared.bus.consumer._apply_once). A precaution here, not measured alone."""
         datastore: Any = getattr(self.recorder, "datastore")  # noqa: B009
         with datastore.transaction(commit=False) as cursor:
             cursor.execute(statement, params, prepare=False)
