@@ -15,6 +15,7 @@ from shared.bus.consumer import Projector
 from shared.contracts.envelope import Envelope
 from shared.settings import Rules
 from shared.store.migrations import BUS_TABLES, READ_MODEL_TABLES, Migration
+from shared.store.recorder import unnest_rows
 
 SCHEMA = "notify"
 MIGRATIONS: list[Migration] = [
@@ -118,9 +119,9 @@ PICTURE_TYPES = {
 }  # fmt: skip
 assert list(PICTURE_TYPES) == PICTURE_COLUMNS, "a type for every column of the picture, in order"
 _UPSERT_PICTURE = (
-    f"INSERT INTO opportunity_picture ({', '.join(PICTURE_COLUMNS)}) SELECT * FROM unnest("
-    + ", ".join(f"${n}::{t}[]" for n, t in enumerate(PICTURE_TYPES.values(), 1))
-    + ") ON CONFLICT (opportunity_id) DO UPDATE SET "
+    f"INSERT INTO opportunity_picture ({', '.join(PICTURE_COLUMNS)}) "
+    + unnest_rows(PICTURE_TYPES.values(), numbered=True)
+    + " ON CONFLICT (opportunity_id) DO UPDATE SET "
     + ", ".join(f"{c} = EXCLUDED.{c}" for c in PICTURE_COLUMNS[1:])
 )
 

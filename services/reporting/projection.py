@@ -17,6 +17,7 @@ from services.reporting.domain import Payment, State, Stay, fold
 from shared.clock import from_iso
 from shared.contracts.envelope import Envelope
 from shared.store.migrations import BUS_TABLES, READ_MODEL_TABLES, Migration
+from shared.store.recorder import columns
 
 SCHEMA = "reporting"
 STATE_COLUMNS = list(State._fields)
@@ -392,19 +393,19 @@ async def _project_registrations(conn: asyncpg.Connection, envelopes: Sequence[E
             " registered_at, expires_at) SELECT * FROM unnest($1::uuid[], $2::text[],"
             " $3::uuid[], $4::text[], $5::timestamptz[], $6::timestamptz[])"
             " ON CONFLICT DO NOTHING",
-            *map(list, zip(*held, strict=True)),
+            *columns(held),
         )
     if conflicts:
         await conn.execute(
             "INSERT INTO registration_conflict (registration_id, partner_id, lead_id, at)"
             " SELECT * FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::timestamptz[])"
             " ON CONFLICT DO NOTHING",
-            *map(list, zip(*conflicts, strict=True)),
+            *columns(conflicts),
         )
     if expired:
         await conn.execute(
             "UPDATE registration r SET expired_at = u.at"
             " FROM unnest($1::uuid[], $2::timestamptz[]) AS u(registration_id, at)"
             " WHERE r.registration_id = u.registration_id",
-            *map(list, zip(*expired, strict=True)),
+            *columns(expired),
         )

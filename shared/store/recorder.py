@@ -16,7 +16,7 @@ of one row is a plain execute (executemany enters psycopg's pipeline mode and sy
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from functools import cached_property
 from typing import Any
 
@@ -33,16 +33,23 @@ from psycopg.sql import SQL, Composed, Identifier
 SideWrite = tuple[Composed | SQL, Sequence[Sequence[Any]]]
 
 
-def unnest_rows(types: Sequence[str]) -> str:
+def unnest_rows(types: Iterable[str], numbered: bool = False) -> str:
     """`SELECT * FROM unnest(...)` over one array per column, for a side write of many rows in
     one statement (with `as_columns`): psycopg's executemany sends and the server runs one
-    statement per row, and dumps each in Python (a third of a 500-lead batch's cost here)."""
-    return "SELECT * FROM unnest(" + ", ".join(f"%b::{t}[]" for t in types) + ")"
+    statement per row, and dumps each in Python (a third of a 500-lead batch's cost here).
+    `numbered`: asyncpg's placeholders ($1, $2, …), for the read models' writes (`columns`)."""
+    arrays = (f"${n}::{t}[]" if numbered else f"%b::{t}[]" for n, t in enumerate(types, 1))
+    return "SELECT * FROM unnest(" + ", ".join(arrays) + ")"
+
+
+def columns(rows: Sequence[Sequence[Any]]) -> tuple[list[Any], ...]:
+    """Rows as one list per column: the arrays of an `unnest_rows` statement."""
+    return tuple(list(column) for column in zip(*rows, strict=True))
 
 
 def as_columns(rows: Sequence[Sequence[Any]]) -> list[tuple[list[Any], ...]]:
     """Rows turned into the one parameter row of an `unnest_rows` statement (none: no write)."""
-    return [tuple(list(column) for column in zip(*rows, strict=True))] if rows else []
+    return [columns(rows)] if rows else []
 
 
 class BatchProcessRecorder(PostgresProcessRecorder):
