@@ -273,9 +273,9 @@ async def _wait_opened(
     """lead id → opportunity id, once the running pipeline service has opened every captured
     lead (or attached it, deduped, to the opportunity of the customer it matched)."""
     leads = [p.lead_id for p in plans]
-    statement = SQL("SELECT lead_id, opportunity_id FROM {} WHERE lead_id = ANY(%s)").format(
-        pipeline.table("opportunity_lead")
-    )
+    statement = SQL(
+        "SELECT lead_id, opportunity_id FROM {} WHERE lead_id = ANY(%b::uuid[])"
+    ).format(pipeline.table("opportunity_lead"))
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         rows = await asyncio.to_thread(pipeline.query, statement, [leads])

@@ -148,8 +148,11 @@ class CaptureApp(EventStoreApp):
     def subject_keys(self, lead_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, bytes | None]:
         found: dict[uuid.UUID, bytes | None] = dict.fromkeys(lead_ids)
         if lead_ids:
-            rows = self.query(SQL("SELECT lead_id, key FROM {} WHERE lead_id = ANY(%s)").format(
-                self.table("subject_key")), [list(lead_ids)])  # fmt: skip
+            rows = self.query(
+                SQL("SELECT lead_id, key FROM {} WHERE lead_id = ANY(%b::uuid[])").format(
+                    self.table("subject_key")),
+                [list(lead_ids)],
+            )  # fmt: skip
             found.update({r["lead_id"]: bytes(r["key"]) for r in rows})
         return found
 
@@ -223,7 +226,7 @@ class CaptureApp(EventStoreApp):
             # 15,000); 4.9 ms this way.
             SQL(
                 "SELECT k.rule, k.key, k.lead_id, k.partner_id"
-                " FROM unnest(%s::text[], %s::text[]) AS wanted(rule, key)"
+                " FROM unnest(%b::text[], %b::text[]) AS wanted(rule, key)"
                 " CROSS JOIN LATERAL (SELECT * FROM {} x"
                 " WHERE x.rule = wanted.rule AND x.key = wanted.key"
                 " ORDER BY x.captured_at, x.lead_id LIMIT 1) k"
@@ -330,13 +333,14 @@ class CaptureApp(EventStoreApp):
         return [(statement, as_columns(rows))]
 
     def held_registrations(self, companies: set[str], now: datetime) -> dict[str, Registration]:
-        if not companies:
-            return {}
         """Registrations still marked held for these companies (some may be past their end:
         the caller expires those before anyone registers anew)."""
+        if not companies:
+            return {}
         rows = self.query(
             SQL(
-                "SELECT registration_id FROM {} WHERE company_key = ANY(%s) AND status = 'held'"
+                "SELECT registration_id FROM {} WHERE company_key = ANY(%b::text[])"
+                " AND status = 'held'"
             ).format(self.table("registration")),
             [sorted(companies)],
         )

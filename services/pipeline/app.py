@@ -179,8 +179,8 @@ class PipelineApp(EventStoreApp):
             return {}
         rows = self.query(
             SQL(
-                "SELECT owner, count(*) AS n FROM {} WHERE owner = ANY(%s) AND status = 'open'"
-                " GROUP BY owner"
+                "SELECT owner, count(*) AS n FROM {} WHERE owner = ANY(%b::text[])"
+                " AND status = 'open' GROUP BY owner"
             ).format(self.table("opportunity_index")),
             (list(owners),),
         )
@@ -260,7 +260,7 @@ class PipelineApp(EventStoreApp):
         types = ("uuid", "uuid", "text", "timestamptz", "text", "text")
         insert = SQL("INSERT INTO {} (" + ", ".join(PENDING_COLUMNS) + ") " + unnest_rows(types)
                      + " ON CONFLICT DO NOTHING").format(table)  # fmt: skip
-        delete = SQL("DELETE FROM {} WHERE lead_id = ANY(%s::uuid[])").format(table)
+        delete = SQL("DELETE FROM {} WHERE lead_id = ANY(%b::uuid[])").format(table)
         return [(insert, as_columns(waiting)), (delete, [(list(settled),)] if settled else [])]
 
     def _attacher(

@@ -159,7 +159,7 @@ def _notify_records(
         return found
     rows = app.query(
         "SELECT opportunity_id, kind, recipient, issued_at FROM notify.notification"
-        " WHERE opportunity_id = ANY(%s) ORDER BY issued_at",
+        " WHERE opportunity_id = ANY(%b::uuid[]) ORDER BY issued_at",
         [ids],
     )
     for row in rows:
@@ -171,7 +171,7 @@ def _refusals(app: PipelineApp, ids: list[uuid.UUID]) -> dict[uuid.UUID, list[di
     found: dict[uuid.UUID, list[dict[str, Any]]] = {i: [] for i in ids}
     rows = app.query(
         SQL("SELECT opportunity_id, command, code, actor, refused_at FROM {}"
-            " WHERE opportunity_id = ANY(%s) ORDER BY refused_at").format(
+            " WHERE opportunity_id = ANY(%b::uuid[]) ORDER BY refused_at").format(
             app.table("refused_command")),
         [ids],
     )  # fmt: skip

@@ -90,7 +90,7 @@ class EventStoreApp(Application[uuid.UUID]):
         # `originator_id = ANY(...)` was planned as a scan of the whole table (86 ms a batch at
         # 600,000 events, growing with the store; 1 ms this way).
         statement = SQL(
-            "SELECT u.id AS originator_id FROM unnest(%s::uuid[]) AS u(id)"
+            "SELECT u.id AS originator_id FROM unnest(%b::uuid[]) AS u(id)"
             " WHERE EXISTS (SELECT 1 FROM {schema}.{table} e WHERE e.originator_id = u.id)"
         ).format(schema=Identifier(self.schema), table=Identifier(f"{self.name.lower()}_events"))
         return {row["originator_id"] for row in self.query(statement, [list(ids)])}
@@ -106,7 +106,7 @@ class EventStoreApp(Application[uuid.UUID]):
         # the planner may turn into a scan of the table: see existing_ids).
         statement = SQL(
             "SELECT e.originator_id, e.originator_version, e.topic, e.state"
-            " FROM unnest(%s::uuid[]) AS u(id) CROSS JOIN LATERAL (SELECT * FROM {schema}.{table}"
+            " FROM unnest(%b::uuid[]) AS u(id) CROSS JOIN LATERAL (SELECT * FROM {schema}.{table}"
             " x WHERE x.originator_id = u.id OFFSET 0) e"
             " ORDER BY e.originator_id, e.originator_version"
         ).format(schema=Identifier(self.schema), table=Identifier(f"{self.name.lower()}_events"))
@@ -127,7 +127,12 @@ class EventStoreApp(Application[uuid.UUID]):
         values each time, never prepared: psycopg prepares a statement from its sixth run, and
         PostgreSQL may then keep one plan for all values. A plan made in a table's first, small
         minutes can scan it whole until autovacuum next analyzes it (measured on the read
-        models' lookups: shared.bus.consumer._apply_once). A precaution here, not measured alone."""
+        models' lookups: shared.bus.consumer._apply_once). A precaution here, not measured alone.
+
+        Lists go as `%b::type[]` (here and in side writes): psycopg sends them in binary, through
+        its C dumpers. As `%s`, a list of text or uuids is written out as a quoted array literal,
+        element by element in Python: 2.6 ms for the 1,500 keys of one capture batch against
+        0.25 ms in binary, and 1.7 ms against 0.24 ms for 1,500 uuids (measured here)."""
         datastore: Any = getattr(self.recorder, "datastore")  # noqa: B009
         with datastore.transaction(commit=False) as cursor:
             cursor.execute(statement, params, prepare=False)
