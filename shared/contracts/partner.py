@@ -134,9 +134,11 @@ class FieldError(Contract):
 def nul_errors(raw: bytes, parsed: Any, whole: str) -> list[FieldError]:
     """A field error for each place a NUL character is in a partner message or web form
     (`parsed` from `raw`; `whole`: the field named when the top level is the place). JSON holds
-    a NUL only as the escape \\u0000 and a form only as %00: a message with neither, nearly
-    every one, is passed by one scan of its bytes, without walking what was parsed."""
-    if b"\\u0000" not in raw and b"%00" not in raw:
+    a NUL only as the escape \\u0000 and a form only as %00, unless a zero byte is in it (a raw
+    NUL, or JSON in UTF-16 or UTF-32, which writes the escape with zero bytes between its
+    characters): a message with none of them, nearly every one, is passed by one scan of its
+    bytes, without walking what was parsed."""
+    if b"\\u0000" not in raw and b"%00" not in raw and b"\x00" not in raw:
         return []
     return [
         FieldError(field=".".join(map(str, path)) or whole, code="invalid_character",

@@ -4,12 +4,13 @@ exception (SPEC §3)."""
 from __future__ import annotations
 
 import json
+from urllib.parse import parse_qsl
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.capture.domain import Incoming, judge, partner_lead_id, sign
-from shared.contracts.partner import ReplyStatus
+from shared.contracts.partner import ReplyStatus, nul_errors
 from tests.support import lead_value
 
 SECRETS = {"acme": ["s3cret"], "globex": ["new", "old"]}
@@ -189,6 +190,24 @@ def test_a_nul_character_anywhere_is_rejected_with_its_field() -> None:
     assert verdict.reply is not None and verdict.reply.status is ReplyStatus.rejected
     assert [(e.field, e.code) for e in verdict.reply.errors] == [
         ("company.name", "invalid_character")
+    ]
+
+
+def test_a_nul_character_is_found_whatever_the_encoding_hides_it_behind() -> None:
+    """JSON in UTF-16 or UTF-32 (which `json.loads` reads from bytes) writes the escape \\u0000
+    with zero bytes between its characters, and a form may carry a raw NUL byte."""
+    body = json.loads(lead_value("acme", "acme-9"))
+    body["company"]["region"] = "CN-SN\x00"
+    for encoding in ("utf-16", "utf-32"):
+        value = json.dumps(body).encode(encoding)
+        verdict = judge(signed("acme", "acme-9", value), SECRETS, MAX)
+        assert verdict.lead is None and verdict.reply is not None
+        assert [(e.field, e.code) for e in verdict.reply.errors] == [
+            ("company.region", "invalid_character")
+        ]
+    form = b"company.region=CN\x00SN"
+    assert [e.field for e in nul_errors(form, dict(parse_qsl(form.decode())), "body")] == [
+        "company.region"
     ]
 
 
