@@ -29,6 +29,8 @@ from shared.contracts.partner import (
     HEADER_MESSAGE_ID,
     HEADER_PARTNER_ID,
     HEADER_SIGNATURE,
+    MESSAGE_ID_MAX,
+    PARTNER_ID_MAX,
     FieldError,
     LeadDetails,
     PartnerLeadMessage,
@@ -320,7 +322,12 @@ def judge(
     partner_id = incoming.headers.get(HEADER_PARTNER_ID) or (
         incoming.key.decode("utf-8", "replace") if incoming.key else None
     )
-    message_id = incoming.headers.get(HEADER_MESSAGE_ID)
+    # What is answered or dead-lettered names the message by these headers, clipped: a header
+    # has no size limit of its own, and one copied whole into a reply or dead letter (its key,
+    # its value) can make a record the broker refuses, which would stop the relay at it.
+    given_message_id = incoming.headers.get(HEADER_MESSAGE_ID)
+    message_id = given_message_id[:MESSAGE_ID_MAX] if given_message_id else given_message_id
+    named = partner_id[:PARTNER_ID_MAX] if partner_id else partner_id  # when not a partner's
     if len(incoming.value) > max_bytes:
         error = FieldError(field="value", code="too_large", message=f"over {max_bytes} bytes")
         known = partner_id is not None and partner_id in secrets_of
@@ -329,10 +336,10 @@ def judge(
             if known
             else None
         )
-        return Verdict(partner_id, message_id, reply, dead_letter_reason="too_large",
-                       errors=(error,))  # fmt: skip
+        return Verdict(partner_id if known else named, message_id, reply,
+                       dead_letter_reason="too_large", errors=(error,))  # fmt: skip
     if not partner_id or partner_id not in secrets_of:
-        return Verdict(partner_id, message_id, None, dead_letter_reason="unknown_partner")
+        return Verdict(named, message_id, None, dead_letter_reason="unknown_partner")
 
     def rejected(code: str, field: str, message: str, dead: str | None = None) -> Verdict:
         error = FieldError(field=field, code=code, message=message)
@@ -352,6 +359,8 @@ def judge(
         )
     if not message_id:
         return rejected("missing", HEADER_MESSAGE_ID, "the x-message-id header is required")
+    if given_message_id and len(given_message_id) > MESSAGE_ID_MAX:
+        return rejected("too_long", HEADER_MESSAGE_ID, f"at most {MESSAGE_ID_MAX} characters")
     try:
         raw = json.loads(incoming.value)
     except (ValueError, RecursionError) as exc:  # bad UTF-8, bad JSON, absurd nesting or digits

@@ -154,7 +154,7 @@ def timers(p: Picture, rules: Rules) -> dict[TimerKind, tuple[datetime, uuid.UUI
         if p.tier == "major":
             found["escalate_branch"] = (due, p.clock_event)  # major deals: at once
     found["stale"] = (p.last_activity_at + timedelta(days=rules.stale_days), p.last_activity_event)
-    if p.expected_close is not None:
+    if p.expected_close is not None and p.expected_close < date.max:  # a day after it to come
         day_after = datetime.combine(p.expected_close + timedelta(days=1), datetime.min.time(),
                                      tzinfo=team_zone(p.team, rules))  # fmt: skip
         found["expected_close"] = (day_after.astimezone(UTC), p.opened_event)

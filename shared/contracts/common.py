@@ -103,17 +103,22 @@ NUL_MESSAGE = "text may not contain NUL (U+0000): PostgreSQL cannot store it"
 
 def nul_paths(value: Any, path: tuple[str | int, ...] = ()) -> list[tuple[str | int, ...]]:
     """Where NUL characters are in parsed JSON (keys included): input to refuse at the edge,
-    since no text column can take it, and a consumer further on would stop at it."""
-    if isinstance(value, str):
-        return [path] if "\x00" in value else []
-    if isinstance(value, dict):
-        found = [(*path, str(k)) for k in value if isinstance(k, str) and "\x00" in k]
-        for key, item in value.items():
-            found += nul_paths(item, (*path, key))
-        return found
-    if isinstance(value, list):
-        return [p for index, item in enumerate(value) for p in nul_paths(item, (*path, index))]
-    return []
+    since no text column can take it, and a consumer further on would stop at it. Walked with
+    a stack of its own, not by recursion: JSON nested as deep as the parser takes (about 990
+    levels) would otherwise end in RecursionError, which no caller expects here."""
+    found: list[tuple[str | int, ...]] = []
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(value, path)]
+    while stack:  # depth first, in document order: a container's items go on in reverse
+        item, at = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                found.append(at)
+        elif isinstance(item, dict):
+            found += [(*at, str(k)) for k in item if isinstance(k, str) and "\x00" in k]
+            stack += [(v, (*at, k)) for k, v in reversed(item.items())]
+        elif isinstance(item, list):
+            stack += [(v, (*at, i)) for i, v in reversed(list(enumerate(item)))]
+    return found
 
 
 class Contract(BaseModel):

@@ -90,6 +90,18 @@ class Contact(Contract):
     title: str | None = Field(default=None, max_length=100)
 
 
+LAST_CLOSE = date(2100, 12, 31)
+MESSAGE_ID_MAX, PARTNER_ID_MAX = 128, 64  # characters
+
+
+def _close_by(day: date, info: ValidationInfo) -> date:
+    """A deal expected to close within reach (reminders are scheduled from the day after), as
+    capture takes it in. One read off the bus passes as stored: it was taken in before."""
+    if day > LAST_CLOSE and not (info.context and info.context.get(FROM_BUS)):
+        raise ValueError(f"expected_close must be on or before {LAST_CLOSE.isoformat()}")
+    return day
+
+
 class LeadDetails(Contract):
     """What every lead carries, from a partner or from a web form."""
 
@@ -99,15 +111,15 @@ class LeadDetails(Contract):
     budget: Money | None = None
     authority: Authority = Authority.unknown
     timeline: Timeline = Timeline.unknown
-    expected_close: date | None = None
+    expected_close: Annotated[date, AfterValidator(_close_by)] | None = None
     source_detail: str | None = Field(default=None, max_length=500)
 
 
 class PartnerLeadMessage(LeadDetails):
     """The value of a message on `partner.leads.v1`."""
 
-    message_id: str = Field(min_length=1, max_length=128)
-    partner_id: str = Field(min_length=1, max_length=64)
+    message_id: str = Field(min_length=1, max_length=MESSAGE_ID_MAX)
+    partner_id: str = Field(min_length=1, max_length=PARTNER_ID_MAX)
     submitted_at: UtcTime
 
 
@@ -125,10 +137,19 @@ class WebFormLead(LeadDetails):
     channel: Channel = Channel.web_form
 
 
+def _encodable(text: str) -> str:
+    """Text as UTF-8 can carry it: an error names what it was given, and a JSON key or message
+    can hold a lone surrogate (`\\ud800`), which no reply, log or store could write."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+Encodable = Annotated[str, AfterValidator(_encodable)]
+
+
 class FieldError(Contract):
-    field: str
-    code: str
-    message: str
+    field: Encodable
+    code: Encodable
+    message: Encodable
 
 
 def nul_errors(raw: bytes, parsed: Any, whole: str) -> list[FieldError]:

@@ -68,6 +68,24 @@ async def test_a_lead_is_durable_before_202_and_bad_input_gets_field_errors(web)
     assert huge.status_code == 413
 
 
+async def test_input_that_once_made_500s_gets_field_errors(web) -> None:  # type: ignore[no-untyped-def]
+    http, _app = web
+    # Once 500s: a NUL found by walking nesting deeper than recursion goes, a lone surrogate
+    # in the key naming where the NUL is (the answer could not be written), a close in 9999.
+    as_deep = await http.post("/v1/leads", content=(
+        b'{"need":"\\u0000","x":' + b"[" * 900 + b"]" * 900 + b"}"
+    ), headers={"content-type": "application/json"})  # fmt: skip
+    form_deep = await http.post("/v1/leads", content=b"a" + b".a" * 3000 + b"=%00", headers={
+        "content-type": "application/x-www-form-urlencoded"})  # fmt: skip
+    surrogate = await http.post("/v1/leads", content=b'{"\\udfff": "\\u0000"}',
+                                headers={"content-type": "application/json"})  # fmt: skip
+    far = await http.post("/v1/leads", json={**FORM, "expected_close": "9999-12-31"})
+    for answer, field in ((as_deep, "need"), (form_deep, "a." * 3000 + "a"),
+                          (surrogate, "\\udfff"), (far, "expected_close")):  # fmt: skip
+        assert answer.status_code == 422, answer.text
+        assert [e["field"] for e in answer.json()["errors"]] == [field]
+
+
 async def test_the_honeypot_stores_nothing(web) -> None:  # type: ignore[no-untyped-def]
     http, app = web
     bot = await http.post("/v1/leads", data={"company.name": "Spam", "contact.name": "Bot",

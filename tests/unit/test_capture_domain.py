@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from urllib.parse import parse_qsl
 
+import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -209,6 +210,53 @@ def test_a_nul_character_is_found_whatever_the_encoding_hides_it_behind() -> Non
     assert [e.field for e in nul_errors(form, dict(parse_qsl(form.decode())), "body")] == [
         "company.region"
     ]
+
+
+def test_json_nested_as_deep_as_the_parser_takes_with_a_nul_gets_a_reply() -> None:
+    """The NUL walk goes as deep as the JSON: a walk by recursion stopped at about 490 levels,
+    with RecursionError, which no caller expected, and the partition stopped at the message."""
+    for depth in (300, 600, 950):
+        body = '{"message_id":"acme-d","partner_id":"acme","need":"\\u0000","x":'
+        value = (body + "[" * depth + "]" * depth + "}").encode()
+        verdict = judge(signed("acme", "acme-d", value), SECRETS, MAX)
+        assert verdict.reply is not None and verdict.reply.status is ReplyStatus.rejected
+        assert ("need", "invalid_character") in [(e.field, e.code) for e in verdict.reply.errors]
+
+
+def test_a_lone_surrogate_in_a_key_is_named_in_an_error_any_store_can_write() -> None:
+    value = b'{"message_id":"acme-s","partner_id":"acme","need":{"\\ud800":"\\u0000"}}'
+    verdict = judge(signed("acme", "acme-s", value), SECRETS, MAX)
+    assert verdict.reply is not None
+    assert [e.field for e in verdict.reply.errors] == ["need.\\ud800"]
+    orjson.dumps(verdict.reply.model_dump(mode="json"))  # raised on the surrogate before
+
+
+def test_headers_copied_into_answers_are_clipped() -> None:
+    """A header has no size limit of its own: copied whole into a reply or dead letter, it made
+    records the broker refuses (over 1 MB), which stopped capture's relay at them."""
+    value = lead_value("acme", "acme-long")
+    long_id = "m" * 560_000
+    too_long = judge(signed("acme", long_id, value), SECRETS, MAX)
+    assert too_long.reply is not None and too_long.reply.status is ReplyStatus.rejected
+    assert too_long.reply.message_id == long_id[:128] and too_long.lead is None
+    assert [(e.field, e.code) for e in too_long.reply.errors] == [("x-message-id", "too_long")]
+    unsigned = judge(message(value, {"x-partner-id": "acme", "x-message-id": long_id}),
+                     SECRETS, MAX)  # fmt: skip
+    assert unsigned.reply is not None and len(unsigned.reply.message_id) == 128
+    stranger = judge(message(value, {"x-partner-id": "x" * 360_000, "x-message-id": long_id}),
+                     SECRETS, MAX)  # fmt: skip
+    assert stranger.dead_letter_reason == "unknown_partner"
+    assert (len(stranger.partner_id or ""), len(stranger.message_id or "")) == (64, 128)
+
+
+def test_an_expected_close_past_2100_is_a_field_error() -> None:
+    value = lead_value("acme", "acme-far", expected_close="9999-12-31")
+    verdict = judge(signed("acme", "acme-far", value), SECRETS, MAX)
+    assert verdict.reply is not None and verdict.lead is None
+    assert [e.field for e in verdict.reply.errors] == ["expected_close"]
+    accepted = judge(signed("acme", "acme-near", lead_value("acme", "acme-near",
+                     expected_close="2100-12-31")), SECRETS, MAX)  # fmt: skip
+    assert accepted.lead is not None
 
 
 def test_the_relays_route_from_the_stored_events_writes_what_the_revived_event_would() -> None:

@@ -4,7 +4,8 @@ due in a team's zone (daylight saving included), and the texts in both locales."
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from dataclasses import replace
+from datetime import UTC, date, datetime, timedelta
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -133,6 +134,13 @@ def test_the_expected_close_reminder_falls_at_midnight_after_the_date_in_the_tea
     berlin = picture(Deal(T, owner="rep.anna", team="berlin", expected_close="2026-12-31").take())
     assert timers(shanghai, RULES)["expected_close"][0] == datetime(2026, 12, 31, 16, tzinfo=UTC)
     assert timers(berlin, RULES)["expected_close"][0] == datetime(2026, 12, 31, 23, tzinfo=UTC)
+
+
+def test_an_expected_close_with_no_day_after_it_schedules_no_reminder_and_raises_nothing() -> None:
+    # An event stored before leads were bound (capture now refuses a close past 2100).
+    last = replace(picture(Deal(T, expected_close="2100-12-31").take()), expected_close=date.max)
+    assert "expected_close" not in timers(last, RULES)
+    assert "follow_up" in timers(last, RULES)
 
 
 def test_unowned_follow_ups_go_to_the_team_manager() -> None:
