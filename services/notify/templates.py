@@ -88,7 +88,10 @@ def render(kind: str, locale: Locale, rules: Rules, **values: object) -> Text:
     overdue = values.get("overdue") or 0
     values.setdefault("overdue_text", OVERDUE_TEXT[locale].format(n=overdue) if overdue else "")
     values.setdefault("owner", "-")
-    return Text(SUBJECTS[locale][kind].format(**values), BODIES[locale][kind].format(**values))
+    subject = SUBJECTS[locale][kind].format(**values)
+    # One line: a company name may hold a line break, which no mail header can carry.
+    subject = " ".join(subject.splitlines())
+    return Text(subject, BODIES[locale][kind].format(**values))
 
 
 def digest_lines(locale: Locale, lines: list[dict[str, object]]) -> str:

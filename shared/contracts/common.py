@@ -80,7 +80,7 @@ def _money_amount(value: Decimal) -> Decimal:
         raise ValueError("amount has more than 2 decimal places")
     if value >= MAX_AMOUNT:
         raise ValueError(f"amount must be below {MAX_AMOUNT:,}")
-    return value.quantize(Decimal("0.01"))
+    return abs(value.quantize(Decimal("0.01")))  # -0 as 0.00: the pattern has no sign
 
 
 def _decimal_string(value: object) -> object:

@@ -27,6 +27,9 @@ def test_money_is_a_decimal_string_never_a_float() -> None:
         Money(amount=Decimal("-1"), currency="CNY")
     with pytest.raises(ValidationError):
         Money.model_validate({"amount": "NaN", "currency": "CNY"})
+    # Not negative, and not written so: "-0.00" breaks the published schema's pattern.
+    zero = Money.model_validate({"amount": "-0", "currency": "CNY"})
+    assert zero.model_dump(mode="json")["amount"] == "0.00"
 
 
 def test_envelope_times_are_utc_with_z_and_event_ids_are_stable() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
+from email.message import EmailMessage
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -177,6 +178,13 @@ def test_texts_follow_the_recipients_locale() -> None:
     en = render("escalation", "en", RULES, **values)
     assert "已逾期 2 天" in zh.subject and "确认商机" in zh.body
     assert "2 day(s) overdue" in en.subject and "confirm" in en.body and "http://x/1" in en.body
+
+
+def test_a_line_break_in_a_company_name_does_not_break_the_mail_subject() -> None:
+    text = render("follow_up_due", "en", RULES, title="Northwind\r\nBcc: x@example.cn",
+                  company="Northwind", stage="B", link="http://x/1", due="2026-11-19")  # fmt: skip
+    assert "\r" not in text.subject and "\n" not in text.subject
+    EmailMessage()["Subject"] = text.subject  # refused a header with a line break in it
 
 
 COMMANDS = st.lists(
