@@ -56,6 +56,20 @@ def _nest(pairs: list[tuple[str, str]]) -> dict[str, Any]:
     return nested
 
 
+async def _body_within(request: Request, limit: int) -> bytes | None:
+    """The body, or None once it is past `limit`: read no further than that, whatever it
+    claims or sends (an over-long body is not held in memory whole before it is refused)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
 def _invalid(errors: list[FieldError], status: int = 422) -> JSONResponse:
     body = FieldErrors(detail="invalid lead", errors=errors)
     return JSONResponse(body.model_dump(mode="json"), status_code=status)
@@ -114,8 +128,8 @@ def create_api(
                 status_code=429,
                 headers={"Retry-After": str(max(1, math.ceil(wait)))},
             )
-        body = await request.body()
-        if len(body) > MAX_BODY:
+        body = await _body_within(request, MAX_BODY)
+        if body is None:
             error = FieldError(field="body", code="too_large", message=f"over {MAX_BODY} bytes")
             return _invalid([error], status=413)
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()

@@ -67,6 +67,12 @@ async def test_a_lead_is_durable_before_202_and_bad_input_gets_field_errors(web)
     huge = await http.post("/v1/leads", content=json.dumps({**FORM, "need": "x" * 70000}))
     assert huge.status_code == 413
 
+    async def chunks() -> AsyncIterator[bytes]:  # no length declared: read up to the limit
+        for _ in range(64):
+            yield b" " * 16384
+
+    assert (await http.post("/v1/leads", content=chunks())).status_code == 413
+
 
 async def test_input_that_once_made_500s_gets_field_errors(web) -> None:  # type: ignore[no-untyped-def]
     http, _app = web
