@@ -68,6 +68,9 @@ _DATA_ERRORS = (
 )
 
 
+DEAD_KEY_KEEP = 1024  # bytes of a poison record's key kept as its dead letter's key
+
+
 class BatchConsumer:
     def __init__(
         self,
@@ -240,8 +243,8 @@ class BatchConsumer:
         if self._dead_letters is None:
             self._dead_letters = make_producer(self.settings)
             await self._dead_letters.start()
-        await self._dead_letters.send_and_wait(
-            DEAD_LETTER, letter.model_dump_json().encode(), key=record.key
+        await self._dead_letters.send_and_wait(  # the key clipped: it may be what was wrong
+            DEAD_LETTER, letter.model_dump_json().encode(), key=(record.key or b"")[:DEAD_KEY_KEEP]
         )
         self.poisoned += 1
         ERRORS.labels(self.group_id, f"poison:{self.name}").inc()

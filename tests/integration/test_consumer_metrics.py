@@ -107,7 +107,7 @@ async def test_a_record_the_handler_can_never_take_is_dead_lettered_and_the_rest
         taken = {"service": group, "consumer": "poison-probe", "topic": topic}
         assert REGISTRY.get_sample_value("dealstream_messages_in_total", taken) == 3
     letters = [
-        json.loads(record.value)
+        {**json.loads(record.value), "key": record.key}
         for record in await read_topic(
             settings.bootstrap_servers(),
             DEAD_LETTER,
@@ -117,6 +117,7 @@ async def test_a_record_the_handler_can_never_take_is_dead_lettered_and_the_rest
     ]
     assert len(letters) == 1 and letters[0]["reason"] == "unprocessable"
     assert letters[0]["source_offset"] == 1 and letters[0]["errors"][0]["code"] == "DataError"
+    assert letters[0]["key"] == b"k"  # the record's key (clipped to DEAD_KEY_KEEP bytes)
 
 
 def test_only_data_the_database_or_a_contract_refuses_is_poison() -> None:
