@@ -35,6 +35,22 @@ def utc_iso(at: datetime) -> str:
     return at.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
+EARLIEST, LATEST = datetime(1970, 1, 1, tzinfo=UTC), datetime(2200, 1, 1, tzinfo=UTC)
+
+
+def asked_time(at: datetime) -> datetime | None:
+    """A time a request asks about (`as_of`), in UTC; None when it has no zone or lies outside
+    1970-2199: the month and day arithmetic behind the answers, and the conversion to UTC of
+    a time near the ends of the calendar, would fail on it (OverflowError, a 500)."""
+    if at.tzinfo is None:
+        return None
+    try:
+        utc = at.astimezone(UTC)
+    except OverflowError:
+        return None
+    return utc if EARLIEST <= utc < LATEST else None
+
+
 def utc_from_iso(value: str) -> datetime:
     """A contract time as this code writes it (ISO-8601 with `Z` or an offset) in UTC, as the
     contracts' UtcTime reads it; a time without a zone is refused."""

@@ -133,7 +133,10 @@ def drafts_for_timer(
 
 
 def _local(at: datetime, who: Recipient) -> str:
-    return at.astimezone(ZoneInfo(who.timezone)).strftime("%Y-%m-%d %H:%M %Z")
+    try:
+        return at.astimezone(ZoneInfo(who.timezone)).strftime("%Y-%m-%d %H:%M %Z")
+    except OverflowError:  # a time at the calendar's ends has no local time in some zones
+        return utc_iso(at)
 
 
 async def store(conn: asyncpg.Connection, drafts: list[Draft]) -> list[NotificationIssued]:

@@ -20,14 +20,15 @@ from services.pipeline import views as v
 from services.pipeline.app import Command, NotFound, PipelineApp, StaleVersion
 from services.pipeline.domain import Opportunity, Refused
 from shared.auth import Principal, Role, visible
-from shared.clock import Clock
+from shared.clock import Clock, asked_time
 from shared.http_auth import bearer
 from shared.runtime import Readiness, correlate, correlation_id, health_router, observed
 from shared.settings import Rules, Settings
 from shared.writer import BatchWriter
 
 # Refusals about the request itself; the others are conflicts with the opportunity's state.
-UNPROCESSABLE = {"unknown_reason", "unknown_stage", "invalid_probability", "currency_mismatch"}
+UNPROCESSABLE = {"unknown_reason", "unknown_stage", "invalid_probability", "currency_mismatch",
+                 "amount_out_of_range", "follow_up_out_of_range"}  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -272,9 +273,11 @@ def create_api(
     @api.get(base, response_model=v.OpportunityView)
     async def get_one(opportunity_id: uuid.UUID, as_of: datetime | None = None,
                       p: Principal = Depends(authenticated)) -> v.OpportunityView:  # fmt: skip
-        if as_of is not None and as_of.tzinfo is None:
-            raise HTTPException(422, "as_of needs a time zone (UTC with Z)")
-        return v.OpportunityView.of(await load_visible(opportunity_id, p, as_of), as_of)
+        at = None if as_of is None else asked_time(as_of)
+        if as_of is not None and at is None:
+            raise HTTPException(422, "as_of needs a time zone (UTC with Z) and must lie between"
+                                " 1970 and 2199")  # fmt: skip
+        return v.OpportunityView.of(await load_visible(opportunity_id, p, at), at)
 
     @api.get(f"{base}/history", response_model=list[v.HistoryEntry])
     async def history(opportunity_id: uuid.UUID,

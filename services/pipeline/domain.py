@@ -6,7 +6,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, ClassVar
 
@@ -15,9 +15,11 @@ from eventsourcing.domain import Aggregate
 from services.pipeline.rules import Route, bant, tier
 from shared.clock import utc_from_iso
 from shared.contracts import events as contract
-from shared.contracts.common import Contract, Money
+from shared.contracts.common import MAX_AMOUNT, Contract, Money
 from shared.domain import Published, PublishedCreated
 from shared.settings import STAGES, Rules
+
+PROMISE_REACH = timedelta(days=5 * 366)  # a next follow-up promised, either side of now
 
 OPPORTUNITY_NAMESPACE = uuid.UUID("c2f0d8a4-1b7e-4f3a-9e61-7d2b5a9c4e08")
 SYSTEM = "system"
@@ -347,6 +349,15 @@ class Opportunity(Aggregate):
         authority: str | None = None,
     ) -> None:
         self._require_status("open")
+        if next_follow_up_at is not None and not (
+            now - PROMISE_REACH <= next_follow_up_at <= now + PROMISE_REACH
+        ):
+            # Notify reminds and escalates from it: a promise in year 1 was the most overdue
+            # timer of all, first at every tick, and in a zone such as Europe/London its local
+            # time could not be written (OverflowError), which stopped every reminder.
+            days = PROMISE_REACH.days
+            raise Refused("follow_up_out_of_range",
+                          f"next_follow_up_at must be within {days} days of now")  # fmt: skip
         self._emit(
             self.FollowUpLogged,
             contract.FollowUpLogged(
@@ -417,6 +428,9 @@ class Opportunity(Aggregate):
         if amount.currency != self.contract_amount.currency:
             raise Refused("currency_mismatch", f"contract is in {self.contract_amount.currency}")
         before = self.received.amount if self.received else Decimal(0)
+        if before + amount.amount >= MAX_AMOUNT:  # what Money holds, and the stored columns
+            raise Refused("amount_out_of_range",
+                          f"payments received would reach {MAX_AMOUNT:,}")  # fmt: skip
         total = Money(amount=before + amount.amount, currency=amount.currency)
         self._emit(
             self.PaymentReceived,

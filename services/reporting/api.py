@@ -19,7 +19,7 @@ from services.reporting import queries
 from services.reporting.domain import next_period, period_start, year_before
 from services.reporting.queries import Filters
 from shared.auth import Principal, Role
-from shared.clock import Clock, SystemClock
+from shared.clock import EARLIEST, LATEST, Clock, SystemClock, asked_time
 from shared.contracts.common import jsonable
 from shared.http_auth import bearer
 from shared.runtime import Readiness, correlate, health_router, observed, projection_refresh
@@ -31,7 +31,6 @@ GroupBy = Literal["owner", "team", "region", "source", "partner", "tier"]
 MAX_BUCKETS = 60
 # Periods are reported between these (a period compared with the one before it, or a year
 # before, stays within what dates can hold).
-EARLIEST, LATEST = datetime(1970, 1, 1, tzinfo=UTC), datetime(2200, 1, 1, tzinfo=UTC)
 
 
 def as_csv(rows: list[dict[str, Any]]) -> str:
@@ -74,8 +73,10 @@ def create_api(
         partner: str | None = None,
         tier: str | None = None,
     ) -> Filters:
-        if as_of is not None and as_of.tzinfo is None:
-            raise HTTPException(422, "as_of needs a time zone, e.g. 2026-12-01T00:00:00Z")
+        at = None if as_of is None else asked_time(as_of)
+        if as_of is not None and at is None:
+            raise HTTPException(422, "as_of needs a time zone (e.g. 2026-12-01T00:00:00Z) and"
+                                " must lie between 1970 and 2199")  # fmt: skip
         where = {k: v for k, v in (("owner", owner), ("team", team), ("region", region),
                                    ("source", source), ("partner", partner), ("tier", tier))
                  if v is not None}  # fmt: skip
@@ -87,7 +88,7 @@ def create_api(
             where["team"] = principal.team
         elif principal.role is Role.partner:
             where["partner"] = principal.user
-        return Filters(as_of.astimezone(UTC) if as_of else None, currency, where, group_by)
+        return Filters(at, currency, where, group_by)
 
     def internal(principal: Principal = Depends(authenticated)) -> Principal:
         if principal.role is Role.partner:

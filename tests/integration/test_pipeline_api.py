@@ -78,6 +78,9 @@ async def test_a_won_life_with_refusals_history_and_as_of(pipeline: Pipeline) ->
         params={"as_of": (moments[0][0] - timedelta(days=1)).isoformat()},
     )
     assert before.status_code == 404
+    far = await p.http.get(f"/v1/opportunities/{o}", headers=p.auth("rep1"),
+                           params={"as_of": "9999-12-31T23:00:00-05:00"})  # fmt: skip
+    assert far.status_code == 422  # past the calendar's end in UTC: a 500 before
 
     history = (await p.http.get(f"/v1/opportunities/{o}/history", headers=p.auth("ops"))).json()
     assert [h["version"] for h in history] == list(range(1, 12))

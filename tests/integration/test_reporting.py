@@ -193,6 +193,13 @@ async def test_roles_narrow_the_numbers_and_partners_read_only_commissions(repor
         params={"from": "0591-03-25T00:00:00Z", "compare": "true"},
     )
     assert ancient.status_code == 422 and "1970" in ancient.text
+    # Found in an audit: a time to UTC past the calendar's end, and the month arithmetic of
+    # reports that took as_of unchecked (fresh, forecast), were 500s.
+    for report, when in (("funnel", "9999-12-31T23:00:00-05:00"), ("fresh", "9999-11-15T00:00:00Z"),
+                         ("forecast", "0001-01-15T00:00:00Z")):  # fmt: skip
+        far = await http.get(f"/v1/reports/{report}", params={"as_of": when},
+                             headers={"Authorization": f"Bearer {token()}"})  # fmt: skip
+        assert far.status_code == 422 and "1970" in far.text, (report, far.text)
 
 
 async def test_csv_carries_the_same_rows_and_periods_compare(reports: Any) -> None:

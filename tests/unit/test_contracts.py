@@ -279,3 +279,17 @@ def test_utc_times_read_by_the_standard_library_read_as_pydantic_reads_them(text
     """The fast path of UtcTime (`_utc_text`) reads every text as pydantic would: the same
     time in UTC, or refused."""
     assert _read(_UTC_TIME, text) == _read(_PYDANTIC_TIME, text)
+
+
+def test_a_time_asked_about_is_in_utc_or_refused_at_the_calendars_ends() -> None:
+    from datetime import UTC, datetime, timedelta, timezone
+
+    from shared.clock import asked_time
+
+    new_york = timezone(timedelta(hours=-5))
+    assert asked_time(datetime(2026, 12, 1, 7, tzinfo=new_york)) == datetime(
+        2026, 12, 1, 12, tzinfo=UTC
+    )
+    assert asked_time(datetime(9999, 12, 31, 23, tzinfo=new_york)) is None  # OverflowError
+    assert asked_time(datetime(1, 1, 15, tzinfo=UTC)) is None
+    assert asked_time(datetime(2026, 12, 1)) is None  # no zone

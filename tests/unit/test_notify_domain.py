@@ -13,12 +13,14 @@ from hypothesis import strategies as st
 
 from services.notify.domain import (
     Picture,
+    Recipient,
     chain,
     digest_time,
     fold,
     recipients_of,
     timers,
 )
+from services.notify.firing import _local
 from services.notify.templates import render
 from services.pipeline.domain import Refused
 from shared.contracts.common import Money
@@ -142,6 +144,12 @@ def test_an_expected_close_with_no_day_after_it_schedules_no_reminder_and_raises
     last = replace(picture(Deal(T, expected_close="2100-12-31").take()), expected_close=date.max)
     assert "expected_close" not in timers(last, RULES)
     assert "follow_up" in timers(last, RULES)
+
+
+def test_a_time_at_the_calendars_start_is_written_in_utc_where_no_local_time_exists() -> None:
+    london = Recipient("rep.anna", "rep", "en", None, "Europe/London")
+    assert _local(datetime(1, 1, 1, tzinfo=UTC), london) == "0001-01-01T00:00:00Z"
+    assert _local(T, london) == "2026-11-16 01:00 GMT"
 
 
 def test_unowned_follow_ups_go_to_the_team_manager() -> None:

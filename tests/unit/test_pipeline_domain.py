@@ -141,6 +141,26 @@ def test_win_payments_loss_reopen_recycle_reactivate() -> None:
     assert (idle.status, idle.owner) == ("open", "rep2")
 
 
+def test_payments_past_what_an_amount_holds_and_far_promises_are_refused() -> None:
+    """Refusals (422), not a ValidationError (500) on the payments' total, nor a promised
+    follow-up in year 1 that notify would then remind of at every tick."""
+    o = opened()
+    with pytest.raises(Refused) as far:
+        o.log_follow_up("call", "x", "rep1", NOW, next_follow_up_at=datetime(1, 1, 1, tzinfo=UTC))
+    assert far.value.code == "follow_up_out_of_range"
+    o.log_follow_up("call", "x", "rep1", NOW, next_follow_up_at=NOW + timedelta(days=30))
+    for stage in "BCD":
+        o.change_stage(stage, "rep1", NOW, RULES)
+    o.change_amount("proposal", money("320000.00"), "rep1", NOW, RULES)
+    o.change_stage("E", "rep1", NOW, RULES)
+    o.win(money("310000.00"), "rep1", NOW)
+    o.receive_payment(money("999999999999999.99"), "ops1", NOW)
+    with pytest.raises(Refused) as beyond:
+        o.receive_payment(money("999999999999999.99"), "ops1", NOW)
+    assert beyond.value.code == "amount_out_of_range"
+    assert o.received == money("999999999999999.99")
+
+
 def test_probability_override_ends_at_the_next_stage_change() -> None:
     o = opened()
     o.override_probability(30, "rep1", NOW)
