@@ -29,8 +29,8 @@ STATIC = Path(__file__).parent / "static"
 Grain = Literal["day", "week", "month", "quarter"]
 GroupBy = Literal["owner", "team", "region", "source", "partner", "tier"]
 MAX_BUCKETS = 60
-# Periods are reported between these (a period compared with the one before it, or a year
-# before, stays within what dates can hold).
+# Periods and as_of lie between shared.clock's EARLIEST and LATEST (a period compared with the
+# one before it, or a year before, stays within what dates can hold).
 
 
 def as_csv(rows: list[dict[str, Any]]) -> str:
