@@ -200,6 +200,9 @@ async def test_roles_narrow_the_numbers_and_partners_read_only_commissions(repor
         far = await http.get(f"/v1/reports/{report}", params={"as_of": when},
                              headers={"Authorization": f"Bearer {token()}"})  # fmt: skip
         assert far.status_code == 422 and "1970" in far.text, (report, far.text)
+    nul = await http.get("/v1/reports/funnel", params={"owner": "rep\x00"},
+                         headers={"Authorization": f"Bearer {token()}"})  # fmt: skip
+    assert nul.status_code == 422, nul.text
 
 
 async def test_csv_carries_the_same_rows_and_periods_compare(reports: Any) -> None:
