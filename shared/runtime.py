@@ -10,12 +10,13 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from datetime import datetime
 from typing import Any, TypeVar
 
 import asyncpg
 import uvicorn
 from aiokafka.admin import AIOKafkaAdminClient
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, FastAPI, HTTPException
 from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -25,6 +26,7 @@ from shared.bus.kafka import cluster_id, make_admin
 from shared.bus.loops import being_cancelled, sleep_or_stop
 from shared.bus.relay import OutboxRelay
 from shared.bus.relay_process import RelayProcess
+from shared.clock import asked_time
 from shared.contracts.common import NUL_MESSAGE
 from shared.gctune import tune_gc
 from shared.logs import CORRELATION
@@ -129,6 +131,18 @@ class _Correlation:
                 await self.app(scope, receive, send_with_id)
         finally:
             CORRELATION.reset(token)
+
+
+def asked(name: str, at: datetime | None) -> datetime | None:
+    """A time a request names (`as_of`, `from`, `to`) in UTC, or a 422 naming it: it needs a
+    zone and must lie in 1970-2199 (shared.clock.asked_time)."""
+    if at is None:
+        return None
+    utc = asked_time(at)
+    if utc is None:
+        raise HTTPException(422, f"{name} needs a time zone (e.g. 2026-12-01T00:00:00Z) and"
+                            " must lie between 1970 and 2199")  # fmt: skip
+    return utc
 
 
 NUL_IN_URL = {"detail": [{"type": "invalid_character", "loc": ["query"], "msg": NUL_MESSAGE}]}

@@ -20,9 +20,9 @@ from services.pipeline import views as v
 from services.pipeline.app import Command, NotFound, PipelineApp, StaleVersion
 from services.pipeline.domain import Opportunity, Refused
 from shared.auth import Principal, Role, visible
-from shared.clock import Clock, asked_time
+from shared.clock import Clock
 from shared.http_auth import bearer
-from shared.runtime import Readiness, correlate, correlation_id, health_router, observed
+from shared.runtime import Readiness, asked, correlate, correlation_id, health_router, observed
 from shared.settings import Rules, Settings
 from shared.writer import BatchWriter
 
@@ -273,10 +273,7 @@ def create_api(
     @api.get(base, response_model=v.OpportunityView)
     async def get_one(opportunity_id: uuid.UUID, as_of: datetime | None = None,
                       p: Principal = Depends(authenticated)) -> v.OpportunityView:  # fmt: skip
-        at = None if as_of is None else asked_time(as_of)
-        if as_of is not None and at is None:
-            raise HTTPException(422, "as_of needs a time zone (UTC with Z) and must lie between"
-                                " 1970 and 2199")  # fmt: skip
+        at = asked("as_of", as_of)
         return v.OpportunityView.of(await load_visible(opportunity_id, p, at), at)
 
     @api.get(f"{base}/history", response_model=list[v.HistoryEntry])

@@ -19,18 +19,25 @@ from services.reporting import queries
 from services.reporting.domain import next_period, period_start, year_before
 from services.reporting.queries import Filters
 from shared.auth import Principal, Role
-from shared.clock import EARLIEST, LATEST, Clock, SystemClock, asked_time
+from shared.clock import Clock, SystemClock
 from shared.contracts.common import jsonable
 from shared.http_auth import bearer
-from shared.runtime import Readiness, correlate, health_router, observed, projection_refresh
+from shared.runtime import (
+    Readiness,
+    asked,
+    correlate,
+    health_router,
+    observed,
+    projection_refresh,
+)
 from shared.settings import Settings
 
 STATIC = Path(__file__).parent / "static"
 Grain = Literal["day", "week", "month", "quarter"]
 GroupBy = Literal["owner", "team", "region", "source", "partner", "tier"]
 MAX_BUCKETS = 60
-# Periods and as_of lie between shared.clock's EARLIEST and LATEST (a period compared with the
-# one before it, or a year before, stays within what dates can hold).
+# Periods and as_of lie in 1970-2199 (shared.runtime.asked: a period compared with the one
+# before it, or a year before, stays within what dates can hold).
 
 
 def as_csv(rows: list[dict[str, Any]]) -> str:
@@ -73,10 +80,7 @@ def create_api(
         partner: str | None = None,
         tier: str | None = None,
     ) -> Filters:
-        at = None if as_of is None else asked_time(as_of)
-        if as_of is not None and at is None:
-            raise HTTPException(422, "as_of needs a time zone (e.g. 2026-12-01T00:00:00Z) and"
-                                " must lie between 1970 and 2199")  # fmt: skip
+        at = asked("as_of", as_of)
         where = {k: v for k, v in (("owner", owner), ("team", team), ("region", region),
                                    ("source", source), ("partner", partner), ("tier", tier))
                  if v is not None}  # fmt: skip
@@ -98,14 +102,11 @@ def create_api(
     def period(
         at: datetime, start: datetime | None, end: datetime | None
     ) -> tuple[datetime, datetime]:
-        """[from, to): by default the month so far."""
-        for value in (start, end):
-            if value is not None and value.tzinfo is None:
-                raise HTTPException(422, "from and to need a time zone, e.g. 2026-01-01T00:00:00Z")
+        """[from, to): by default the month so far. `at` was checked (`filters`), or is now."""
+        asked("from", start)  # checked; kept in the zone they were given
+        asked("to", end)
         end = end or at
         start = start or period_start(at, "month")
-        if not all(EARLIEST <= value < LATEST for value in (start, end, at)):
-            raise HTTPException(422, "from, to and as_of must lie between 1970 and 2199")
         if start >= end:
             raise HTTPException(422, "from must be before to")
         return start, end
