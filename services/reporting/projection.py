@@ -17,7 +17,7 @@ from services.reporting.domain import Payment, State, Stay, fold
 from shared.clock import from_iso
 from shared.contracts.envelope import Envelope
 from shared.store.migrations import BUS_TABLES, READ_MODEL_TABLES, Migration
-from shared.store.recorder import columns
+from shared.store.recorder import columns, unnest_rows
 
 SCHEMA = "reporting"
 STATE_COLUMNS = list(State._fields)
@@ -371,6 +371,24 @@ def _state(record: asyncpg.Record) -> State:
     return State(**values)
 
 
+_INSERT_REGISTRATIONS = (
+    "INSERT INTO registration (registration_id, partner_id, lead_id, company, registered_at,"
+    " expires_at) "
+    + unnest_rows(("uuid", "text", "uuid", "text", "timestamptz", "timestamptz"), numbered=True)
+    + " ON CONFLICT DO NOTHING"
+)
+_INSERT_CONFLICTS = (
+    "INSERT INTO registration_conflict (registration_id, partner_id, lead_id, at) "
+    + unnest_rows(("uuid", "text", "uuid", "timestamptz"), numbered=True)
+    + " ON CONFLICT DO NOTHING"
+)
+_EXPIRE_REGISTRATIONS = (
+    "UPDATE registration r SET expired_at = u.at FROM ("
+    + unnest_rows(("uuid", "timestamptz"), numbered=True)
+    + ") AS u(registration_id, at) WHERE r.registration_id = u.registration_id"
+)
+
+
 async def _project_registrations(conn: asyncpg.Connection, envelopes: Sequence[Envelope]) -> None:
     """A batch's registrations, conflicts and expiries: one statement each (a registration
     before its own expiry, when both are in the batch)."""
@@ -388,24 +406,8 @@ async def _project_registrations(conn: asyncpg.Connection, envelopes: Sequence[E
                               uuid.UUID(d["lead_id"]), from_iso(d["at"])))  # fmt: skip
     # Arrays, not executemany: the server runs one statement per batch, not one per row.
     if held:
-        await conn.execute(
-            "INSERT INTO registration (registration_id, partner_id, lead_id, company,"
-            " registered_at, expires_at) SELECT * FROM unnest($1::uuid[], $2::text[],"
-            " $3::uuid[], $4::text[], $5::timestamptz[], $6::timestamptz[])"
-            " ON CONFLICT DO NOTHING",
-            *columns(held),
-        )
+        await conn.execute(_INSERT_REGISTRATIONS, *columns(held))
     if conflicts:
-        await conn.execute(
-            "INSERT INTO registration_conflict (registration_id, partner_id, lead_id, at)"
-            " SELECT * FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::timestamptz[])"
-            " ON CONFLICT DO NOTHING",
-            *columns(conflicts),
-        )
+        await conn.execute(_INSERT_CONFLICTS, *columns(conflicts))
     if expired:
-        await conn.execute(
-            "UPDATE registration r SET expired_at = u.at"
-            " FROM unnest($1::uuid[], $2::timestamptz[]) AS u(registration_id, at)"
-            " WHERE r.registration_id = u.registration_id",
-            *columns(expired),
-        )
+        await conn.execute(_EXPIRE_REGISTRATIONS, *columns(expired))
