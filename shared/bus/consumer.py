@@ -94,6 +94,7 @@ class BatchConsumer:
         self.batches = 0  # partition batches handled: processed / batches is the batch size
         self.errors = 0
         self.running = False
+        self.assigned = 0  # partitions the group gave this consumer at its last rebalance
         # Seconds from the relay's publishing of the last handled record until it was handled,
         # and when that record was published (for a lag that grows while nothing is applied).
         self.delay: float | None = None
@@ -203,7 +204,7 @@ class BatchConsumer:
                         await consumer.commit(done)
                 await self._measure_lag(consumer)
         finally:
-            self.running = False
+            self.running, self.assigned = False, 0
             self.forget_lag(list(self.lagging))  # stop() tells no rebalance listener
             dead_letters, self._dead_letters = self._dead_letters, None
             await stop_quietly(consumer, dead_letters, admin)
@@ -330,6 +331,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         log.info("consumer %s: assigned %s", self.owner.name, sorted(p.partition for p in assigned))
         # Measured between the revoke and now (the client keeps the old assignment meanwhile).
         self.owner.forget_lag(self.owner.lagging - assigned)
+        self.owner.assigned = len(assigned)
         self.owner.running = True
         if not assigned:
             return

@@ -58,19 +58,25 @@ def bench_partners(count: int, settings: Settings) -> list[str]:
     return chosen
 
 
-async def produce(settings: Settings, secrets: dict[str, str]) -> None:
+def signed_messages(secrets: dict[str, str]) -> list[tuple[bytes, bytes, list[Any]]]:
+    """`MESSAGES` signed partner messages (value, key, headers), the partners taking turns."""
+    partners, messages = list(secrets), []
+    for n in range(MESSAGES):
+        partner = partners[n % len(partners)]
+        message_id = f"{partner}-{n}"
+        value = lead_value(partner, message_id, company=f"Bench Co {uuid.uuid4().hex[:10]}")
+        headers = signed_headers(partner, message_id, secrets[partner], value)
+        messages.append((value, partner.encode(), headers))
+    return messages
+
+
+async def produce(settings: Settings, messages: list[tuple[bytes, bytes, list[Any]]]) -> None:
     producer = make_producer(settings, linger_ms=20)
     await producer.start()
-    partners = list(secrets)
     try:
         acks = []
-        for n in range(MESSAGES):
-            partner = partners[n % len(partners)]
-            message_id = f"{partner}-{n}"
-            value = lead_value(partner, message_id, company=f"Bench Co {uuid.uuid4().hex[:10]}")
-            headers = signed_headers(partner, message_id, secrets[partner], value)
-            sent = await producer.send(PARTNER_LEADS, value, key=partner.encode(), headers=headers)
-            acks.append(sent)
+        for value, key, headers in messages:
+            acks.append(await producer.send(PARTNER_LEADS, value, key=key, headers=headers))
         await asyncio.gather(*acks)
     finally:
         await producer.stop()
@@ -95,16 +101,27 @@ def naive_intake(app: CaptureApp, settings: Settings, secrets: PartnerSecrets) -
 
 
 def replica(
-    settings: Settings, schema: str, label: str, running: Synchronized[int], stop: Event
+    settings: Settings,
+    schema: str,
+    label: str,
+    assigned: Synchronized[int],
+    go: Event,
+    stop: Event,
 ) -> None:
-    """One replica of the intake (ours or the naive one) in a process of its own, until `stop`;
-    `running` is set once it has joined its group."""
+    """One replica of the intake (ours or the naive one) in a process of its own, handling
+    nothing before `go` and running until `stop`; `assigned`: how many partitions the group gave
+    it."""
     tune_gc()  # as a service's process is (shared.runtime.run_service)
-    asyncio.run(_replica(settings, schema, label, running, stop))
+    asyncio.run(_replica(settings, schema, label, assigned, go, stop))
 
 
 async def _replica(
-    settings: Settings, schema: str, label: str, running: Synchronized[int], stop: Event
+    settings: Settings,
+    schema: str,
+    label: str,
+    assigned: Synchronized[int],
+    go: Event,
+    stop: Event,
 ) -> None:
     pool = await create_pool(settings.dsn(), schema)
     app = await asyncio.to_thread(CaptureApp, settings.dsn(), schema, 8)
@@ -114,11 +131,20 @@ async def _replica(
         consumer.group_id = "bench-ours"
     else:
         consumer = naive_intake(app, settings, secrets)
+    handle, started = consumer.handle, asyncio.Event()
+
+    async def gated(partition: TopicPartition, records: list[Record]) -> None:
+        await started.wait()
+        await handle(partition, records)
+
+    consumer.handle = gated
     done = asyncio.Event()
     task = asyncio.create_task(consumer.run(done))
     while not stop.is_set() and not task.done():
-        running.value = int(consumer.running)
-        await asyncio.sleep(0.005)
+        assigned.value = consumer.assigned
+        if go.is_set():
+            started.set()
+        await asyncio.sleep(0.002)
     done.set()
     await task
     app.close()
@@ -135,26 +161,33 @@ async def messages_per_second(
     app = await asyncio.to_thread(CaptureApp, settings.dsn(), schema, 8)
     secrets = {p: await add_partner(pool, p) for p in bench_partners(partners, settings)}
     await create_topics(settings, [partner_replies(p) for p in secrets])
-    await produce(settings, secrets)
+    await produce(settings, signed_messages(secrets))
     relay = RelayProcess(RelaySpec(f"bench-{label}", CaptureApp, schema, route), settings, app)
     stop = asyncio.Event()
     relaying = asyncio.create_task(relay.run(stop))
     while not relay.leading:  # the relay's process up and attached before the clock starts
         await asyncio.sleep(0.005)
     context = multiprocessing.get_context("spawn")
-    stopping = context.Event()
-    running = [context.Value("b", 0, lock=False) for _ in range(replicas)]
+    going, stopping = context.Event(), context.Event()
+    assigned = [context.Value("i", 0, lock=False) for _ in range(replicas)]
     processes = [
-        context.Process(target=replica, args=(settings, schema, label, flag, stopping))
-        for flag in running
+        context.Process(target=replica, args=(settings, schema, label, share, going, stopping))
+        for share in assigned
     ]
     for process in processes:
         process.start()
-    # The clock starts when the first replica may take messages: the others joining later, and
-    # the rebalances that brings, are counted in.
-    while not any(flag.value for flag in running):
+    # The messages wait on their partitions; the replicas handle nothing until their group has
+    # formed (every partition taken, each replica holding some): the throughput of the replicas
+    # together, not of the first to join alone until the rebalance the others bring (a
+    # heartbeat or more later). A batch the first one fetched before that is handled all the
+    # same when the clock starts, by it and by its partitions' new owners (one of them stores
+    # it, the other's work is lost): counted in.
+    while sum(a.value for a in assigned) < settings.topic_partitions or not all(
+        a.value for a in assigned
+    ):
         _alive(processes, label)
-        await asyncio.sleep(0.002)
+        await asyncio.sleep(0.005)
+    going.set()
     started = time.perf_counter()
     while relay.published < MESSAGES * OUT_PER_MESSAGE:
         _alive(processes, label)
