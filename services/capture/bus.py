@@ -4,11 +4,11 @@ letters), and the consumer of `partner.leads.v1`."""
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
+import orjson
 from aiokafka.structs import TopicPartition
 from eventsourcing.domain import DomainEventProtocol
 from eventsourcing.persistence import Notification
@@ -33,14 +33,16 @@ def answers(
     partner_id: str | None, reply: dict[str, Any] | None, dead_letter: dict[str, Any] | None
 ) -> list[Outbound]:
     """What a handled partner message becomes: its reply on the partner's topic, a dead letter,
-    or both."""
+    or both, written by orjson (UTF-8, no spaces): in the capture bench the standard library's
+    `json.dumps` of them took a tenth of the relay's routing. Their texts are all encodable
+    (headers decoded with replacement, `FieldError`'s texts made so), which orjson requires."""
     out = []
     if reply is not None and partner_id is not None:
         out.append(
             Outbound(
                 topic=partner_replies(partner_id),
                 key=str(reply["message_id"]).encode(),
-                value=json.dumps(reply, ensure_ascii=False).encode(),
+                value=orjson.dumps(reply),
                 headers=JSON,
             )
         )
@@ -50,7 +52,7 @@ def answers(
             Outbound(
                 topic=DEAD_LETTER,
                 key=str(partner).encode(),
-                value=json.dumps(dead_letter, ensure_ascii=False).encode(),
+                value=orjson.dumps(dead_letter),
                 headers=(*JSON, (HEADER_PARTNER_ID, str(partner).encode())),
             )
         )
