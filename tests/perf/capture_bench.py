@@ -187,6 +187,9 @@ async def messages_per_second(
     ):
         _alive(processes, label)
         await asyncio.sleep(0.005)
+    # Each run from the same state of the database: no checkpoint of an earlier run's writes
+    # under way (and no earlier run's tables left to vacuum: each is dropped once checked).
+    await pool.execute("CHECKPOINT")
     going.set()
     started = time.perf_counter()
     while relay.published < MESSAGES * OUT_PER_MESSAGE:
@@ -200,9 +203,11 @@ async def messages_per_second(
     # Every message stored and answered exactly once: its lead, its registration, its answer.
     stored = await pool.fetchval("SELECT count(*) FROM capture_events")
     app.close()
-    await pool.close()
     if stored != MESSAGES * OUT_PER_MESSAGE:
+        await pool.close()
         raise RuntimeError(f"{label}: {stored} events stored for {MESSAGES} messages")
+    await pool.execute(f'DROP SCHEMA "{schema}" CASCADE')  # checked: its rows are not needed
+    await pool.close()
     rate = MESSAGES / seconds
     print(f"  {label}, {replicas} replica(s), {partners} partner(s): {MESSAGES} messages,"
           f" {rate:.0f}/s", flush=True)  # fmt: skip
