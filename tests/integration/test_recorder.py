@@ -5,6 +5,7 @@ first fails the whole save either way — what every tracked consumer's exactly-
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import pytest
 from eventsourcing.domain import Aggregate, event
@@ -31,50 +32,46 @@ def edited(note: Note, times: int) -> Note:
     return note
 
 
-@pytest.mark.parametrize("edits", [0, COPY_FROM - 2, COPY_FROM - 1, 3 * COPY_FROM])
-async def test_a_save_inserted_or_copied_stores_its_events_in_order(
+@pytest.fixture
+async def store(
     settings: Settings,
     schema: str,
-    open_pool,
-    edits: int,  # type: ignore[no-untyped-def]
-) -> None:
+    open_pool,  # type: ignore[no-untyped-def]
+) -> AsyncIterator[PipelineApp]:
     await open_pool(schema, MIGRATIONS)
     app = await asyncio.to_thread(PipelineApp, settings.dsn(), schema)
-    try:
-        before = Note("first")  # one event: inserted
-        app.record([before])
-        note = edited(Note("second"), edits)  # edits + 1 events: copied from COPY_FROM on
-        expected = [e.originator_version for e in note.pending_events]
-        app.record([note])
-        stored = app.notifications_after(0, 10_000)
-        assert [n.originator_id for n in stored] == [before.id] + [note.id] * (edits + 1)
-        assert [n.originator_version for n in stored[1:]] == expected
-        ids = [n.id for n in stored]
-        assert ids == sorted(ids) and len(set(ids)) == len(ids)
-        again = app.repository.get(note.id)
-        assert again.version == edits + 1 and again.text == note.text
-    finally:
-        app.close()
+    yield app
+    app.close()
+
+
+@pytest.mark.parametrize("edits", [0, COPY_FROM - 2, COPY_FROM - 1, 3 * COPY_FROM])
+async def test_a_save_inserted_or_copied_stores_its_events_in_order(
+    store: PipelineApp, edits: int
+) -> None:
+    before = Note("first")  # one event: inserted
+    store.record([before])
+    note = edited(Note("second"), edits)  # edits + 1 events: copied from COPY_FROM on
+    expected = [e.originator_version for e in note.pending_events]
+    store.record([note])
+    stored = store.notifications_after(0, 10_000)
+    assert [n.originator_id for n in stored] == [before.id] + [note.id] * (edits + 1)
+    assert [n.originator_version for n in stored[1:]] == expected
+    ids = [n.id for n in stored]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    again = store.repository.get(note.id)
+    assert again.version == edits + 1 and again.text == note.text
 
 
 @pytest.mark.parametrize("edits", [2, 2 * COPY_FROM])
 async def test_a_save_repeating_a_stored_version_fails_whole(
-    settings: Settings,
-    schema: str,
-    open_pool,
-    edits: int,  # type: ignore[no-untyped-def]
+    store: PipelineApp, edits: int
 ) -> None:
-    await open_pool(schema, MIGRATIONS)
-    app = await asyncio.to_thread(PipelineApp, settings.dsn(), schema)
-    try:
-        note = edited(Note("kept"), 3)
-        app.record([note])
-        stale = edited(app.repository.get(note.id, version=2), edits)  # versions 3.. again
-        fresh = Note("in the same save")
-        with pytest.raises(IntegrityError):
-            app.record([fresh, stale])
-        assert len(app.notifications_after(0, 10_000)) == 4  # nothing of the failed save
-        assert app.repository.get(note.id).text == note.text
-        assert app.existing_ids([fresh.id]) == set()
-    finally:
-        app.close()
+    note = edited(Note("kept"), 3)
+    store.record([note])
+    stale = edited(store.repository.get(note.id, version=2), edits)  # versions 3.. again
+    fresh = Note("in the same save")
+    with pytest.raises(IntegrityError):
+        store.record([fresh, stale])
+    assert len(store.notifications_after(0, 10_000)) == 4  # nothing of the failed save
+    assert store.repository.get(note.id).text == note.text
+    assert store.existing_ids([fresh.id]) == set()

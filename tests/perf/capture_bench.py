@@ -111,44 +111,37 @@ def replica(
     """One replica of the intake (ours or the naive one) in a process of its own, handling
     nothing before `go` and running until `stop`; `assigned`: how many partitions the group gave
     it."""
+
+    async def run() -> None:
+        pool = await create_pool(settings.dsn(), schema)
+        app = await asyncio.to_thread(CaptureApp, settings.dsn(), schema, 8)
+        secrets = PartnerSecrets(pool)
+        if label == "ours":
+            consumer = partner_intake(app, settings, secrets, SystemClock())
+            consumer.group_id = "bench-ours"
+        else:
+            consumer = naive_intake(app, settings, secrets)
+        handle, started = consumer.handle, asyncio.Event()
+
+        async def gated(partition: TopicPartition, records: list[Record]) -> None:
+            await started.wait()
+            await handle(partition, records)
+
+        consumer.handle = gated
+        done = asyncio.Event()
+        task = asyncio.create_task(consumer.run(done))
+        while not stop.is_set() and not task.done():
+            assigned.value = consumer.assigned
+            if go.is_set():
+                started.set()
+            await asyncio.sleep(0.002)
+        done.set()
+        await task
+        app.close()
+        await pool.close()
+
     tune_gc()  # as a service's process is (shared.runtime.run_service)
-    asyncio.run(_replica(settings, schema, label, assigned, go, stop))
-
-
-async def _replica(
-    settings: Settings,
-    schema: str,
-    label: str,
-    assigned: Synchronized[int],
-    go: Event,
-    stop: Event,
-) -> None:
-    pool = await create_pool(settings.dsn(), schema)
-    app = await asyncio.to_thread(CaptureApp, settings.dsn(), schema, 8)
-    secrets = PartnerSecrets(pool)
-    if label == "ours":
-        consumer = partner_intake(app, settings, secrets, SystemClock())
-        consumer.group_id = "bench-ours"
-    else:
-        consumer = naive_intake(app, settings, secrets)
-    handle, started = consumer.handle, asyncio.Event()
-
-    async def gated(partition: TopicPartition, records: list[Record]) -> None:
-        await started.wait()
-        await handle(partition, records)
-
-    consumer.handle = gated
-    done = asyncio.Event()
-    task = asyncio.create_task(consumer.run(done))
-    while not stop.is_set() and not task.done():
-        assigned.value = consumer.assigned
-        if go.is_set():
-            started.set()
-        await asyncio.sleep(0.002)
-    done.set()
-    await task
-    app.close()
-    await pool.close()
+    asyncio.run(run())
 
 
 async def messages_per_second(
