@@ -1,8 +1,7 @@
 """The process recorder the event stores use: the library's PostgreSQL process recorder, writing
-without psycopg's pipeline mode, sending the stored events in binary (no text escaping of each
-event's bytes: about 10% more events/s measured here; a batch by COPY), and able to write a
-service's own index rows in the same transaction as the events (`side_writes`: statements with
-their rows).
+without psycopg's pipeline mode, sending the stored events in binary by COPY (no text escaping of
+each event's bytes, none dumped in Python), and able to write a service's own index rows in the
+same transaction as the events (`side_writes`: statements with their rows).
 
 Why: with pipeline mode, psycopg 3.3 hangs for good when one transaction carries a large batch
 (reproduced here: ~400 leads of 1 KB in one save never return; the server waits in ClientRead,
@@ -29,9 +28,6 @@ from eventsourcing.persistence import (
 from eventsourcing.postgres import PostgresProcessRecorder
 from eventsourcing.utils import retry
 from psycopg.sql import SQL, Composed, Identifier
-
-# Events in a save from which they go by COPY rather than an INSERT (`_insert_stored_events`).
-COPY_FROM = 32
 
 # A statement (psycopg placeholders) and the rows to run it with.
 SideWrite = tuple[Composed | SQL, Sequence[Sequence[Any]]]
@@ -83,28 +79,14 @@ class BatchProcessRecorder(PostgresProcessRecorder):
                     curs.executemany(statement, rows)
 
     @cached_property
-    def _insert_columns(self) -> Composed:
-        """A small save's events as four plain arrays, not one array of the library's composite
-        type: psycopg dumps a composite row by row in Python (text, escaped with a regular
-        expression: half the cost of a 500-lead batch measured here), an array of uuid, int,
-        text or bytea in binary (`%b`: each element's bytes and length)."""
-        return SQL(
-            "INSERT INTO {schema}.{table} (originator_id, originator_version, topic, state)"
-            " SELECT * FROM unnest(%b::{id_type}[], %b::int8[], %b::text[], %b::bytea[])"
-        ).format(
-            schema=Identifier(self.datastore.schema),
-            table=Identifier(self.events_table_name),
-            id_type=SQL(self.datastore.originator_id_type),
-        )
-
-    @cached_property
     def _copy_events(self) -> Composed:
-        """A batch's events by COPY in binary: psycopg's C code writes each row's fields (the
-        arrays of an INSERT are dumped element by element in Python, and the server unpacks
-        them before inserting). Measured here, 1,500 capture events of ~700 bytes: 1.6-1.8 ms
-        of the client's CPU and 6.2-7.1 ms in all, against 2.3-2.7 and 8.5-10.8 ms as an
-        INSERT of arrays, most of it while the table lock is held. A COPY takes a round trip
-        more than an INSERT: a small save (an HTTP command's) inserts."""
+        """The events by COPY in binary: psycopg's C code writes each row's fields. As an
+        INSERT of four arrays (not one array of the library's composite type, which psycopg
+        dumps row by row as escaped text), each element was dumped in Python, and the server
+        unpacked the arrays before inserting. Measured here, 1,500 capture events of ~700
+        bytes: 1.6-1.8 ms of the client's CPU and 6.2-7.1 ms in all, against 2.3-2.7 and
+        8.5-10.8 ms as the INSERT, most of it while the table lock is held. A small save is no
+        slower (300 saves of one event, six rounds: median 532-638 µs each, against 563-844)."""
         return SQL(
             "COPY {schema}.{table} (originator_id, originator_version, topic, state)"
             " FROM STDIN (FORMAT BINARY)"
@@ -117,15 +99,6 @@ class BatchProcessRecorder(PostgresProcessRecorder):
         self, curs: Any, stored_events: Sequence[StoredEvent], **_: Any
     ) -> None:
         curs.execute(self._lock_and_notify, prepare=False)
-        if len(stored_events) < COPY_FROM:
-            columns = (
-                [e.originator_id for e in stored_events],
-                [e.originator_version for e in stored_events],
-                [e.topic for e in stored_events],
-                [e.state for e in stored_events],
-            )
-            curs.execute(self._insert_columns, columns, binary=True)
-            return
         with curs.copy(self._copy_events) as copy:
             copy.set_types([self.datastore.originator_id_type, "int8", "text", "bytea"])
             for e in stored_events:
