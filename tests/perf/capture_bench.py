@@ -25,7 +25,7 @@ from services.capture.app import MIGRATIONS, CaptureApp
 from services.capture.bus import incoming, partner_intake, route
 from services.capture.partners import PartnerSecrets, add_partner
 from shared.bus.consumer import BatchConsumer, Record
-from shared.bus.kafka import create_topics, make_producer, partition_for
+from shared.bus.kafka import create_topics, partition_for
 from shared.bus.relay_process import RelayProcess, RelaySpec
 from shared.clock import SystemClock
 from shared.contracts.topics import PARTNER_LEADS, partner_replies
@@ -35,7 +35,7 @@ from shared.runtime import open_schema
 from shared.settings import Settings
 from shared.store.db import create_pool
 from tests.perf.runs import median_of, schema_of
-from tests.support import lead_value, signed_headers
+from tests.support import lead_value, send_partner_messages, signed_headers
 
 MESSAGES = 20000
 OUT_PER_MESSAGE = 3  # LeadCaptured, PartnerRegistered, the reply
@@ -58,28 +58,16 @@ def bench_partners(count: int, settings: Settings) -> list[str]:
     return chosen
 
 
-def signed_messages(secrets: dict[str, str]) -> list[tuple[bytes, bytes, list[Any]]]:
-    """`MESSAGES` signed partner messages (value, key, headers), the partners taking turns."""
+def signed_messages(secrets: dict[str, str]) -> list[tuple[str, bytes, list[Any]]]:
+    """`MESSAGES` signed partner messages (partner, value, headers), the partners taking turns."""
     partners, messages = list(secrets), []
     for n in range(MESSAGES):
         partner = partners[n % len(partners)]
         message_id = f"{partner}-{n}"
         value = lead_value(partner, message_id, company=f"Bench Co {uuid.uuid4().hex[:10]}")
         headers = signed_headers(partner, message_id, secrets[partner], value)
-        messages.append((value, partner.encode(), headers))
+        messages.append((partner, value, headers))
     return messages
-
-
-async def produce(settings: Settings, messages: list[tuple[bytes, bytes, list[Any]]]) -> None:
-    producer = make_producer(settings, linger_ms=20)
-    await producer.start()
-    try:
-        acks = []
-        for value, key, headers in messages:
-            acks.append(await producer.send(PARTNER_LEADS, value, key=key, headers=headers))
-        await asyncio.gather(*acks)
-    finally:
-        await producer.stop()
 
 
 def naive_intake(app: CaptureApp, settings: Settings, secrets: PartnerSecrets) -> BatchConsumer:
@@ -154,7 +142,7 @@ async def messages_per_second(
     app = await asyncio.to_thread(CaptureApp, settings.dsn(), schema, 8)
     secrets = {p: await add_partner(pool, p) for p in bench_partners(partners, settings)}
     await create_topics(settings, [partner_replies(p) for p in secrets])
-    await produce(settings, signed_messages(secrets))
+    await send_partner_messages(settings.bootstrap_servers(), signed_messages(secrets))
     relay = RelayProcess(RelaySpec(f"bench-{label}", CaptureApp, schema, route), settings, app)
     stop = asyncio.Event()
     relaying = asyncio.create_task(relay.run(stop))
