@@ -36,8 +36,6 @@ STATIC = Path(__file__).parent / "static"
 Grain = Literal["day", "week", "month", "quarter"]
 GroupBy = Literal["owner", "team", "region", "source", "partner", "tier"]
 MAX_BUCKETS = 60
-# Periods and as_of lie in 1970-2199 (shared.runtime.asked: a period compared with the one
-# before it, or a year before, stays within what dates can hold).
 
 
 def as_csv(rows: list[dict[str, Any]]) -> str:
@@ -102,7 +100,9 @@ def create_api(
     def period(
         at: datetime, start: datetime | None, end: datetime | None
     ) -> tuple[datetime, datetime]:
-        """[from, to): by default the month so far. `at` was checked (`filters`), or is now."""
+        """[from, to): by default the month so far. `at` was checked (`filters`), or is now.
+        All lie in 1970-2199 (`asked`): a period compared with the one before it, or a year
+        before, stays within what dates can hold."""
         asked("from", start)  # checked; kept in the zone they were given
         asked("to", end)
         end = end or at
