@@ -10,6 +10,7 @@ import inspect
 import json
 import re
 import signal
+import struct
 import subprocess
 import time
 import uuid
@@ -19,6 +20,9 @@ from typing import Any, TypeVar
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.codec import gzip_encode
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
+from aiokafka.record.util import calc_crc32c
 
 T = TypeVar("T")
 
@@ -74,6 +78,44 @@ def signed_headers(
         ("x-message-id", message_id.encode()),
         ("x-signature", signature.encode()),
     ]
+
+
+NOT_UTF8 = b"\xff\xfe"  # a header name no UTF-8 decoder takes
+_PLACEHOLDER = "~~"  # as long as NOT_UTF8, and nowhere else in a batch built here
+_CRC_AT, _LENGTH_AT, _ATTRIBUTES_AT, _RECORDS_AT = 17, 8, 21, 61  # in a v2 record batch
+
+
+def record_batch(
+    values: list[bytes], undecodable_at: int | None, compression: int = 0, base_offset: int = 0
+) -> bytes:
+    """A v2 record batch as a producer other than Java's may write it: the record at index
+    `undecodable_at` has a header name that is not UTF-8 (None: a placeholder name stays, the
+    same batch otherwise). aiokafka's builder takes only text names: the batch is built with a
+    placeholder, patched, compressed (gzip: 1) and its CRC-32C computed again."""
+    builder = DefaultRecordBatchBuilder(
+        magic=2,
+        compression_type=0,
+        is_transactional=0,
+        producer_id=-1,
+        producer_epoch=-1,
+        base_sequence=-1,
+        batch_size=1 << 20,
+    )
+    for n, value in enumerate(values):
+        name = _PLACEHOLDER if n == undecodable_at else "x-trace"
+        builder.append(n, timestamp=1_790_000_000_000 + n, key=b"k", value=value,
+                       headers=[(name, b"v")])  # fmt: skip
+    raw = bytearray(builder.build())
+    if undecodable_at is not None:
+        at = raw.index(_PLACEHOLDER.encode())
+        raw[at : at + len(NOT_UTF8)] = NOT_UTF8
+    if compression:
+        assert compression == 1, "gzip only"
+        raw[_RECORDS_AT:] = gzip_encode(bytes(raw[_RECORDS_AT:]))
+        struct.pack_into(">h", raw, _ATTRIBUTES_AT, compression)
+    struct.pack_into(">qi", raw, 0, base_offset, len(raw) - 12)
+    struct.pack_into(">I", raw, _CRC_AT, calc_crc32c(bytes(raw[_ATTRIBUTES_AT:])))
+    return bytes(raw)
 
 
 async def send_partner_messages(

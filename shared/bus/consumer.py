@@ -43,6 +43,7 @@ from shared.bus.kafka import (
     stop_quietly,
 )
 from shared.bus.loops import retrying
+from shared.bus.undecodable import read_past_undecodable
 from shared.clock import Clock, SystemClock
 from shared.contracts.envelope import HEADER_RELAY_CLUSTER, Envelope
 from shared.contracts.partner import DeadLetter, FieldError
@@ -56,6 +57,7 @@ from shared.tracing import span
 log = logging.getLogger(__name__)
 
 Record: TypeAlias = ConsumerRecord[bytes, bytes]
+Batch: TypeAlias = dict[TopicPartition, list[Record]]
 PartitionHandler = Callable[[TopicPartition, list[Record]], Awaitable[None]]
 T = TypeVar("T")
 # What says a record's data cannot be taken. Not ValueError, KeyError and the like: those are
@@ -131,9 +133,8 @@ class BatchConsumer:
             while not stop.is_set():
                 try:
                     batch = await consumer.getmany(timeout_ms=200, max_records=self.batch)
-                except UnicodeDecodeError:
-                    await self._skip_undecodable(consumer)
-                    continue
+                except UnicodeDecodeError:  # a record the client cannot parse
+                    batch = await self._around_undecodable(consumer)
                 if not batch:
                     await self._measure_lag(consumer)
                     if time.monotonic() - self._cluster_at < IDLE_CLUSTER_CHECK:
@@ -229,14 +230,14 @@ class BatchConsumer:
                     raise
                 await self._dead_letter(record, exc)
 
-    async def _dead_letter(self, record: Record, exc: BaseException) -> None:
+    async def _dead_letter(self, record: Record, exc: BaseException, field: str = "value") -> None:
         value = record.value or b""
         letter = DeadLetter(
             source_topic=record.topic,
             source_partition=record.partition,
             source_offset=record.offset,
             reason="unprocessable",
-            errors=[FieldError(field="value", code=type(exc).__name__, message=str(exc)[:500])],
+            errors=[FieldError(field=field, code=type(exc).__name__, message=str(exc)[:500])],
             received_at=self.clock.now(),
             value_bytes=len(value),
             value_sha256=hashlib.sha256(value).hexdigest(),  # the value stays on its topic
@@ -296,22 +297,63 @@ class BatchConsumer:
                     self.group_id, self.name, partition.topic, str(partition.partition)
                 )
 
-    async def _skip_undecodable(self, consumer: AIOKafkaConsumer) -> None:
-        """A record the client cannot even parse (say, a header name that is not UTF-8) must not
-        stop the partition: find it, log it, and step over it."""
-        for partition in consumer.assignment():
+    async def _around_undecodable(self, consumer: AIOKafkaConsumer) -> Batch:
+        """A fetch raised on a record the client cannot parse (shared.bus.undecodable). It had
+        moved the partitions it drained before that one past records it never returned: every
+        partition goes back to where this group last committed (what was handled; anything
+        read again, the handlers skip), and each is read alone. The one that raises is read
+        from its bytes: its good records are handed like any, the undecodable stepped over."""
+        partitions = consumer.assignment()
+        await rewind(consumer, partitions, self.cluster)
+        batch: Batch = {}
+        for partition in partitions:
             try:
-                await consumer.getmany(partition, timeout_ms=100, max_records=1)
+                fetched = await consumer.getmany(partition, timeout_ms=200, max_records=self.batch)
+                records = fetched.get(partition, [])
             except UnicodeDecodeError:
-                offset = await consumer.position(partition)
-                log.error(
-                    "consumer %s: undecodable record at %s offset %d skipped",
-                    self.name,
-                    partition,
-                    offset,
-                )
-                self.errors += 1
-                consumer.seek(partition, offset + 1)
+                records = await self._step_over_undecodable(consumer, partition)
+            if records:
+                batch[partition] = records
+        return batch
+
+    async def _step_over_undecodable(
+        self, consumer: AIOKafkaConsumer, partition: TopicPartition
+    ) -> list[Record]:
+        """The partition's records through the batch the client cannot parse, read from their
+        bytes, and the consumer moved past them. Each undecodable one is counted as an error and
+        dead-lettered, like poison: on record (for a partner's message, the only trace of it),
+        stepped over."""
+        read = await read_past_undecodable(
+            consumer,
+            partition,
+            await consumer.position(partition),
+            self.settings.consumer_partition_fetch_bytes,
+        )
+        for record, error in read.undecodable:
+            self.errors += 1
+            await self._dead_letter(record, error, field="headers")
+        consumer.seek(partition, read.next_offset)
+        return read.records
+
+
+async def rewind(
+    consumer: AIOKafkaConsumer, partitions: Iterable[TopicPartition], cluster: str | None
+) -> None:
+    """Put partitions back where this group last committed on this broker, the others to the
+    start: where `_Rebalance` starts them. The committed offsets are a hint, at or behind what
+    was handled: the handlers skip what is read again."""
+    partitions = list(partitions)
+    committed = await consumer._coordinator.fetch_committed_offsets(partitions)
+    here = {
+        tp: position.offset
+        for tp, position in committed.items()
+        if position.offset >= 0 and position.metadata == cluster
+    }
+    for tp, offset in here.items():
+        consumer.seek(tp, offset)
+    elsewhere = [tp for tp in partitions if tp not in here]
+    if elsewhere:
+        await consumer.seek_to_beginning(*elsewhere)
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]

@@ -1,0 +1,145 @@
+"""A record the Kafka client cannot parse, on the real broker: a header name that is not UTF-8,
+written by a producer that allows it (aiokafka's own takes only text names, so the record batch is
+built here byte by byte and produced as it is). aiokafka raises UnicodeDecodeError out of
+`getmany` while it iterates such a batch; the consumer must step over that one record and lose
+none of the others: not those of other partitions in the same fetch, nor those before and after
+it in its own batch."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections import Counter
+
+import pytest
+from aiokafka import AIOKafkaConsumer
+from aiokafka.protocol.produce import ProduceRequest
+from aiokafka.structs import TopicPartition
+
+from shared.bus.consumer import BatchConsumer, Record
+from shared.bus.kafka import create_topics, make_producer
+from shared.contracts.topics import DEAD_LETTER
+from shared.settings import Settings
+from tests.support import eventually, read_topic, record_batch
+
+
+async def produce_raw(settings: Settings, partition: TopicPartition, batch: bytes) -> int:
+    """Put a record batch on the broker as it is; returns its base offset."""
+    producer = make_producer(settings, enable_idempotence=False)
+    await producer.start()
+    try:
+        await producer.partitions_for(partition.topic)  # the leader known
+        leader = producer.client.cluster.leader_for_partition(partition)
+        request = ProduceRequest(
+            None, -1, 10_000, [(partition.topic, [(partition.partition, batch)])]
+        )
+        response = await producer.client.send(leader, request)
+        [(_, [(_, error, offset, *_)])] = response.topics
+        assert error == 0
+        return int(offset)
+    finally:
+        await producer.stop()
+
+
+async def send_good(settings: Settings, topic: str, values: dict[int, list[bytes]]) -> None:
+    producer = make_producer(settings)
+    await producer.start()
+    try:
+        for partition, batch in values.items():
+            for value in batch:
+                await producer.send_and_wait(topic, value, key=b"k", partition=partition)
+    finally:
+        await producer.stop()
+
+
+def numbered(rounds: range) -> dict[int, list[bytes]]:
+    """Good records for each of the six partitions, named after it and their round."""
+    return {p: [f"p{p}-{n}".encode() for n in rounds] for p in range(6)}
+
+
+async def test_the_client_cannot_parse_a_header_name_that_is_not_utf8(settings: Settings) -> None:
+    """The premise: such a record on the broker makes aiokafka's `getmany` raise
+    UnicodeDecodeError, even when asked for the record after it in the same batch."""
+    topic = f"test.undecodable-{uuid.uuid4().hex[:8]}"
+    await create_topics(settings, [topic])
+    partition = TopicPartition(topic, 0)
+    base = await produce_raw(settings, partition, record_batch([b"a", b"b", b"c"], 1))
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers())
+    consumer.assign([partition])
+    await consumer.start()
+    try:
+        for offset in (base, base + 2):
+            consumer.seek(partition, offset)
+            with pytest.raises(UnicodeDecodeError):
+                for _ in range(25):  # until the fetch comes
+                    await consumer.getmany(partition, timeout_ms=200)
+    finally:
+        await consumer.stop()
+
+
+async def test_an_undecodable_record_is_stepped_over_and_nothing_else_is_lost(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    group = f"undecodable-{uuid.uuid4().hex[:8]}"
+    topic = f"test.{group}"
+    await create_topics(settings, [topic])  # six partitions
+    bad_partition = TopicPartition(topic, 2)
+    # All on the broker before the consumer starts, so its first fetches hold several
+    # partitions' records together with the undecodable one.
+    await send_good(settings, topic, numbered(range(4)))
+    base = await produce_raw(
+        settings, bad_partition, record_batch([b"before", b"bad", b"after"], 1)
+    )
+    await send_good(settings, topic, numbered(range(4, 8)))
+    good = {v for vs in numbered(range(8)).values() for v in vs} | {b"before", b"after"}
+    handled: list[Record] = []
+
+    async def handle(_: TopicPartition, records: list[Record]) -> None:
+        handled.extend(records)
+
+    def values() -> Counter[bytes | None]:
+        return Counter(r.value for r in handled)
+
+    caplog.set_level(logging.ERROR, logger="shared.bus.consumer")
+    consumer = BatchConsumer("undecodable-probe", settings, group, [topic], handle)
+    stop = asyncio.Event()
+    task = asyncio.create_task(consumer.run(stop))
+    try:
+        await eventually(values, lambda seen: good <= set(seen), within=30)
+        await asyncio.sleep(2)  # anything handled twice, or the bad one, would be by now
+        seen = values()
+        lost = sorted(good - set(seen))
+        twice = sorted(v for v, n in seen.items() if n > 1)
+        extra = sorted(set(seen) - good)
+        assert (lost, twice, extra) == ([], [], []), (
+            f"{len(lost)} of {len(good)} good records never handled, {len(twice)} handled more "
+            f"than once, {len(extra)} not good handled; errors={consumer.errors}"
+        )
+        after = next(r for r in handled if r.value == b"after")
+        assert (after.offset, after.headers) == (base + 2, (("x-trace", b"v"),))
+        assert consumer.errors == 1 and consumer.poisoned == 1
+        # It keeps running: what comes next is handled.
+        await send_good(settings, topic, {p: [f"late{p}".encode()] for p in range(6)})
+        late = {f"late{p}".encode() for p in range(6)}
+        assert late <= set(await eventually(values, lambda seen: late <= set(seen)))
+        assert consumer.running and not task.done()
+    finally:
+        stop.set()
+        await task
+    assert any(
+        f"{topic}/2/{base + 1}" in r.getMessage() and "UnicodeDecodeError" in r.getMessage()
+        for r in caplog.records
+    )
+    letters = [
+        json.loads(record.value)
+        for record in await read_topic(
+            settings.bootstrap_servers(),
+            DEAD_LETTER,
+            lambda rs: any(json.loads(r.value).get("source_topic") == topic for r in rs),
+        )
+        if json.loads(record.value).get("source_topic") == topic
+    ]
+    assert [(x["source_partition"], x["source_offset"]) for x in letters] == [(2, base + 1)]
+    assert letters[0]["errors"][0]["code"] == "UnicodeDecodeError"
