@@ -107,6 +107,8 @@ class BatchConsumer:
         self._dead_letters: AIOKafkaProducer | None = None  # started at the first poison record
         self.poisoned = 0
         self.behind = 0  # messages not yet handled on them, as last measured
+        self._uncommitted: dict[TopicPartition, tuple[int, str]] = {}  # handled, not committed
+        self._committed_at = 0.0
 
     async def run(self, stop: asyncio.Event) -> None:
         await retrying(lambda: self._consume(stop), stop, log, f"consumer {self.name}",
@@ -136,6 +138,7 @@ class BatchConsumer:
                 except UnicodeDecodeError:  # a record the client cannot parse
                     batch = await self._around_undecodable(consumer)
                 if not batch:
+                    await self.commit(consumer)
                     await self._measure_lag(consumer)
                     if time.monotonic() - self._cluster_at < IDLE_CLUSTER_CHECK:
                         continue
@@ -152,6 +155,7 @@ class BatchConsumer:
                         self.cluster,
                     )
                     self.cluster = current
+                    self._uncommitted.clear()  # positions in the old broker's logs
                     await ensure_core_topics(admin, self.settings)
                     partitions = consumer.assignment()
                     if partitions:
@@ -199,16 +203,29 @@ class BatchConsumer:
                     backoff = max(backoff, min(0.5 * 2 ** failures[partition], 10.0))
                 if backoff:
                     await asyncio.sleep(backoff)
-                if done:
-                    with contextlib.suppress(Exception):
-                        # A hint for lag dashboards, tagged with the broker it belongs to.
-                        await consumer.commit(done)
+                self._uncommitted.update(done)
+                await self.commit(consumer)
                 await self._measure_lag(consumer)
         finally:
             self.running, self.assigned = False, 0
             self.forget_lag(list(self.lagging))  # stop() tells no rebalance listener
             dead_letters, self._dead_letters = self._dead_letters, None
             await stop_quietly(consumer, dead_letters, admin)
+
+    async def commit(self, consumer: AIOKafkaConsumer, now: bool = False) -> None:
+        """Commit the offsets handled since the last commit, at most every COMMIT_EVERY seconds
+        (or `now`): a hint for lag dashboards and for where a partition's next owner starts
+        reading, each tagged with the broker it belongs to. The database owns the position, so
+        a commit is never needed for correctness, and one a batch cost a broker round trip a
+        batch: at a few hundred leads/s, hundreds of commits a second across the services."""
+        if not self._uncommitted or not (
+            now or time.monotonic() - self._committed_at >= COMMIT_EVERY
+        ):
+            return
+        offsets, self._uncommitted = self._uncommitted, {}
+        self._committed_at = time.monotonic()
+        with contextlib.suppress(Exception):  # revoked meanwhile: its next owner commits
+            await consumer.commit(offsets)
 
     def _took(self, partition: TopicPartition, records: list[Record]) -> None:
         """A partition's batch is done with (handled, or handled around its poison)."""
@@ -304,6 +321,7 @@ class BatchConsumer:
         read again, the handlers skip), and each is read alone. The one that raises is read
         from its bytes: its good records are handed like any, the undecodable stepped over."""
         partitions = consumer.assignment()
+        await self.commit(consumer, now=True)  # what was handled, so less is read again
         await rewind(consumer, partitions, self.cluster)
         batch: Batch = {}
         for partition in partitions:
@@ -367,6 +385,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         log.info("consumer %s: revoked %s", self.owner.name, sorted(p.partition for p in revoked))
+        await self.owner.commit(self.consumer, now=True)  # so their next owner starts close
         self.owner.forget_lag(revoked)  # another replica reports their lag now
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
@@ -406,6 +425,7 @@ def published_here(
     return kept
 
 
+COMMIT_EVERY = 1.0  # seconds between commits of handled offsets to Kafka, at least
 IDLE_CLUSTER_CHECK = 1.0  # seconds between looks at the cluster id while nothing is fetched
 
 # A partition batch failing this often in a row on its data is searched for the records at fault.

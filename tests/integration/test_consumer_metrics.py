@@ -1,7 +1,8 @@
 """A consumer's Prometheus series: messages counted as handled, lag per partition while it owns
 the partition, and no lag series left behind once it stops (aiokafka's stop tells no rebalance
-listener, so the consumer drops them itself). And a record the handler can never take is
-dead-lettered, not retried for ever in front of the rest of its partition."""
+listener, so the consumer drops them itself). Its offsets reach Kafka as a hint, at most once a
+second. And a record the handler can never take is dead-lettered, not retried for ever in front
+of the rest of its partition."""
 
 from __future__ import annotations
 
@@ -13,12 +14,13 @@ from contextlib import asynccontextmanager
 
 import asyncpg
 import psycopg
-from aiokafka import AIOKafkaProducer
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import TopicPartition
 from eventsourcing.persistence import DataError
 from prometheus_client import REGISTRY
 
-from shared.bus.consumer import BatchConsumer, Record, is_data_error
+from shared.bus.consumer import COMMIT_EVERY, BatchConsumer, Record, is_data_error
 from shared.bus.kafka import create_topics, make_producer
 from shared.contracts.topics import DEAD_LETTER
 from shared.settings import Settings
@@ -76,6 +78,57 @@ async def test_a_consumer_counts_what_it_handles_and_its_lag_series_go_with_it(
         )
         assert counted == 20  # the group and the topic are this test's own
     assert lag_series(group) == {}
+
+
+async def test_handled_offsets_reach_kafka_as_a_hint_at_most_once_a_second(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batch after batch, the offsets handled are committed at most every COMMIT_EVERY seconds
+    (a commit a batch cost a broker round trip a batch), and the last ones still get there once
+    nothing more comes."""
+    group = f"commits-{uuid.uuid4().hex[:8]}"
+    topic = f"test.{group}"
+    await create_topics(settings, [topic])  # six partitions
+    seen: list[Record] = []
+    commits: list[float] = []
+    real_commit = AIOKafkaConsumer.commit
+
+    async def counted_commit(self: AIOKafkaConsumer, *args: object, **kwargs: object) -> None:
+        commits.append(asyncio.get_running_loop().time())
+        await real_commit(self, *args, **kwargs)
+
+    monkeypatch.setattr(AIOKafkaConsumer, "commit", counted_commit)
+
+    async def handle(_: TopicPartition, records: list[Record]) -> None:
+        seen.extend(records)
+
+    consumer = BatchConsumer("commit-probe", settings, group, [topic], handle)
+    async with running(consumer) as producer:
+        began = asyncio.get_running_loop().time()
+        for n in range(30):  # 3 s of records, a few at a time: a batch or more each time
+            for m in range(5):
+                await producer.send(topic, b"m", key=f"{n}-{m}".encode())
+            await producer.flush()
+            await asyncio.sleep(0.1)
+        assert await eventually(lambda: len(seen), lambda n: n >= 150) == 150
+        last = {
+            TopicPartition(r.topic, r.partition): r.offset + 1 for r in seen
+        }  # what was handled, per partition
+        # The group's committed offsets, read as the consumer reads them.
+        reader = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers(), group_id=group)
+        await reader.start()
+        try:
+
+            async def committed() -> dict[TopicPartition, int]:
+                found = await reader._coordinator.fetch_committed_offsets(set(last))
+                return {tp: o.offset for tp, o in found.items()}
+
+            assert await eventually(committed, lambda c: c == last, within=5) == last
+        finally:
+            await reader.stop()
+        took = commits[-1] - began
+    assert consumer.batches >= 20  # many batches ...
+    assert len(commits) <= took / COMMIT_EVERY + 2  # ... and a commit a second at most
 
 
 async def test_a_record_the_handler_can_never_take_is_dead_lettered_and_the_rest_go_on(
