@@ -86,12 +86,18 @@ _CRC_AT, _LENGTH_AT, _ATTRIBUTES_AT, _RECORDS_AT = 17, 8, 21, 61  # in a v2 reco
 
 
 def record_batch(
-    values: list[bytes], undecodable_at: int | None, compression: int = 0, base_offset: int = 0
+    values: list[bytes],
+    undecodable_at: int | None,
+    compression: int = 0,
+    base_offset: int = 0,
+    key: bytes = b"k",
+    headers: list[tuple[str, bytes]] | None = None,
 ) -> bytes:
     """A v2 record batch as a producer other than Java's may write it: the record at index
     `undecodable_at` has a header name that is not UTF-8 (None: a placeholder name stays, the
-    same batch otherwise). aiokafka's builder takes only text names: the batch is built with a
-    placeholder, patched, compressed (gzip: 1) and its CRC-32C computed again."""
+    same batch otherwise), after `headers` if given (else in place of an x-trace header).
+    aiokafka's builder takes only text names: the batch is built with a placeholder, patched,
+    compressed (gzip: 1) and its CRC-32C computed again."""
     builder = DefaultRecordBatchBuilder(
         magic=2,
         compression_type=0,
@@ -102,9 +108,12 @@ def record_batch(
         batch_size=1 << 20,
     )
     for n, value in enumerate(values):
-        name = _PLACEHOLDER if n == undecodable_at else "x-trace"
-        builder.append(n, timestamp=1_790_000_000_000 + n, key=b"k", value=value,
-                       headers=[(name, b"v")])  # fmt: skip
+        if headers is None:
+            names = [(_PLACEHOLDER if n == undecodable_at else "x-trace", b"v")]
+        else:
+            names = headers + ([(_PLACEHOLDER, b"v")] if n == undecodable_at else [])
+        builder.append(n, timestamp=1_790_000_000_000 + n, key=key, value=value,
+                       headers=names)  # fmt: skip
     raw = bytearray(builder.build())
     if undecodable_at is not None:
         at = raw.index(_PLACEHOLDER.encode())

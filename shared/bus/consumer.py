@@ -247,14 +247,14 @@ class BatchConsumer:
                     raise
                 await self._dead_letter(record, exc)
 
-    async def _dead_letter(self, record: Record, exc: BaseException, field: str = "value") -> None:
+    async def _dead_letter(self, record: Record, exc: BaseException) -> None:
         value = record.value or b""
         letter = DeadLetter(
             source_topic=record.topic,
             source_partition=record.partition,
             source_offset=record.offset,
             reason="unprocessable",
-            errors=[FieldError(field=field, code=type(exc).__name__, message=str(exc)[:500])],
+            errors=[FieldError(field="value", code=type(exc).__name__, message=str(exc)[:500])],
             received_at=self.clock.now(),
             value_bytes=len(value),
             value_sha256=hashlib.sha256(value).hexdigest(),  # the value stays on its topic
@@ -319,7 +319,7 @@ class BatchConsumer:
         moved the partitions it drained before that one past records it never returned: every
         partition goes back to where this group last committed (what was handled; anything
         read again, the handlers skip), and each is read alone. The one that raises is read
-        from its bytes: its good records are handed like any, the undecodable stepped over."""
+        from its bytes, past the batch the client cannot parse."""
         partitions = consumer.assignment()
         await self.commit(consumer, now=True)  # what was handled, so less is read again
         await rewind(consumer, partitions, self.cluster)
@@ -338,9 +338,10 @@ class BatchConsumer:
         self, consumer: AIOKafkaConsumer, partition: TopicPartition
     ) -> list[Record]:
         """The partition's records through the batch the client cannot parse, read from their
-        bytes, and the consumer moved past them. Each undecodable one is counted as an error and
-        dead-lettered, like poison: on record (for a partner's message, the only trace of it),
-        stepped over."""
+        bytes, and the consumer moved past them. A record whose header name is not UTF-8 is
+        counted as an error and handed on with that name decoded with replacement, as capture
+        decodes header values: its handler judges it like any record (a partner's message is
+        answered; what a handler cannot take is dead-lettered as poison)."""
         read = await read_past_undecodable(
             consumer,
             partition,
@@ -349,9 +350,13 @@ class BatchConsumer:
         )
         for record, error in read.undecodable:
             self.errors += 1
-            await self._dead_letter(record, error, field="headers")
+            log.error(
+                "consumer %s: record %s/%s/%s has a header name that is not UTF-8 (%s);"
+                " read with replacement",
+                self.name, record.topic, record.partition, record.offset, type(error).__name__,
+            )  # fmt: skip
         consumer.seek(partition, read.next_offset)
-        return read.records
+        return sorted([*read.records, *(r for r, _ in read.undecodable)], key=lambda r: r.offset)
 
 
 async def rewind(

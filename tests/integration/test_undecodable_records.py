@@ -1,9 +1,9 @@
 """A record the Kafka client cannot parse, on the real broker: a header name that is not UTF-8,
 written by a producer that allows it (aiokafka's own takes only text names, so the record batch is
 built here byte by byte and produced as it is). aiokafka raises UnicodeDecodeError out of
-`getmany` while it iterates such a batch; the consumer must step over that one record and lose
-none of the others: not those of other partitions in the same fetch, nor those before and after
-it in its own batch."""
+`getmany` while it iterates such a batch; the consumer must lose none of the records: not those
+of other partitions in the same fetch, nor those before and after it in its own batch, nor that
+one, handed on with the name decoded with replacement (a partner's message is answered)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import json
 import logging
 import uuid
 from collections import Counter
+from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer
@@ -20,9 +21,16 @@ from aiokafka.structs import TopicPartition
 
 from shared.bus.consumer import BatchConsumer, Record
 from shared.bus.kafka import create_topics, make_producer
-from shared.contracts.topics import DEAD_LETTER
+from shared.contracts.topics import PARTNER_LEADS, partner_replies
 from shared.settings import Settings
-from tests.support import eventually, read_topic, record_batch
+from tests.support import (
+    NOT_UTF8,
+    eventually,
+    lead_value,
+    read_topic,
+    record_batch,
+    signed_headers,
+)
 
 
 async def produce_raw(settings: Settings, partition: TopicPartition, batch: bytes) -> int:
@@ -79,7 +87,7 @@ async def test_the_client_cannot_parse_a_header_name_that_is_not_utf8(settings: 
         await consumer.stop()
 
 
-async def test_an_undecodable_record_is_stepped_over_and_nothing_else_is_lost(
+async def test_a_record_the_client_cannot_parse_is_read_by_the_format_and_nothing_is_lost(
     settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
     group = f"undecodable-{uuid.uuid4().hex[:8]}"
@@ -93,7 +101,7 @@ async def test_an_undecodable_record_is_stepped_over_and_nothing_else_is_lost(
         settings, bad_partition, record_batch([b"before", b"bad", b"after"], 1)
     )
     await send_good(settings, topic, numbered(range(4, 8)))
-    good = {v for vs in numbered(range(8)).values() for v in vs} | {b"before", b"after"}
+    good = {v for vs in numbered(range(8)).values() for v in vs} | {b"before", b"bad", b"after"}
     handled: list[Record] = []
 
     async def handle(_: TopicPartition, records: list[Record]) -> None:
@@ -119,7 +127,12 @@ async def test_an_undecodable_record_is_stepped_over_and_nothing_else_is_lost(
         )
         after = next(r for r in handled if r.value == b"after")
         assert (after.offset, after.headers) == (base + 2, (("x-trace", b"v"),))
-        assert consumer.errors == 1 and consumer.poisoned == 1
+        bad = next(r for r in handled if r.value == b"bad")
+        assert (bad.offset, bad.headers) == (
+            base + 1,
+            ((NOT_UTF8.decode("utf-8", "replace"), b"v"),),
+        )
+        assert consumer.errors == 1 and consumer.poisoned == 0
         # It keeps running: what comes next is handled.
         await send_good(settings, topic, {p: [f"late{p}".encode()] for p in range(6)})
         late = {f"late{p}".encode() for p in range(6)}
@@ -132,14 +145,26 @@ async def test_an_undecodable_record_is_stepped_over_and_nothing_else_is_lost(
         f"{topic}/2/{base + 1}" in r.getMessage() and "UnicodeDecodeError" in r.getMessage()
         for r in caplog.records
     )
-    letters = [
-        json.loads(record.value)
-        for record in await read_topic(
-            settings.bootstrap_servers(),
-            DEAD_LETTER,
-            lambda rs: any(json.loads(r.value).get("source_topic") == topic for r in rs),
-        )
-        if json.loads(record.value).get("source_topic") == topic
-    ]
-    assert [(x["source_partition"], x["source_offset"]) for x in letters] == [(2, base + 1)]
-    assert letters[0]["errors"][0]["code"] == "UnicodeDecodeError"
+
+
+async def test_a_partner_message_with_a_header_name_that_is_not_utf8_is_answered(
+    settings: Settings,
+    intake,  # type: ignore[no-untyped-def]
+) -> None:
+    """SPEC §3: every partner message gets a reply, this one too (its signed headers are whole;
+    the name that is not UTF-8 is one more header, read with replacement)."""
+    _, partner, secret = intake
+    message_id = f"{partner}-{uuid.uuid4().hex}"
+    value = lead_value(partner, message_id)
+    headers = [(k, v) for k, v in signed_headers(partner, message_id, secret, value)]
+    batch = record_batch([value], 0, key=partner.encode(), headers=headers)
+    await produce_raw(settings, TopicPartition(PARTNER_LEADS, 0), batch)
+
+    def mine(records: list[Any]) -> list[dict[str, Any]]:
+        replies = [json.loads(r.value) for r in records]
+        return [reply for reply in replies if reply.get("message_id") == message_id]
+
+    replies = await read_topic(
+        settings.bootstrap_servers(), partner_replies(partner), lambda rs: bool(mine(rs))
+    )
+    assert [reply["status"] for reply in mine(replies)] == ["accepted"]
