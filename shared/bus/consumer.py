@@ -108,6 +108,7 @@ class BatchConsumer:
         self.poisoned = 0
         self.behind = 0  # messages not yet handled on them, as last measured
         self._uncommitted: dict[TopicPartition, tuple[int, str]] = {}  # handled, not committed
+        self._handled: dict[TopicPartition, int] = {}  # the offset after the last handled record
         self._committed_at = 0.0
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -156,6 +157,7 @@ class BatchConsumer:
                     )
                     self.cluster = current
                     self._uncommitted.clear()  # positions in the old broker's logs
+                    self._handled.clear()
                     await ensure_core_topics(admin, self.settings)
                     partitions = consumer.assignment()
                     if partitions:
@@ -204,6 +206,7 @@ class BatchConsumer:
                 if backoff:
                     await asyncio.sleep(backoff)
                 self._uncommitted.update(done)
+                self._handled.update((partition, offset) for partition, (offset, _) in done.items())
                 await self.commit(consumer)
                 await self._measure_lag(consumer)
         finally:
@@ -317,12 +320,15 @@ class BatchConsumer:
     async def _around_undecodable(self, consumer: AIOKafkaConsumer) -> Batch:
         """A fetch raised on a record the client cannot parse (shared.bus.undecodable). It had
         moved the partitions it drained before that one past records it never returned: every
-        partition goes back to where this group last committed (what was handled; anything
-        read again, the handlers skip), and each is read alone. The one that raises is read
-        from its bytes, past the batch the client cannot parse."""
+        partition goes back to the record after the last one this consumer handled there, or
+        where the group last committed (anything read again, the handlers skip), and each is
+        read alone. The one that raises is read from its bytes, past the batch the client
+        cannot parse."""
         partitions = consumer.assignment()
-        await self.commit(consumer, now=True)  # what was handled, so less is read again
-        await rewind(consumer, partitions, self.cluster)
+        known = {tp: self._handled[tp] for tp in partitions if tp in self._handled}
+        for partition, offset in known.items():
+            consumer.seek(partition, offset)
+        await rewind(consumer, partitions - known.keys(), self.cluster)
         batch: Batch = {}
         for partition in partitions:
             try:
@@ -364,8 +370,11 @@ async def rewind(
 ) -> None:
     """Put partitions back where this group last committed on this broker, the others to the
     start: where `_Rebalance` starts them. The committed offsets are a hint, at or behind what
-    was handled: the handlers skip what is read again."""
+    was handled: the handlers skip what is read again. (Tansu keeps no commit metadata: there,
+    every partition goes to the start.)"""
     partitions = list(partitions)
+    if not partitions:
+        return
     committed = await consumer._coordinator.fetch_committed_offsets(partitions)
     here = {
         tp: position.offset

@@ -168,3 +168,38 @@ async def test_a_partner_message_with_a_header_name_that_is_not_utf8_is_answered
         settings.bootstrap_servers(), partner_replies(partner), lambda rs: bool(mine(rs))
     )
     assert [reply["status"] for reply in mine(replies)] == ["accepted"]
+
+
+async def test_an_undecodable_record_deep_in_its_partition_is_passed_once(
+    settings: Settings,
+) -> None:
+    """Many fetches into its partition (fetches of 1 KiB here), the record is met once and
+    passed: the partitions go back to what this consumer handled, not to the group's commit,
+    which Tansu keeps without its broker tag, so that going back there reads from the start and
+    meets the same record again, for ever."""
+    group = f"undecodable-deep-{uuid.uuid4().hex[:8]}"
+    topic = f"test.{group}"
+    await create_topics(settings, [topic])
+    partition = TopicPartition(topic, 0)
+    before = [f"before-{n}-".encode() + b"x" * 200 for n in range(40)]  # ~9 KiB
+    await send_good(settings, topic, {0: before})
+    await produce_raw(settings, partition, record_batch([b"b1", b"bad", b"b2"], 1))
+    await send_good(settings, topic, {0: [b"later"]})
+    handled: list[Record] = []
+
+    async def handle(_: TopicPartition, records: list[Record]) -> None:
+        handled.extend(records)
+
+    small = settings.model_copy(update={"consumer_partition_fetch_bytes": 1024})
+    consumer = BatchConsumer("undecodable-deep", small, group, [topic], handle)
+    stop = asyncio.Event()
+    task = asyncio.create_task(consumer.run(stop))
+    expected = [*before, b"b1", b"bad", b"b2", b"later"]
+    try:
+        await eventually(lambda: [r.value for r in handled], lambda v: b"later" in v, within=30)
+        await asyncio.sleep(2)  # anything read again would be handled again by now
+    finally:
+        stop.set()
+        await task
+    assert [r.value for r in handled] == expected
+    assert consumer.errors == 1
