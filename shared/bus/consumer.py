@@ -110,6 +110,7 @@ class BatchConsumer:
         self._uncommitted: dict[TopicPartition, tuple[int, str]] = {}  # handled, not committed
         self._handled: dict[TopicPartition, int] = {}  # the offset after the last handled record
         self._committed_at = 0.0
+        self.commits = 0  # commits sent to Kafka
 
     async def run(self, stop: asyncio.Event) -> None:
         await retrying(lambda: self._consume(stop), stop, log, f"consumer {self.name}",
@@ -227,6 +228,7 @@ class BatchConsumer:
             return
         offsets, self._uncommitted = self._uncommitted, {}
         self._committed_at = time.monotonic()
+        self.commits += 1
         with contextlib.suppress(Exception):  # revoked meanwhile: its next owner commits
             await consumer.commit(offsets)
 
