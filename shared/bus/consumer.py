@@ -370,10 +370,11 @@ class BatchConsumer:
 async def rewind(
     consumer: AIOKafkaConsumer, partitions: Iterable[TopicPartition], cluster: str | None
 ) -> None:
-    """Put partitions back where this group last committed on this broker, the others to the
-    start: where `_Rebalance` starts them. The committed offsets are a hint, at or behind what
-    was handled: the handlers skip what is read again. (Tansu keeps no commit metadata: there,
-    every partition goes to the start.)"""
+    """Start partitions where this group last committed on this broker, the others from the
+    start: on assignment (a fresh broker would otherwise start a partition past records it
+    never delivered), and after an undecodable record. The committed offsets are a hint, at or
+    behind what was handled: the handlers skip what is read again. (Tansu keeps no commit
+    metadata: there, every partition starts from the beginning.)"""
     partitions = list(partitions)
     if not partitions:
         return
@@ -410,16 +411,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         self.owner.forget_lag(self.owner.lagging - assigned)
         self.owner.assigned = len(assigned)
         self.owner.running = True
-        if not assigned:
-            return
-        committed = await self.consumer._coordinator.fetch_committed_offsets(assigned)
-        foreign = [
-            tp
-            for tp, position in committed.items()
-            if position.offset >= 0 and position.metadata != self.owner.cluster
-        ]
-        if foreign:
-            await self.consumer.seek_to_beginning(*foreign)
+        await rewind(self.consumer, assigned, self.owner.cluster)
 
 
 def published_here(
