@@ -278,6 +278,20 @@ class CaptureApp(EventStoreApp):
         rules: Rules,
     ) -> int:
         """Judge and answer a partition's batch of partner messages, exactly once each."""
+        names = {m.partition: tracking_name for m in messages}
+        return self.handle_partner_fetch(names, messages, secrets_of, now, rules)
+
+    def handle_partner_fetch(
+        self,
+        tracking_names: Mapping[int, str],
+        messages: Sequence[Incoming],
+        secrets_of: Mapping[str, list[str]],
+        now: datetime,
+        rules: Rules,
+    ) -> int:
+        """Judge and answer partner messages from one or more partitions (each partition's
+        position tracked under its name in `tracking_names`), exactly once each, in the order
+        given: the order in which they arrived, which decides who registered a company first."""
         answered: list[tuple[Incoming, Verdict, PartnerReply | None]] = []
 
         def decide(batch: list[Incoming]) -> list[Aggregate]:
@@ -286,11 +300,13 @@ class CaptureApp(EventStoreApp):
             leads = [v for _, v in verdicts if v.lead is not None and v.lead_id is not None]
             intake = _BatchIntake(self, leads, now, rules)
             answered.extend((m, v, intake.take(m, v)) for m, v in verdicts)
-            answers = [_answer(tracking_name, m, v, reply, now) for m, v, reply in answered]
+            answers = [
+                _answer(tracking_names[m.partition], m, v, reply, now) for m, v, reply in answered
+            ]
             return [*intake.stored, *answers, *intake.registrations.values()]
 
-        positioned = [(m.offset + 1, m) for m in messages]
-        applied = record_tracked(self, tracking_name, positioned, decide, self.side_writes)
+        positioned = [(tracking_names[m.partition], m.offset + 1, m) for m in messages]
+        applied = record_tracked(self, positioned, decide, self.side_writes)
         # Stored: what each partner is told. Refusals at INFO; the usual answers (the bulk of a
         # batch) at DEBUG, their log records built only when DEBUG is on.
         # (Nothing applied: another replica stored them all, whatever an earlier decide said.)

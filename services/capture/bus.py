@@ -17,7 +17,7 @@ from eventsourcing.utils import resolve_topic
 from services.capture.app import CaptureApp
 from services.capture.domain import Incoming, Lead, PartnerMessage, Registration
 from services.capture.partners import PartnerSecrets
-from shared.bus.consumer import BatchConsumer, Record
+from shared.bus.consumer import Batch, BatchConsumer, Record, in_arrival_order
 from shared.bus.envelopes import PublishedRoute, stored_state
 from shared.bus.relay import Outbound
 from shared.clock import Clock
@@ -119,7 +119,10 @@ def partner_intake(
 ) -> BatchConsumer:
     """The consumer of `partner.leads.v1`: every message answered once, none ever blocks it."""
 
-    async def handle(partition: TopicPartition, records: list[Record]) -> None:
+    async def handle_fetch(batch: Batch) -> None:
+        # In the order the broker took them, whatever their partitions: who registered a
+        # company first is decided by it. (Each partition's own order is kept.)
+        records = in_arrival_order(batch)
         messages = [incoming(r) for r in records]
         now = clock.now()
         partner_ids = {  # as the verdict reads them: the header, else the key
@@ -127,15 +130,19 @@ def partner_intake(
             for m in messages
         }
         secrets_of = await secrets.for_partners(partner_ids, now)
-        tracking = f"{PARTNER_LEADS}:{consumer.cluster}:p{partition.partition}"
+        names = {p.partition: f"{PARTNER_LEADS}:{consumer.cluster}:p{p.partition}" for p in batch}
         await asyncio.to_thread(
-            app.handle_partner_messages,
-            tracking,
+            app.handle_partner_fetch,
+            names,
             messages,
             secrets_of,
             now,
             settings.rules(),  # per batch: an edited dealstream.toml applies without a restart
         )
 
-    consumer = BatchConsumer("partner-intake", settings, "capture", [PARTNER_LEADS], handle, clock)
+    async def handle(partition: TopicPartition, records: list[Record]) -> None:
+        await handle_fetch({partition: records})
+
+    consumer = BatchConsumer("partner-intake", settings, "capture", [PARTNER_LEADS], handle, clock,
+                             handle_fetch=handle_fetch)  # fmt: skip
     return consumer

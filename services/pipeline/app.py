@@ -191,6 +191,13 @@ class PipelineApp(EventStoreApp):
     ) -> int:
         """Open an opportunity per captured lead (scored, tiered, routed); attach merged leads
         to the opportunity of the lead they were merged into. Exactly once per upstream event."""
+        return self.apply_tracked_lead_events([(tracking_name, i, e) for i, e in items], rules)
+
+    def apply_tracked_lead_events(
+        self, items: Sequence[tuple[str, int, Envelope]], rules: Rules
+    ) -> int:
+        """`apply_lead_events` for events of one or more upstreams (a fetch's partitions), each
+        (upstream, notification id, envelope), applied in one transaction."""
 
         pending: list[SideWrite] = []
 
@@ -250,7 +257,7 @@ class PipelineApp(EventStoreApp):
         def side_writes(aggregates: Sequence[Aggregate]) -> list[SideWrite]:
             return [*self.index_writes(aggregates), *pending]
 
-        return record_tracked(self, tracking_name, items, decide, side_writes)
+        return record_tracked(self, items, decide, side_writes)
 
     def _pending_writes(
         self, waiting: Sequence[tuple[Any, ...]], settled: Sequence[uuid.UUID]

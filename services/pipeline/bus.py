@@ -8,7 +8,7 @@ from aiokafka.structs import TopicPartition
 
 from services.pipeline.app import PipelineApp
 from services.pipeline.domain import Opportunity
-from shared.bus.consumer import BatchConsumer, Record
+from shared.bus.consumer import Batch, BatchConsumer, Record
 from shared.bus.envelopes import PublishedRoute, decode_records
 from shared.contracts.topics import LEAD_EVENTS, OPPORTUNITY_EVENTS
 from shared.settings import Settings
@@ -18,13 +18,24 @@ route = PublishedRoute(OPPORTUNITY_EVENTS, "pipeline", (Opportunity.Opened, Oppo
 
 
 def lead_events(app: PipelineApp, settings: Settings) -> BatchConsumer:
-    async def handle(partition: TopicPartition, records: list[Record]) -> None:
-        name = f"capture:p{partition.partition}"
+    async def handle_fetch(batch: Batch) -> None:
         # Rules are read per batch (cached by the file's mtime): an edited dealstream.toml —
         # a new team, a routing rule — applies without a restart.
         rules = settings.rules()
-        # Decoded in the worker thread too: the event loop goes back to fetching, and another
-        # partition's batch starts while this one is parsed.
-        await asyncio.to_thread(lambda: app.apply_lead_events(name, decode_records(records), rules))
 
-    return BatchConsumer("lead-events", settings, "pipeline", [LEAD_EVENTS], handle)
+        def apply() -> int:
+            # Decoded in the worker thread too: the event loop goes back to fetching.
+            items = [
+                (f"capture:p{partition.partition}", notification_id, envelope)
+                for partition, records in batch.items()
+                for notification_id, envelope in decode_records(records)
+            ]
+            return app.apply_tracked_lead_events(items, rules)
+
+        await asyncio.to_thread(apply)
+
+    async def handle(partition: TopicPartition, records: list[Record]) -> None:
+        await handle_fetch({partition: records})
+
+    return BatchConsumer("lead-events", settings, "pipeline", [LEAD_EVENTS], handle,
+                         handle_fetch=handle_fetch)  # fmt: skip

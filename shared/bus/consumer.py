@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import heapq
 import logging
 import time
 import uuid
@@ -59,6 +60,7 @@ log = logging.getLogger(__name__)
 Record: TypeAlias = ConsumerRecord[bytes, bytes]
 Batch: TypeAlias = dict[TopicPartition, list[Record]]
 PartitionHandler = Callable[[TopicPartition, list[Record]], Awaitable[None]]
+BatchHandler = Callable[[Batch], Awaitable[None]]
 T = TypeVar("T")
 # What says a record's data cannot be taken. Not ValueError, KeyError and the like: those are
 # as likely a bug in a handler, which must stop the partition, not send its records away.
@@ -83,6 +85,7 @@ class BatchConsumer:
         handle: PartitionHandler,
         clock: Clock | None = None,
         batch: int | None = None,
+        handle_fetch: BatchHandler | None = None,
     ) -> None:
         self.name = name
         self.batch = batch or settings.consumer_batch  # records per fetch, at most
@@ -91,6 +94,7 @@ class BatchConsumer:
         self.group_id = group_id
         self.topics = list(topics)
         self.handle = handle
+        self.handle_fetch = handle_fetch
         self.cluster: str | None = None
         self.processed = 0
         self.batches = 0  # partition batches handled: processed / batches is the batch size
@@ -166,16 +170,11 @@ class BatchConsumer:
                     continue
                 if not (batch := published_here(batch, current)):
                     continue
-                # Partitions are independent streams: handle them side by side, so one
-                # partition's database round trip overlaps another's decisions.
-                outcomes = await asyncio.gather(
-                    *(self._timed(partition, records) for partition, records in batch.items()),
-                    return_exceptions=True,
-                )
+                outcomes = await self._handle(batch, failures)
                 done: dict[TopicPartition, tuple[int, str]] = {}
                 backoff = 0.0
                 for (partition, records), outcome in zip(batch.items(), outcomes, strict=True):
-                    if not isinstance(outcome, BaseException):
+                    if outcome is None:
                         self._took(partition, records)
                         failures.pop(partition, None)
                         done[partition] = (records[-1].offset + 1, self.cluster)
@@ -231,6 +230,43 @@ class BatchConsumer:
         self.commits += 1
         with contextlib.suppress(Exception):  # revoked meanwhile: its next owner commits
             await consumer.commit(offsets)
+
+    async def _handle(
+        self, batch: Batch, failures: dict[TopicPartition, int]
+    ) -> list[BaseException | None]:
+        """Handle a fetch: each partition's outcome. With `handle_fetch`, all its partitions
+        in one go (one transaction, not one per partition: a fetch at a few hundred records a
+        second brings a handful of records from each of six or more partitions, and the
+        per-transaction cost was most of a record's); if that fails, or a partition failed
+        last time, each partition alone, which tells a partition's trouble (a poison record)
+        from the others'."""
+        if self.handle_fetch is not None and len(batch) > 1 and not failures.keys() & batch:
+            started = time.perf_counter()
+            topics = ",".join(sorted({partition.topic for partition in batch}))
+            count = sum(map(len, batch.values()))
+            attributes: dict[str, str | int] = {
+                "dealstream.consumer": self.name,
+                "messaging.batch.message_count": count,
+            }
+            try:
+                with span(f"consume {topics}", **attributes):
+                    await self.handle_fetch(batch)
+            except Exception as exc:
+                log.warning(
+                    "consumer %s: a fetch of %d partitions failed together (%s); each alone next",
+                    self.name, len(batch), type(exc).__name__,
+                )  # fmt: skip
+            else:
+                return [None] * len(batch)
+            finally:
+                PROCESSING.labels(self.group_id, self.name).observe(time.perf_counter() - started)
+        # Partitions are independent streams: handle them side by side, so one partition's
+        # database round trip overlaps another's decisions.
+        outcomes = await asyncio.gather(
+            *(self._timed(partition, records) for partition, records in batch.items()),
+            return_exceptions=True,
+        )
+        return [o if isinstance(o, BaseException) else None for o in outcomes]
 
     def _took(self, partition: TopicPartition, records: list[Record]) -> None:
         """A partition's batch is done with (handled, or handled around its poison)."""
@@ -414,6 +450,14 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         await rewind(self.consumer, assigned, self.owner.cluster)
 
 
+def in_arrival_order(batch: Batch) -> list[Record]:
+    """A fetch's records in the order the broker timestamped them, each partition's own order
+    kept (a partition's timestamps can step back: several producers)."""
+    if len(batch) == 1:
+        return next(iter(batch.values()))
+    return list(heapq.merge(*batch.values(), key=lambda record: record.timestamp))
+
+
 def published_here(
     batch: dict[TopicPartition, list[Record]], cluster: str
 ) -> dict[TopicPartition, list[Record]]:
@@ -451,40 +495,46 @@ def is_data_error(exc: BaseException) -> bool:
     return False
 
 
-def _fresh(items: Sequence[tuple[int, T]], position: int) -> list[tuple[int, T]]:
-    """Items above the position, keeping ids strictly increasing (a republish repeats ids)."""
-    fresh: list[tuple[int, T]] = []
-    for notification_id, item in items:
-        if notification_id > position:
-            fresh.append((notification_id, item))
-            position = notification_id
+def _fresh(
+    items: Sequence[tuple[str, int, T]], positions: dict[str, int]
+) -> list[tuple[str, int, T]]:
+    """Items above their upstream's position, keeping each upstream's ids strictly increasing
+    (a republish repeats ids), in the order given."""
+    positions = dict(positions)
+    fresh: list[tuple[str, int, T]] = []
+    for name, notification_id, item in items:
+        if notification_id > positions[name]:
+            fresh.append((name, notification_id, item))
+            positions[name] = notification_id
     return fresh
 
 
 def record_tracked(
     app: EventStoreApp,
-    name: str,
-    items: Sequence[tuple[int, T]],
+    items: Sequence[tuple[str, int, T]],
     decide: Callable[[list[T]], Sequence[Aggregate]],
     side_writes: Callable[[Sequence[Aggregate]], Sequence[SideWrite]] | None = None,
 ) -> int:
-    """Apply the items not yet tracked under `name`: `decide` turns them into aggregates with
-    pending events, stored with the new position (and the service's `side_writes` for those
-    aggregates) in one transaction. Blocking: run it in a worker thread. Returns how many items
-    were applied."""
+    """Apply the items not yet tracked: each is (upstream, id, item), the upstream named as its
+    `Tracking` is (a partition: `f"{topic}:p{partition}"`, or the like). `decide` turns the
+    fresh items, in the order given, into aggregates with pending events, stored with each
+    upstream's new position (and the service's `side_writes` for those aggregates) in one
+    transaction. Blocking: run it in a worker thread. Returns how many items were applied."""
+    names = list(dict.fromkeys(name for name, _, _ in items))
     for _attempt in range(3):
-        fresh = _fresh(items, app.tracked_position(name))
+        fresh = _fresh(items, app.tracked_positions(names))
         if not fresh:
             return 0
-        aggregates = decide([item for _, item in fresh])
+        aggregates = decide([item for _, _, item in fresh])
         extra = side_writes(aggregates) if side_writes else ()
+        last = {name: notification_id for name, notification_id, _ in fresh}
         try:
-            app.record(aggregates, Tracking(name, fresh[-1][0]), extra)
+            app.record(aggregates, [Tracking(n, i) for n, i in last.items()], extra)
             return len(fresh)
         except IntegrityError:
-            # Another replica applied them first (a rebalance): read the position again.
+            # Another replica applied them first (a rebalance): read the positions again.
             continue
-    raise RuntimeError(f"tracking {name}: could not record after 3 attempts")
+    raise RuntimeError(f"tracking {names}: could not record after 3 attempts")
 
 
 Projector = Callable[[asyncpg.Connection, list[Envelope]], Awaitable[None]]

@@ -21,9 +21,11 @@ from functools import cached_property
 from typing import Any
 
 from eventsourcing.persistence import (
+    IntegrityError,
     InterfaceError,
     OperationalError,
     StoredEvent,
+    Tracking,
 )
 from eventsourcing.postgres import PostgresProcessRecorder
 from eventsourcing.utils import retry
@@ -58,6 +60,40 @@ class BatchProcessRecorder(PostgresProcessRecorder):
         """SET LOCAL lock_timeout, LOCK TABLE … IN EXCLUSIVE MODE and NOTIFY: one round trip."""
         notify = SQL("NOTIFY {}").format(Identifier(self.channel_name))
         return SQL("; ").join([*self.lock_table_statements, notify])
+
+    @cached_property
+    def _insert_trackings(self) -> Composed:
+        """The library's single-row tracking upsert for several upstreams in one statement: a
+        row comes back for each position that moved forward, none for one repeated or lower."""
+        return SQL(
+            "INSERT INTO {table} (application_name, notification_id) "
+            + unnest_rows(("text", "int8"))
+            + " ON CONFLICT (application_name) DO UPDATE"
+            " SET notification_id = EXCLUDED.notification_id"
+            " WHERE {table}.notification_id < EXCLUDED.notification_id"
+            " RETURNING application_name"
+        ).format(
+            table=SQL("{}.{}").format(
+                Identifier(self.datastore.schema), Identifier(self.tracking_table_name)
+            )
+        )
+
+    def _insert_events(
+        self, curs: Any, stored_events: Sequence[StoredEvent], **kwargs: Any
+    ) -> None:
+        """The library's (the `tracking`, if any), then `trackings`: the positions of several
+        upstreams (a consumer's partitions) recorded with one save. Any that is not ahead of
+        what is recorded fails the transaction, as the library's does for one."""
+        super()._insert_events(curs, stored_events, **kwargs)
+        trackings: Sequence[Tracking] = kwargs.get("trackings", ())
+        if not trackings:
+            return
+        names = [t.application_name for t in trackings]
+        if len(set(names)) != len(names):
+            raise ValueError(f"one position per upstream in a save, not {sorted(names)}")
+        curs.execute(self._insert_trackings, [names, [t.notification_id for t in trackings]])
+        if behind := set(names) - {row["application_name"] for row in curs.fetchall()}:
+            raise IntegrityError(f"Failed to record tracking for {sorted(behind)}")
 
     # The whole transaction is inside: a dropped connection or a lock timeout is tried again.
     @retry((InterfaceError, OperationalError), max_attempts=3, wait=0.2)

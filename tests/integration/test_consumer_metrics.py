@@ -164,6 +164,56 @@ async def test_a_record_the_handler_can_never_take_is_dead_lettered_and_the_rest
     assert letters[0]["key"] == b"k"  # the record's key (clipped to DEAD_KEY_KEEP bytes)
 
 
+async def test_a_fetch_of_several_partitions_is_handled_at_once_and_poison_only_holds_its_own(
+    settings: Settings,
+) -> None:
+    """With `handle_fetch`, the partitions of one fetch go to the handler together (one
+    transaction in the services). When that fails, each partition is handled alone: a poison
+    record is found on its partition, and the other partitions' records are handled once."""
+    group = f"fetch-{uuid.uuid4().hex[:8]}"
+    calls: list[int] = []  # partitions of each call to handle_fetch, whatever its outcome
+    handled: list[bytes] = []
+
+    async def apply(records: list[Record]) -> None:
+        if any(r.value == b"poison" for r in records):
+            raise psycopg.DataError("a value no column takes")
+        handled.extend(r.value for r in records if r.value is not None)
+
+    async def handle(_: TopicPartition, records: list[Record]) -> None:
+        await apply(records)
+
+    async def handle_fetch(batch: dict[TopicPartition, list[Record]]) -> None:
+        calls.append(len(batch))
+        await apply([record for records in batch.values() for record in records])
+
+    for wave, poison in (("good", False), ("poisoned", True)):
+        topic = f"test.{group}.{wave}"  # on the topic before the consumer starts: one fetch
+        await create_topics(settings, [topic])
+        producer = make_producer(settings)
+        await producer.start()
+        sent = [f"{wave}-{key}-{n}".encode() for key in "abcdefgh" for n in range(3)]
+        try:
+            for value in sent:
+                await producer.send(topic, value, key=value[: len(wave) + 2])
+                if poison and value == sent[4]:
+                    await producer.send(topic, b"poison", key=value[: len(wave) + 2])
+            await producer.flush()
+        finally:
+            await producer.stop()
+        calls.clear()
+        handled.clear()
+        consumer = BatchConsumer(f"fetch-{wave}", settings, f"{group}-{wave}", [topic], handle,
+                                 handle_fetch=handle_fetch)  # fmt: skip
+        async with running(consumer):
+            want = len(sent)
+            assert await eventually(lambda: sorted(handled), lambda h, n=want: len(h) >= n,
+                                    within=60) == sorted(sent)  # fmt: skip
+        assert max(calls) > 1  # several partitions came in one fetch and went together
+        assert len(handled) == len(sent)  # each record once, whichever way it went
+        assert consumer.poisoned == (1 if poison else 0)
+        assert consumer.processed == len(sent) + poison
+
+
 def test_only_data_the_database_or_a_contract_refuses_is_poison() -> None:
     try:
         try:

@@ -54,6 +54,38 @@ async def test_tracked_consumer_applies_each_upstream_event_once(
     app.close()
 
 
+async def test_a_fetch_of_several_partitions_is_applied_once_each_in_one_save(
+    settings: Settings,
+    schema: str,
+    open_pool,  # type: ignore[no-untyped-def]
+) -> None:
+    await open_pool(schema, PIPELINE_MIGRATIONS)
+    app = await asyncio.to_thread(PipelineApp, settings.dsn(), schema)
+    leads = [uuid.uuid4() for _ in range(5)]
+    # Partition 1 had been applied up to 4 alone, before this fetch of two partitions.
+    assert app.apply_lead_events("capture:p1", [(4, lead_captured(leads[0]))], Rules()) == 1
+    fetch = [
+        ("capture:p0", 3, lead_captured(leads[1])),
+        ("capture:p1", 4, lead_captured(leads[0])),  # applied already: skipped
+        ("capture:p1", 9, lead_captured(leads[2])),
+        ("capture:p0", 5, lead_captured(leads[3])),
+    ]
+    assert await asyncio.to_thread(app.apply_tracked_lead_events, fetch, Rules()) == 3
+    assert app.tracked_positions(["capture:p0", "capture:p1"]) == {
+        "capture:p0": 5,
+        "capture:p1": 9,
+    }
+    # The same fetch again (a redelivery), then one that goes on past it on one partition.
+    assert await asyncio.to_thread(app.apply_tracked_lead_events, fetch, Rules()) == 0
+    more = [*fetch, ("capture:p1", 10, lead_captured(leads[4]))]
+    assert await asyncio.to_thread(app.apply_tracked_lead_events, more, Rules()) == 1
+    opened_ids = {opportunity_id_for(lead) for lead in leads}
+    assert app.existing_ids(list(opened_ids)) == opened_ids
+    for lead in leads:
+        assert app.repository.get(opportunity_id_for(lead)).version == 3  # each opened once
+    app.close()
+
+
 async def test_two_replicas_racing_on_one_partition_store_it_once(
     settings: Settings,
     schema: str,

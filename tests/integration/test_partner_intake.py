@@ -289,3 +289,35 @@ async def test_two_partners_racing_for_one_company_one_holds_it(
     assert held[0]["conflicts"] == 1
     for app in apps:
         app.close()
+
+
+async def test_one_fetch_of_two_partitions_registers_the_company_for_who_came_first(
+    settings: Settings,
+    schema: str,
+    open_pool,  # type: ignore[no-untyped-def]
+) -> None:
+    """Partitions of one fetch are judged in one save, in the order the broker took them
+    (the consumer's `in_arrival_order`): the partner whose message came first holds the
+    registration, whichever partition it is on, and each partition's position is kept."""
+    await open_pool(schema, MIGRATIONS)
+    app = await asyncio.to_thread(CaptureApp, settings.dsn(), schema)
+    company = f"Contested Co {uuid.uuid4().hex[:6]}"
+    messages = []
+    for partition, partner in ((1, "bravo"), (0, "alpha")):  # bravo's came first
+        value = lead_value(partner, f"{partner}-1", company=company)
+        headers = {"x-partner-id": partner, "x-message-id": f"{partner}-1",
+                   "x-signature": sign("s", value)}  # fmt: skip
+        messages.append(
+            Incoming("partner.leads.v1", partition, 0, partner.encode(), value, headers)
+        )
+    names = {0: "t:p0", 1: "t:p1"}
+    secrets = {"alpha": ["s"], "bravo": ["s"]}
+    now = datetime.now(UTC)
+    fetch = (names, messages, secrets, now, Rules())
+    assert await asyncio.to_thread(app.handle_partner_fetch, *fetch) == 2
+    assert [r["status"] for r in app.registrations_of("bravo")] == ["held"]
+    assert app.registrations_of("bravo")[0]["conflicts"] == 1
+    assert app.registrations_of("alpha") == []  # a conflict registers nothing
+    assert app.tracked_positions(["t:p0", "t:p1"]) == {"t:p0": 1, "t:p1": 1}
+    assert await asyncio.to_thread(app.handle_partner_fetch, *fetch) == 0  # once each
+    app.close()

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from eventsourcing.domain import Aggregate, event
-from eventsourcing.persistence import IntegrityError
+from eventsourcing.persistence import IntegrityError, Tracking
 
 from services.pipeline.app import MIGRATIONS, PipelineApp
 from shared.settings import Settings
@@ -74,3 +74,24 @@ async def test_a_save_repeating_a_stored_version_fails_whole(
     assert len(store.notifications_after(0, 10_000)) == 4  # nothing of the failed save
     assert store.repository.get(note.id).text == note.text
     assert store.existing_ids([fresh.id]) == set()
+
+
+async def test_a_save_records_several_upstream_positions_or_none(store: PipelineApp) -> None:
+    """A consumer's fetch of several partitions is one save: each partition's position goes
+    with it, and one position that is not ahead fails the whole save."""
+    store.record([], [Tracking("up:p0", 5), Tracking("up:p1", 7)])
+    assert store.tracked_positions(["up:p0", "up:p1", "up:p2"]) == {
+        "up:p0": 5,
+        "up:p1": 7,
+        "up:p2": 0,
+    }
+    lost = Note("in a save with a stale position")
+    with pytest.raises(IntegrityError):  # p1 is not ahead: someone applied it first
+        store.record([lost], [Tracking("up:p2", 1), Tracking("up:p1", 7)])
+    assert store.tracked_positions(["up:p1", "up:p2"]) == {"up:p1": 7, "up:p2": 0}
+    assert store.existing_ids([lost.id]) == set()
+    kept = Note("with positions ahead")
+    store.record([kept], [Tracking("up:p2", 1), Tracking("up:p1", 8)])
+    assert store.tracked_positions(["up:p1", "up:p2"]) == {"up:p1": 8, "up:p2": 1}
+    assert store.existing_ids([kept.id]) == {kept.id}
+    assert store.tracked_position("up:p0") == 5

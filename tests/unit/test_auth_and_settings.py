@@ -48,9 +48,14 @@ def test_rules_default_to_the_spec_and_load_from_toml(tmp_path: Path) -> None:
 
 
 def test_republished_ids_are_applied_once_in_order() -> None:
-    items = [(5, "e5"), (6, "e6"), (7, "e7"), (5, "e5"), (6, "e6"), (7, "e7"), (8, "e8")]
-    assert _fresh(items, 5) == [(6, "e6"), (7, "e7"), (8, "e8")]
-    assert _fresh(items, 8) == []
+    items = [("p0", n, f"e{n}") for n in (5, 6, 7, 5, 6, 7, 8)]
+    assert _fresh(items, {"p0": 5}) == [("p0", 6, "e6"), ("p0", 7, "e7"), ("p0", 8, "e8")]
+    assert _fresh(items, {"p0": 8}) == []
+
+
+def test_each_upstream_of_a_fetch_is_kept_to_its_own_position() -> None:
+    items = [("p0", 3, "a"), ("p1", 3, "b"), ("p0", 4, "c"), ("p1", 2, "d"), ("p1", 5, "e")]
+    assert _fresh(items, {"p0": 3, "p1": 0}) == [("p1", 3, "b"), ("p0", 4, "c"), ("p1", 5, "e")]
 
 
 def test_drain_runs_pages_until_one_is_empty() -> None:
