@@ -47,7 +47,7 @@ MESSAGES_OUT = Counter(
 )
 PROCESSING = Histogram(
     "dealstream_processing_seconds",
-    "Time to handle one partition's batch of messages",
+    "Time to handle a consumer batch: a fetch's partitions together, or one partition's alone",
     ["service", "consumer"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )

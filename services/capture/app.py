@@ -291,7 +291,8 @@ class CaptureApp(EventStoreApp):
     ) -> int:
         """Judge and answer partner messages from one or more partitions (each partition's
         position tracked under its name in `tracking_names`), exactly once each, in the order
-        given: the order in which they arrived, which decides who registered a company first."""
+        given (the consumer's `in_arrival_order`), which decides who registered a company
+        first."""
         answered: list[tuple[Incoming, Verdict, PartnerReply | None]] = []
 
         def decide(batch: list[Incoming]) -> list[Aggregate]:

@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import orjson
-from aiokafka.structs import TopicPartition
 from eventsourcing.domain import DomainEventProtocol
 from eventsourcing.persistence import Notification
 from eventsourcing.utils import resolve_topic
@@ -119,9 +118,9 @@ def partner_intake(
 ) -> BatchConsumer:
     """The consumer of `partner.leads.v1`: every message answered once, none ever blocks it."""
 
-    async def handle_fetch(batch: Batch) -> None:
-        # In the order the broker took them, whatever their partitions: who registered a
-        # company first is decided by it. (Each partition's own order is kept.)
+    async def handle(batch: Batch) -> None:
+        # In the order the broker took them, whatever their partitions, where it stamped them
+        # (in_arrival_order): who registered a company first is decided by it.
         records = in_arrival_order(batch)
         messages = [incoming(r) for r in records]
         now = clock.now()
@@ -140,9 +139,5 @@ def partner_intake(
             settings.rules(),  # per batch: an edited dealstream.toml applies without a restart
         )
 
-    async def handle(partition: TopicPartition, records: list[Record]) -> None:
-        await handle_fetch({partition: records})
-
-    consumer = BatchConsumer("partner-intake", settings, "capture", [PARTNER_LEADS], handle, clock,
-                             handle_fetch=handle_fetch)  # fmt: skip
+    consumer = BatchConsumer("partner-intake", settings, "capture", [PARTNER_LEADS], handle, clock)
     return consumer

@@ -3,25 +3,17 @@
 from __future__ import annotations
 
 import asyncpg
-from aiokafka.structs import TopicPartition
 
 from services.notify.timers import timer_projector
-from shared.bus.consumer import Batch, BatchConsumer, Record, apply_read_model
+from shared.bus.consumer import Batch, BatchConsumer, apply_read_model, records_of
 from shared.bus.envelopes import decode_records
 from shared.contracts.topics import OPPORTUNITY_EVENTS
 from shared.settings import Settings
 
 
 def opportunity_events(pool: asyncpg.Pool, settings: Settings) -> BatchConsumer:
-    async def apply(records: list[Record]) -> None:
+    async def handle(batch: Batch) -> None:  # every partition's records: one transaction
         project = timer_projector(settings.rules())  # per batch: dealstream.toml edits apply
-        await apply_read_model(pool, [e for _, e in decode_records(records)], project)
+        await apply_read_model(pool, [e for _, e in decode_records(records_of(batch))], project)
 
-    async def handle(_: TopicPartition, records: list[Record]) -> None:
-        await apply(records)
-
-    async def handle_fetch(batch: Batch) -> None:  # every partition's records: one transaction
-        await apply([record for records in batch.values() for record in records])
-
-    return BatchConsumer("opportunity-events", settings, "notify", [OPPORTUNITY_EVENTS], handle,
-                         handle_fetch=handle_fetch)  # fmt: skip
+    return BatchConsumer("opportunity-events", settings, "notify", [OPPORTUNITY_EVENTS], handle)

@@ -169,8 +169,8 @@ class PipelineApp(EventStoreApp):
             (leads, as_columns([(lead, o.id) for o in joined for lead in o.lead_ids])),
         ]
 
-    def save(self, opportunities: Sequence[Opportunity], **tracking: Any) -> None:
-        self.record(opportunities, side_writes=self.index_writes(opportunities), **tracking)
+    def save(self, opportunities: Sequence[Opportunity]) -> None:
+        self.record(opportunities, side_writes=self.index_writes(opportunities))
 
     def owner_loads(self, owners: Sequence[str]) -> dict[str, int]:
         """Open opportunities held by each of `owners` (the reps routing may pick): an index

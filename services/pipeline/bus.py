@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from aiokafka.structs import TopicPartition
-
 from services.pipeline.app import PipelineApp
 from services.pipeline.domain import Opportunity
-from shared.bus.consumer import Batch, BatchConsumer, Record
+from shared.bus.consumer import Batch, BatchConsumer
 from shared.bus.envelopes import PublishedRoute, decode_records
 from shared.contracts.topics import LEAD_EVENTS, OPPORTUNITY_EVENTS
 from shared.settings import Settings
@@ -18,7 +16,7 @@ route = PublishedRoute(OPPORTUNITY_EVENTS, "pipeline", (Opportunity.Opened, Oppo
 
 
 def lead_events(app: PipelineApp, settings: Settings) -> BatchConsumer:
-    async def handle_fetch(batch: Batch) -> None:
+    async def handle(batch: Batch) -> None:
         # Rules are read per batch (cached by the file's mtime): an edited dealstream.toml —
         # a new team, a routing rule — applies without a restart.
         rules = settings.rules()
@@ -34,8 +32,4 @@ def lead_events(app: PipelineApp, settings: Settings) -> BatchConsumer:
 
         await asyncio.to_thread(apply)
 
-    async def handle(partition: TopicPartition, records: list[Record]) -> None:
-        await handle_fetch({partition: records})
-
-    return BatchConsumer("lead-events", settings, "pipeline", [LEAD_EVENTS], handle,
-                         handle_fetch=handle_fetch)  # fmt: skip
+    return BatchConsumer("lead-events", settings, "pipeline", [LEAD_EVENTS], handle)

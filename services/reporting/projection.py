@@ -316,8 +316,8 @@ async def _project_opportunities(conn: asyncpg.Connection, envelopes: Sequence[E
             "payment", records=payments,
             columns=["opportunity_id", "version", "amount", "received_at"],
         )  # fmt: skip
-    # Last: every partition's batch of new leads adds to the same few sums, and a batch holds
-    # their row locks from here until it commits; the other partitions wait that long.
+    # Last: every batch of new leads adds to the same few sums, and a batch holds their row
+    # locks from here until it commits; another replica's batch waits that long.
     await _add_to_funnel(conn, [current[i] for i in replaced], latest)
 
 

@@ -1,15 +1,16 @@
 """The idempotent consumers of ARCHITECTURE decision 2.
 
-`BatchConsumer` reads topics in batches and hands each partition's records to a handler; the
-database, not Kafka, owns the position, so Kafka offsets are committed only as a hint. When the
-broker turns out to be a new, empty one (another cluster id), the batch in hand is dropped and
-every assigned partition is read again from the start: what was applied is skipped by the
+`BatchConsumer` reads topics in batches and hands each fetch to a handler, all its partitions
+together (one transaction in the services), or each partition's records alone after a failure;
+the database, not Kafka, owns the position, so Kafka offsets are committed only as a hint. When
+the broker turns out to be a new, empty one (another cluster id), the batch in hand is dropped
+and every assigned partition is read again from the start: what was applied is skipped by the
 handlers, what was republished is applied once.
 
 Two handler shapes build on it:
-- `tracked_batches` for consumers that write events: the upstream notification id (from the
-  relay's header) is recorded as `Tracking(f"{upstream}:p{partition}")` in the same transaction
-  as the new events, and anything at or below it is skipped;
+- `record_tracked` for consumers that write events: each upstream partition's position (the
+  relay's notification id, or the Kafka offset) is recorded as `Tracking(f"{upstream}:p{n}")` in
+  the same transaction as the new events, and anything at or below it is skipped;
 - `apply_read_model` for consumers that write read-model rows with asyncpg: the last applied
   `stream_version` per stream is kept in `stream_position` in the same transaction, anything at or
   below it is skipped, and a gap is recorded in `stream_gap` and logged as an error.
@@ -59,7 +60,6 @@ log = logging.getLogger(__name__)
 
 Record: TypeAlias = ConsumerRecord[bytes, bytes]
 Batch: TypeAlias = dict[TopicPartition, list[Record]]
-PartitionHandler = Callable[[TopicPartition, list[Record]], Awaitable[None]]
 BatchHandler = Callable[[Batch], Awaitable[None]]
 T = TypeVar("T")
 # What says a record's data cannot be taken. Not ValueError, KeyError and the like: those are
@@ -82,10 +82,9 @@ class BatchConsumer:
         settings: Settings,
         group_id: str,
         topics: Sequence[str],
-        handle: PartitionHandler,
+        handle: BatchHandler,
         clock: Clock | None = None,
         batch: int | None = None,
-        handle_fetch: BatchHandler | None = None,
     ) -> None:
         self.name = name
         self.batch = batch or settings.consumer_batch  # records per fetch, at most
@@ -93,8 +92,9 @@ class BatchConsumer:
         self.clock = clock or SystemClock()  # when a dead letter was written
         self.group_id = group_id
         self.topics = list(topics)
+        # A fetch's records by partition: all the fetch's partitions, or one alone after a
+        # failure (then a record its handler can never take is found and dead-lettered).
         self.handle = handle
-        self.handle_fetch = handle_fetch
         self.cluster: str | None = None
         self.processed = 0
         self.batches = 0  # partition batches handled: processed / batches is the batch size
@@ -234,36 +234,24 @@ class BatchConsumer:
     async def _handle(
         self, batch: Batch, failures: dict[TopicPartition, int]
     ) -> list[BaseException | None]:
-        """Handle a fetch: each partition's outcome. With `handle_fetch`, all its partitions
-        in one go (one transaction, not one per partition: a fetch at a few hundred records a
-        second brings a handful of records from each of six or more partitions, and the
-        per-transaction cost was most of a record's); if that fails, or a partition failed
-        last time, each partition alone, which tells a partition's trouble (a poison record)
-        from the others'."""
-        if self.handle_fetch is not None and len(batch) > 1 and not failures.keys() & batch:
-            started = time.perf_counter()
-            topics = ",".join(sorted({partition.topic for partition in batch}))
-            count = sum(map(len, batch.values()))
-            attributes: dict[str, str | int] = {
-                "dealstream.consumer": self.name,
-                "messaging.batch.message_count": count,
-            }
+        """Handle a fetch: each partition's outcome. All its partitions in one call (one
+        transaction, not one per partition: a fetch at a few hundred records a second brings a
+        handful of records from each of six or more partitions, and the per-transaction cost
+        was most of a record's); if that fails, or a partition of it failed last time, each
+        partition alone, which tells a partition's trouble (a poison record) from the others'."""
+        if len(batch) > 1 and not failures.keys() & batch:
             try:
-                with span(f"consume {topics}", **attributes):
-                    await self.handle_fetch(batch)
-            except Exception as exc:
-                log.warning(
-                    "consumer %s: a fetch of %d partitions failed together (%s); each alone next",
-                    self.name, len(batch), type(exc).__name__,
-                )  # fmt: skip
+                await self._timed(batch)
+            except Exception:
+                ERRORS.labels(self.group_id, f"fetch:{self.name}").inc()
+                log.warning("consumer %s: a fetch of %d partitions failed together; each alone"
+                            " next", self.name, len(batch), exc_info=True)  # fmt: skip
             else:
                 return [None] * len(batch)
-            finally:
-                PROCESSING.labels(self.group_id, self.name).observe(time.perf_counter() - started)
         # Partitions are independent streams: handle them side by side, so one partition's
         # database round trip overlaps another's decisions.
         outcomes = await asyncio.gather(
-            *(self._timed(partition, records) for partition, records in batch.items()),
+            *(self._timed({partition: records}) for partition, records in batch.items()),
             return_exceptions=True,
         )
         return [o if isinstance(o, BaseException) else None for o in outcomes]
@@ -282,7 +270,7 @@ class BatchConsumer:
         failure of another kind (the database away) ends this, and the batch is read again."""
         for record in records:
             try:
-                await self._timed(partition, [record])
+                await self._timed({partition: [record]})
             except Exception as exc:
                 if not is_data_error(exc):
                     raise
@@ -313,13 +301,18 @@ class BatchConsumer:
             self.name, record.topic, record.partition, record.offset, type(exc).__name__,
         )  # fmt: skip
 
-    async def _timed(self, partition: TopicPartition, records: list[Record]) -> None:
+    async def _timed(self, batch: Batch) -> None:
         started = time.perf_counter()
+        attributes: dict[str, str | int] = {
+            "dealstream.consumer": self.name,
+            "messaging.batch.message_count": sum(map(len, batch.values())),
+        }
+        if len(batch) == 1:
+            attributes["messaging.kafka.partition"] = next(iter(batch)).partition
+        topics = ",".join(sorted({partition.topic for partition in batch}))
         try:
-            with span(f"consume {partition.topic}", **{"dealstream.consumer": self.name,
-                      "messaging.kafka.partition": partition.partition,
-                      "messaging.batch.message_count": len(records)}):  # fmt: skip
-                await self.handle(partition, records)
+            with span(f"consume {topics}", **attributes):
+                await self.handle(batch)
         finally:
             PROCESSING.labels(self.group_id, self.name).observe(time.perf_counter() - started)
 
@@ -450,11 +443,24 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         await rewind(self.consumer, assigned, self.owner.cluster)
 
 
+def records_of(batch: Batch) -> list[Record]:
+    """A fetch's records, partition after partition, each partition's in order."""
+    return [record for records in batch.values() for record in records]
+
+
+LOG_APPEND_TIME = 1  # a record's timestamp_type when the broker stamped it on arrival
+
+
 def in_arrival_order(batch: Batch) -> list[Record]:
-    """A fetch's records in the order the broker timestamped them, each partition's own order
-    kept (a partition's timestamps can step back: several producers)."""
+    """A fetch's records in the order the broker took them, each partition's own order kept:
+    by their timestamps when the broker stamped them all (a topic set to LogAppendTime, as
+    `partner.leads.v1` is: shared.bus.kafka.TOPIC_CONFIGS). A producer's own timestamps say
+    nothing a consumer may trust (a partner could backdate its messages): then the fetch's order,
+    partition by partition."""
     if len(batch) == 1:
         return next(iter(batch.values()))
+    if any(r.timestamp_type != LOG_APPEND_TIME for records in batch.values() for r in records):
+        return records_of(batch)
     return list(heapq.merge(*batch.values(), key=lambda record: record.timestamp))
 
 

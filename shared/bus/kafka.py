@@ -23,7 +23,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.protocol.metadata import MetadataRequest
 
 from shared.bus.loops import being_cancelled
-from shared.contracts.topics import CORE_TOPICS
+from shared.contracts.topics import CORE_TOPICS, PARTNER_LEADS
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -159,6 +159,15 @@ async def cluster_id(admin: AIOKafkaAdminClient) -> str:
     return str(described["cluster_id"])
 
 
+# Topic settings beyond partitions and replication. Partner messages carry the broker's time, not
+# the partner's: capture decides who registered a company first by it across partitions
+# (shared.bus.consumer.in_arrival_order), and a partner must not choose it. (The embedded Tansu
+# broker takes the setting and keeps the producer's time: there, the fetch's own order decides.)
+TOPIC_CONFIGS: dict[str, dict[str, str]] = {
+    PARTNER_LEADS: {"message.timestamp.type": "LogAppendTime"},
+}
+
+
 async def ensure_topics(
     admin: AIOKafkaAdminClient, settings: Settings, topics: Iterable[str]
 ) -> None:
@@ -173,7 +182,10 @@ async def ensure_topics(
         response = await admin.create_topics(
             [
                 NewTopic(
-                    t, settings.topic_partitions, settings.topic_replication, topic_configs=configs
+                    t,
+                    settings.topic_partitions,
+                    settings.topic_replication,
+                    topic_configs={**configs, **TOPIC_CONFIGS.get(t, {})},
                 )
                 for t in missing
             ]

@@ -88,6 +88,9 @@ class BatchProcessRecorder(PostgresProcessRecorder):
         trackings: Sequence[Tracking] = kwargs.get("trackings", ())
         if not trackings:
             return
+        # In the names' order, whatever the caller's: two replicas saving the same upstreams
+        # during a rebalance lock their rows in one order, never into a deadlock.
+        trackings = sorted(trackings, key=lambda t: t.application_name)
         names = [t.application_name for t in trackings]
         if len(set(names)) != len(names):
             raise ValueError(f"one position per upstream in a save, not {sorted(names)}")

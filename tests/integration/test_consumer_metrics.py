@@ -19,7 +19,14 @@ from aiokafka.structs import TopicPartition
 from eventsourcing.persistence import DataError
 from prometheus_client import REGISTRY
 
-from shared.bus.consumer import COMMIT_EVERY, BatchConsumer, Record, is_data_error
+from shared.bus.consumer import (
+    COMMIT_EVERY,
+    Batch,
+    BatchConsumer,
+    Record,
+    is_data_error,
+    records_of,
+)
 from shared.bus.kafka import create_topics, make_producer
 from shared.contracts.topics import DEAD_LETTER
 from shared.settings import Settings
@@ -61,8 +68,8 @@ async def test_a_consumer_counts_what_it_handles_and_its_lag_series_go_with_it(
     await create_topics(settings, [topic])
     seen: list[Record] = []
 
-    async def handle(_: TopicPartition, records: list[Record]) -> None:
-        seen.extend(records)
+    async def handle(batch: Batch) -> None:
+        seen.extend(records_of(batch))
 
     consumer = BatchConsumer("metrics-probe", settings, group, [topic], handle)
     async with running(consumer) as producer:
@@ -90,8 +97,8 @@ async def test_handled_offsets_reach_kafka_as_a_hint_at_most_once_a_second(
     await create_topics(settings, [topic])  # six partitions
     seen: list[Record] = []
 
-    async def handle(_: TopicPartition, records: list[Record]) -> None:
-        seen.extend(records)
+    async def handle(batch: Batch) -> None:
+        seen.extend(records_of(batch))
 
     consumer = BatchConsumer("commit-probe", settings, group, [topic], handle)
     async with running(consumer) as producer:
@@ -132,7 +139,8 @@ async def test_a_record_the_handler_can_never_take_is_dead_lettered_and_the_rest
     # A passing outage, long enough to reach the search for poison: read again, never a dead letter.
     outages = [OSError("database away")] * 3
 
-    async def handle(_: TopicPartition, records: list[Record]) -> None:
+    async def handle(batch: Batch) -> None:
+        records = records_of(batch)
         if outages:
             raise outages.pop()
         if any(r.value == b"poison" for r in records):
@@ -167,11 +175,11 @@ async def test_a_record_the_handler_can_never_take_is_dead_lettered_and_the_rest
 async def test_a_fetch_of_several_partitions_is_handled_at_once_and_poison_only_holds_its_own(
     settings: Settings,
 ) -> None:
-    """With `handle_fetch`, the partitions of one fetch go to the handler together (one
-    transaction in the services). When that fails, each partition is handled alone: a poison
-    record is found on its partition, and the other partitions' records are handled once."""
+    """The partitions of one fetch go to the handler together (one transaction in the
+    services). When that fails, each partition is handled alone: a poison record is found on
+    its partition, and the other partitions' records are handled once."""
     group = f"fetch-{uuid.uuid4().hex[:8]}"
-    calls: list[int] = []  # partitions of each call to handle_fetch, whatever its outcome
+    calls: list[int] = []  # partitions of each call to the handler, whatever its outcome
     handled: list[bytes] = []
 
     async def apply(records: list[Record]) -> None:
@@ -179,12 +187,9 @@ async def test_a_fetch_of_several_partitions_is_handled_at_once_and_poison_only_
             raise psycopg.DataError("a value no column takes")
         handled.extend(r.value for r in records if r.value is not None)
 
-    async def handle(_: TopicPartition, records: list[Record]) -> None:
-        await apply(records)
-
-    async def handle_fetch(batch: dict[TopicPartition, list[Record]]) -> None:
+    async def handle(batch: Batch) -> None:
         calls.append(len(batch))
-        await apply([record for records in batch.values() for record in records])
+        await apply(records_of(batch))
 
     for wave, poison in (("good", False), ("poisoned", True)):
         topic = f"test.{group}.{wave}"  # on the topic before the consumer starts: one fetch
@@ -202,8 +207,7 @@ async def test_a_fetch_of_several_partitions_is_handled_at_once_and_poison_only_
             await producer.stop()
         calls.clear()
         handled.clear()
-        consumer = BatchConsumer(f"fetch-{wave}", settings, f"{group}-{wave}", [topic], handle,
-                                 handle_fetch=handle_fetch)  # fmt: skip
+        consumer = BatchConsumer(f"fetch-{wave}", settings, f"{group}-{wave}", [topic], handle)
         async with running(consumer):
             want = len(sent)
             assert await eventually(lambda: sorted(handled), lambda h, n=want: len(h) >= n,

@@ -13,7 +13,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.structs import TopicPartition
 
-from shared.bus.consumer import BatchConsumer, Record
+from shared.bus.consumer import Batch, BatchConsumer, records_of
 from shared.bus.kafka import create_topics, make_producer, stop_quietly
 from shared.devstack import EmbeddedBroker, free_port
 from shared.settings import Settings
@@ -89,8 +89,8 @@ async def test_a_consumer_goes_on_past_a_cancelled_error_not_its_own(settings: S
     await create_topics(settings, [topic])
     seen: list[bytes] = []
 
-    async def handle(_: TopicPartition, records: list[Record]) -> None:
-        seen.extend(r.value or b"" for r in records)
+    async def handle(batch: Batch) -> None:
+        seen.extend(r.value or b"" for r in records_of(batch))
 
     consumer = _LibraryCancels("cancels", settings, f"g-{topic}", [topic], handle)
     stop = asyncio.Event()

@@ -268,6 +268,29 @@ async def test_a_merged_lead_joins_the_opportunity_of_the_lead_it_was_merged_int
     assert await p.pool.fetchval("SELECT count(*) FROM opportunity_index") == 1
 
 
+async def test_a_merge_listed_before_its_customer_in_one_fetch_of_two_partitions_attaches(
+    pipeline: Pipeline,  # noqa: F811
+) -> None:
+    """One fetch, two partitions, saved together: the merge (partition 4) comes before the
+    lead of the customer it joins (partition 2). It waits within the batch, is attached when
+    that lead opens, and nothing is left waiting."""
+    p = pipeline
+    root, duplicate = uuid.uuid4(), uuid.uuid4()
+    captured, merged = duplicate_lead(duplicate, root, "phone", "2026-11-02T10:00:00Z")
+    fetch = [("capture:p4", 3, captured), ("capture:p4", 4, merged),
+             ("capture:p2", 2, lead_captured(root))]  # fmt: skip
+    rules = p.settings.rules()
+    assert await asyncio.to_thread(p.app.apply_tracked_lead_events, fetch, rules) == 3
+    view = await asyncio.to_thread(p.app.get, opportunity_id_for(root))
+    assert view.lead_ids == [root, duplicate]
+    assert await p.pool.fetchval("SELECT count(*) FROM pending_merge") == 0
+    assert await p.pool.fetchval("SELECT count(*) FROM opportunity_index") == 1
+    assert p.app.tracked_positions(["capture:p2", "capture:p4"]) == {
+        "capture:p2": 2,
+        "capture:p4": 4,
+    }
+
+
 async def test_a_merge_waits_for_the_customers_opportunity_without_holding_up_others(
     pipeline: Pipeline,  # noqa: F811
 ) -> None:

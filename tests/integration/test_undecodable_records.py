@@ -19,7 +19,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.protocol.produce import ProduceRequest
 from aiokafka.structs import TopicPartition
 
-from shared.bus.consumer import BatchConsumer, Record
+from shared.bus.consumer import Batch, BatchConsumer, Record, records_of
 from shared.bus.kafka import create_topics, make_producer
 from shared.contracts.topics import PARTNER_LEADS, partner_replies
 from shared.settings import Settings
@@ -104,8 +104,8 @@ async def test_a_record_the_client_cannot_parse_is_read_by_the_format_and_nothin
     good = {v for vs in numbered(range(8)).values() for v in vs} | {b"before", b"bad", b"after"}
     handled: list[Record] = []
 
-    async def handle(_: TopicPartition, records: list[Record]) -> None:
-        handled.extend(records)
+    async def handle(batch: Batch) -> None:
+        handled.extend(records_of(batch))
 
     def values() -> Counter[bytes | None]:
         return Counter(r.value for r in handled)
@@ -187,8 +187,8 @@ async def test_an_undecodable_record_deep_in_its_partition_is_passed_once(
     await send_good(settings, topic, {0: [b"later"]})
     handled: list[Record] = []
 
-    async def handle(_: TopicPartition, records: list[Record]) -> None:
-        handled.extend(records)
+    async def handle(batch: Batch) -> None:
+        handled.extend(records_of(batch))
 
     small = settings.model_copy(update={"consumer_partition_fetch_bytes": 1024})
     consumer = BatchConsumer("undecodable-deep", small, group, [topic], handle)

@@ -19,12 +19,10 @@ from multiprocessing.sharedctypes import Synchronized
 from multiprocessing.synchronize import Event
 from typing import Any
 
-from aiokafka.structs import TopicPartition
-
 from services.capture.app import MIGRATIONS, CaptureApp
 from services.capture.bus import incoming, partner_intake, route
 from services.capture.partners import PartnerSecrets, add_partner
-from shared.bus.consumer import BatchConsumer, Record
+from shared.bus.consumer import Batch, BatchConsumer
 from shared.bus.kafka import create_topics, partition_for
 from shared.bus.relay_process import RelayProcess, RelaySpec
 from shared.clock import SystemClock
@@ -74,15 +72,16 @@ def naive_intake(app: CaptureApp, settings: Settings, secrets: PartnerSecrets) -
     """The baseline: each message judged, stored and answered in its own transaction."""
     clock, rules = SystemClock(), settings.rules()
 
-    async def handle(partition: TopicPartition, records: list[Record]) -> None:
-        for record in records:
-            message = incoming(record)
-            known = await secrets.for_partners(
-                {message.headers.get("x-partner-id", "")}, clock.now()
-            )
-            name = f"{PARTNER_LEADS}:{consumer.cluster}:p{partition.partition}"
-            await asyncio.to_thread(app.handle_partner_messages, name, [message], known,
-                                    clock.now(), rules)  # fmt: skip
+    async def handle(batch: Batch) -> None:
+        for partition, records in batch.items():
+            for record in records:
+                message = incoming(record)
+                known = await secrets.for_partners(
+                    {message.headers.get("x-partner-id", "")}, clock.now()
+                )
+                name = f"{PARTNER_LEADS}:{consumer.cluster}:p{partition.partition}"
+                await asyncio.to_thread(app.handle_partner_messages, name, [message], known,
+                                        clock.now(), rules)  # fmt: skip
 
     consumer = BatchConsumer("naive-intake", settings, "bench-naive", [PARTNER_LEADS], handle)
     return consumer
@@ -111,9 +110,9 @@ def replica(
             consumer = naive_intake(app, settings, secrets)
         handle, started = consumer.handle, asyncio.Event()
 
-        async def gated(partition: TopicPartition, records: list[Record]) -> None:
+        async def gated(batch: Batch) -> None:
             await started.wait()
-            await handle(partition, records)
+            await handle(batch)
 
         consumer.handle = gated
         done = asyncio.Event()

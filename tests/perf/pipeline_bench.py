@@ -21,12 +21,11 @@ from typing import Any
 
 import httpx
 from aiokafka import AIOKafkaConsumer
-from aiokafka.structs import TopicPartition
 
 from services.pipeline.app import MIGRATIONS, SCHEMA, PipelineApp
 from services.pipeline.bus import lead_events, route
 from shared.auth import Principal, Role, issue_token
-from shared.bus.consumer import BatchConsumer, Record
+from shared.bus.consumer import Batch, BatchConsumer
 from shared.bus.envelopes import decode_records
 from shared.bus.kafka import make_producer
 from shared.bus.relay_process import RelayProcess, RelaySpec
@@ -68,11 +67,12 @@ def naive_consumer(app: PipelineApp, settings: Settings, group: str) -> BatchCon
     """The baseline: every lead event saved in its own transaction."""
     rules = settings.rules()
 
-    async def handle(partition: TopicPartition, records: list[Record]) -> None:
-        for item in decode_records(records):
-            await asyncio.to_thread(
-                app.apply_lead_events, f"capture:p{partition.partition}", [item], rules
-            )
+    async def handle(batch: Batch) -> None:
+        for partition, records in batch.items():
+            for item in decode_records(records):
+                await asyncio.to_thread(
+                    app.apply_lead_events, f"capture:p{partition.partition}", [item], rules
+                )
 
     return BatchConsumer("naive", settings, group, [LEAD_EVENTS], handle)
 

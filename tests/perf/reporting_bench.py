@@ -13,13 +13,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
-from aiokafka.structs import TopicPartition
 
 from services.reporting.api import create_api
 from services.reporting.bus import opportunity_events
 from services.reporting.projection import MIGRATIONS, SERVICE_POOL_SETTINGS, project
 from shared.auth import Principal, Role, issue_token
-from shared.bus.consumer import BatchConsumer, Record, apply_read_model
+from shared.bus.consumer import Batch, BatchConsumer, apply_read_model, records_of
 from shared.bus.envelopes import decode_records
 from shared.bus.kafka import make_producer
 from shared.clock import FixedClock
@@ -150,8 +149,8 @@ async def produce(settings: Settings, envelopes: list[Envelope]) -> None:
 
 
 def naive_consumer(pool: Any, settings: Settings) -> BatchConsumer:
-    async def handle(_: TopicPartition, records: list[Record]) -> None:
-        for _position, envelope in decode_records(records):
+    async def handle(batch: Batch) -> None:
+        for _position, envelope in decode_records(records_of(batch)):
             await apply_read_model(pool, [envelope], project)
 
     return BatchConsumer("naive-reporting", settings, "bench-naive", [OPPORTUNITY_EVENTS], handle)

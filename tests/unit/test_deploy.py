@@ -31,6 +31,7 @@ from fastapi import FastAPI
 from starlette.routing import Match
 
 from services import cli
+from shared.bus.kafka import TOPIC_CONFIGS
 from shared.contracts.topics import CORE_TOPICS
 from shared.metrics import CONSUMER_LAG
 from shared.settings import Settings, load_rules
@@ -306,7 +307,8 @@ def test_compose_creates_the_topics_as_the_settings_say_with_min_insync_replicas
     for creation in topic_creations():
         assert int(creation["partitions"]) == settings.topic_partitions, creation
         assert int(creation["replication-factor"]) == settings.topic_replication, creation
-        assert creation["config"] == {"min.insync.replicas": "2"}, creation
+        wanted = {"min.insync.replicas": "2", **TOPIC_CONFIGS.get(creation["topic"], {})}
+        assert creation["config"] == wanted, creation
 
 
 def test_compose_runs_three_kraft_brokers_each_a_controller_voter() -> None:
