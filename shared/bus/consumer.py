@@ -31,6 +31,7 @@ from typing import Any, TypeAlias, TypeVar
 import asyncpg
 import psycopg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka.record.default_records import DefaultRecordBase
 from aiokafka.structs import ConsumerRecord, TopicPartition
 from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import DataError, IntegrityError, Tracking
@@ -448,9 +449,6 @@ def records_of(batch: Batch) -> list[Record]:
     return [record for records in batch.values() for record in records]
 
 
-LOG_APPEND_TIME = 1  # a record's timestamp_type when the broker stamped it on arrival
-
-
 def in_arrival_order(batch: Batch) -> list[Record]:
     """A fetch's records in the order the broker took them, each partition's own order kept:
     by their timestamps when the broker stamped them all (a topic set to LogAppendTime, as
@@ -459,7 +457,8 @@ def in_arrival_order(batch: Batch) -> list[Record]:
     partition by partition."""
     if len(batch) == 1:
         return next(iter(batch.values()))
-    if any(r.timestamp_type != LOG_APPEND_TIME for records in batch.values() for r in records):
+    stamped = DefaultRecordBase.LOG_APPEND_TIME  # the broker's time, not the producer's
+    if any(r.timestamp_type != stamped for records in batch.values() for r in records):
         return records_of(batch)
     return list(heapq.merge(*batch.values(), key=lambda record: record.timestamp))
 

@@ -21,6 +21,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.codec import gzip_decode, lz4_decode, snappy_decode, zstd_decode
 from aiokafka.errors import CorruptRecordException, NoError, for_code
 from aiokafka.protocol.fetch import FetchRequest
+from aiokafka.record.default_records import DefaultRecordBase
 from aiokafka.record.memory_records import MemoryRecords
 from aiokafka.record.util import decode_varint
 from aiokafka.structs import ConsumerRecord, TopicPartition
@@ -35,12 +36,11 @@ FETCH_WAIT_MS = 500
 _BATCH_HEAD = struct.Struct(">qi")  # any batch: base offset, then the length of the rest
 _COUNT = struct.Struct(">i")  # a v2 batch's record count, at byte 57; its records from byte 61
 _COUNT_AT, _RECORDS_AT = 57, 61
-LOG_APPEND_TIME = 1
 _DECOMPRESS: dict[int, Callable[[bytes], bytes]] = {
-    1: gzip_decode,
-    2: snappy_decode,
-    3: lz4_decode,
-    4: zstd_decode,
+    DefaultRecordBase.CODEC_GZIP: gzip_decode,
+    DefaultRecordBase.CODEC_SNAPPY: snappy_decode,
+    DefaultRecordBase.CODEC_LZ4: lz4_decode,
+    DefaultRecordBase.CODEC_ZSTD: zstd_decode,
 }
 
 
@@ -131,7 +131,7 @@ def _leniently(partition: TopicPartition, batch: Any, whole: bytes) -> Iterator[
         pos = end
         timestamp = (
             batch.max_timestamp
-            if batch.timestamp_type == LOG_APPEND_TIME
+            if batch.timestamp_type == DefaultRecordBase.LOG_APPEND_TIME
             else batch.first_timestamp + timestamp_delta
         )
         offset = batch.base_offset + offset_delta

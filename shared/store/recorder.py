@@ -92,8 +92,6 @@ class BatchProcessRecorder(PostgresProcessRecorder):
         # during a rebalance lock their rows in one order, never into a deadlock.
         trackings = sorted(trackings, key=lambda t: t.application_name)
         names = [t.application_name for t in trackings]
-        if len(set(names)) != len(names):
-            raise ValueError(f"one position per upstream in a save, not {sorted(names)}")
         curs.execute(self._insert_trackings, [names, [t.notification_id for t in trackings]])
         if behind := set(names) - {row["application_name"] for row in curs.fetchall()}:
             raise IntegrityError(f"Failed to record tracking for {sorted(behind)}")

@@ -5,13 +5,14 @@ broker's own timestamps (LogAppendTime) order them: a producer's could be backda
 
 from __future__ import annotations
 
+from aiokafka.record.default_records import DefaultRecordBase
 from aiokafka.structs import ConsumerRecord, TopicPartition
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shared.bus.consumer import LOG_APPEND_TIME, Record, in_arrival_order
+from shared.bus.consumer import Record, in_arrival_order
 
-CREATE_TIME = 0
+CREATE_TIME, LOG_APPEND_TIME = DefaultRecordBase.CREATE_TIME, DefaultRecordBase.LOG_APPEND_TIME
 
 
 def record(partition: int, offset: int, timestamp: int, stamped: int = LOG_APPEND_TIME) -> Record:
