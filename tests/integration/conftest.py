@@ -16,6 +16,8 @@ from services.capture.app import CaptureApp
 from services.capture.bus import partner_intake
 from services.capture.bus import route as capture_route
 from services.capture.partners import PartnerSecrets, add_partner
+from services.pipeline.app import MIGRATIONS as PIPELINE_MIGRATIONS
+from services.pipeline.app import PipelineApp
 from shared.bus.kafka import create_topics
 from shared.bus.relay import OutboxRelay
 from shared.clock import SystemClock
@@ -46,6 +48,19 @@ async def open_pool(
     yield opener
     for pool in pools:
         await pool.close()
+
+
+@pytest.fixture
+async def pipeline_store(
+    settings: Settings,
+    schema: str,
+    open_pool,  # type: ignore[no-untyped-def]
+) -> AsyncIterator[PipelineApp]:
+    """Pipeline's event store on a schema of the test's own, migrated; closed after."""
+    await open_pool(schema, PIPELINE_MIGRATIONS)
+    app = await asyncio.to_thread(PipelineApp, settings.dsn(), schema)
+    yield app
+    app.close()
 
 
 @pytest.fixture

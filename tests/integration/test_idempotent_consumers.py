@@ -20,12 +20,9 @@ from tests.factories import lead_captured, moved, opened
 
 
 async def test_tracked_consumer_applies_each_upstream_event_once(
-    settings: Settings,
-    schema: str,
-    open_pool,  # type: ignore[no-untyped-def]
+    pipeline_store: PipelineApp,
 ) -> None:
-    await open_pool(schema, PIPELINE_MIGRATIONS)
-    app = await asyncio.to_thread(PipelineApp, settings.dsn(), schema)
+    app = pipeline_store
     leads = [uuid.uuid4() for _ in range(4)]
     first = [
         (10, lead_captured(leads[0])),
@@ -51,16 +48,12 @@ async def test_tracked_consumer_applies_each_upstream_event_once(
     for lead in leads:
         opportunity = app.repository.get(opportunity_id_for(lead))
         assert opportunity.version == 3 and opportunity.stage == "A"  # opened, scored, assigned
-    app.close()
 
 
 async def test_a_fetch_of_several_partitions_is_applied_once_each_in_one_save(
-    settings: Settings,
-    schema: str,
-    open_pool,  # type: ignore[no-untyped-def]
+    pipeline_store: PipelineApp,
 ) -> None:
-    await open_pool(schema, PIPELINE_MIGRATIONS)
-    app = await asyncio.to_thread(PipelineApp, settings.dsn(), schema)
+    app = pipeline_store
     leads = [uuid.uuid4() for _ in range(5)]
     # Partition 1 had been applied up to 4 alone, before this fetch of two partitions.
     assert app.apply_lead_events("capture:p1", [(4, lead_captured(leads[0]))], Rules()) == 1
@@ -83,7 +76,6 @@ async def test_a_fetch_of_several_partitions_is_applied_once_each_in_one_save(
     assert app.existing_ids(list(opened_ids)) == opened_ids
     for lead in leads:
         assert app.repository.get(opportunity_id_for(lead)).version == 3  # each opened once
-    app.close()
 
 
 async def test_two_replicas_racing_on_one_partition_store_it_once(
