@@ -1,7 +1,7 @@
 """Group commit for HTTP commands: one writer thread per event store, and every command that
 arrives while it is busy goes into its next batch, stored in one transaction.
 
-Why: each save takes the event table's EXCLUSIVE lock (so notification ids follow commit order)
+Why: each save takes the event table's write lock (so notification ids follow commit order)
 and holds it over several round trips to PostgreSQL. Commands saved side by side from many
 threads queued on that lock, and a thread holding it also waited for the GIL between round
 trips, so the lock was held far longer than the work took (measured: 343 commands/s from one

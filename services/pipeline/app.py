@@ -395,7 +395,7 @@ class PipelineApp(EventStoreApp):
         return outcome
 
     def commands(self, commands: Sequence[Command]) -> list[Opportunity | Exception]:
-        """Commands on distinct opportunities, stored in one transaction (one table lock, one
+        """Commands on distinct opportunities, stored in one transaction (one write lock, one
         commit): each outcome is the opportunity as stored, or what refused that command alone
         (as `command` raises it). If another writer stored first for any of them, each is run
         again on its own, so that only the one it concerns is stale."""

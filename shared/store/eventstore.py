@@ -100,11 +100,11 @@ class EventStoreApp(Application[uuid.UUID]):
         """Which of these aggregates already have events: one query for a whole batch."""
         if not ids:
             return set()
-        # A probe of the primary key per id, whatever the planner believes of the table: every
-        # insert takes the table's EXCLUSIVE lock (the library's notification order), so
-        # autovacuum, which skips a locked table, may never analyze it, and without statistics
-        # `originator_id = ANY(...)` was planned as a scan of the whole table (86 ms a batch at
-        # 600,000 events, growing with the store; 1 ms this way).
+        # A probe of the primary key per id, whatever the planner believes of the table: on a
+        # table not analyzed lately (a store growing fast, or one whose inserts took the
+        # library's EXCLUSIVE table lock, which kept autovacuum from it), `originator_id =
+        # ANY(...)` was planned as a scan of the whole table (86 ms a batch at 600,000 events,
+        # growing with the store; 1 ms this way).
         statement = SQL(
             "SELECT u.id AS originator_id FROM unnest(%b::uuid[]) AS u(id)"
             " WHERE EXISTS (SELECT 1 FROM {schema}.{table} e WHERE e.originator_id = u.id)"

@@ -6,16 +6,21 @@ same transaction as the events (`side_writes`: statements with their rows).
 Why: with pipeline mode, psycopg 3.3 hangs for good when one transaction carries a large batch
 (reproduced here: ~400 leads of 1 KB in one save never return; the server waits in ClientRead,
 the client in Pipeline.sync). The same statements, sent one after another in one transaction,
-commit at once. Tracking, the table lock and the order of notification ids are unchanged;
-the new ids are not read back (`insert_events`).
+commit at once. Tracking and the order of notification ids are unchanged; the new ids are not
+read back (`insert_events`).
+
+Writers are serialized by an advisory lock of the events table, not by the library's
+`LOCK TABLE … IN EXCLUSIVE MODE` (`write_lock_key`): the same order of notification ids, without
+the table lock's conflict with VACUUM and ANALYZE.
 
 Round trips are what a small save (one HTTP command) costs, most of them while it holds the
-table lock: the lock timeout, the lock and the NOTIFY go in one simple query, and a side write
+write lock: the lock timeout, the lock and the NOTIFY go in one simple query, and a side write
 of one row is a plain execute (executemany enters psycopg's pipeline mode and syncs).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Sequence
 from functools import cached_property
 from typing import Any
@@ -29,7 +34,7 @@ from eventsourcing.persistence import (
 )
 from eventsourcing.postgres import PostgresProcessRecorder
 from eventsourcing.utils import retry
-from psycopg.sql import SQL, Composed, Identifier
+from psycopg.sql import SQL, Composed, Identifier, Literal
 
 # A statement (psycopg placeholders) and the rows to run it with.
 SideWrite = tuple[Composed | SQL, Sequence[Sequence[Any]]]
@@ -54,12 +59,33 @@ def as_columns(rows: Sequence[Sequence[Any]]) -> list[tuple[list[Any], ...]]:
     return [columns(rows)] if rows else []
 
 
+def write_lock_key(schema: str, events_table: str) -> int:
+    """The advisory lock (one bigint) that every transaction inserting into an events table
+    holds until it commits. Anything else that writes events there must take it too."""
+    digest = hashlib.blake2b(f"dealstream-events:{schema}.{events_table}".encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "big", signed=True)
+
+
 class BatchProcessRecorder(PostgresProcessRecorder):
     @cached_property
     def _lock_and_notify(self) -> Composed:
-        """SET LOCAL lock_timeout, LOCK TABLE … IN EXCLUSIVE MODE and NOTIFY: one round trip."""
-        notify = SQL("NOTIFY {}").format(Identifier(self.channel_name))
-        return SQL("; ").join([*self.lock_table_statements, notify])
+        """SET LOCAL lock_timeout, the events table's write lock and NOTIFY: one round trip.
+
+        The lock serializes the transactions that insert events, so that notification ids are
+        handed out in commit order and a reader of the log never passes a gap that fills in
+        later: the library's reason for `LOCK TABLE … IN EXCLUSIVE MODE`. A transaction-level
+        advisory lock does the same among writers, and conflicts with nothing else. The table
+        lock also conflicted with the SHARE UPDATE EXCLUSIVE lock that (auto)vacuum and ANALYZE
+        hold: under load every save then waited for them until PostgreSQL cancelled them (after
+        `deadlock_timeout`, 1 s), so each autovacuum of an events table stopped its service
+        for about a second, and its vacuum and statistics never got done (an anti-wraparound
+        vacuum, which is not cancelled, would have stopped it for the whole vacuum)."""
+        key = write_lock_key(self.datastore.schema, self.events_table_name)
+        return SQL("; ").join([
+            SQL("SET LOCAL lock_timeout = '{0}s'").format(self.datastore.lock_timeout),
+            SQL("SELECT pg_advisory_xact_lock({0})").format(Literal(key)),
+            SQL("NOTIFY {0}").format(Identifier(self.channel_name)),
+        ])  # fmt: skip
 
     @cached_property
     def _insert_trackings(self) -> Composed:
@@ -122,7 +148,7 @@ class BatchProcessRecorder(PostgresProcessRecorder):
         dumps row by row as escaped text), each element was dumped in Python, and the server
         unpacked the arrays before inserting. Measured here, 1,500 capture events of ~700
         bytes: 1.6-1.8 ms of the client's CPU and 6.2-7.1 ms in all, against 2.3-2.7 and
-        8.5-10.8 ms as the INSERT, most of it while the table lock is held. A small save is no
+        8.5-10.8 ms as the INSERT, most of it while the write lock is held. A small save is no
         slower (300 saves of one event, six rounds: median 532-638 µs each, against 563-844)."""
         return SQL(
             "COPY {schema}.{table} (originator_id, originator_version, topic, state)"

@@ -1,14 +1,20 @@
 """The event stores' recorder writes events by COPY (shared.store.recorder): a save of one event
 or of many stores them in order, and a version someone stored first fails the whole save — what
-every tracked consumer's exactly-once rests on."""
+every tracked consumer's exactly-once rests on. Saves wait for each other on the events table's
+write lock (notification ids in commit order), and for nothing that VACUUM or ANALYZE holds."""
 
 from __future__ import annotations
 
+import asyncio
+
+import asyncpg
 import pytest
 from eventsourcing.domain import Aggregate, event
 from eventsourcing.persistence import IntegrityError, Tracking
 
 from services.pipeline.app import PipelineApp
+from shared.settings import Settings
+from shared.store.recorder import write_lock_key
 
 
 class Note(Aggregate):
@@ -81,3 +87,62 @@ async def test_a_save_records_several_upstream_positions_or_none(
     assert pipeline_store.tracked_positions(["up:p1", "up:p2"]) == {"up:p1": 8, "up:p2": 1}
     assert pipeline_store.existing_ids([kept.id]) == {kept.id}
     assert pipeline_store.tracked_position("up:p0") == 5
+
+
+def events_table(store: PipelineApp) -> str:
+    return f"{store.schema}.{store.process_recorder.events_table_name}"
+
+
+async def test_a_save_goes_on_while_vacuum_or_analyze_holds_the_events_table(
+    pipeline_store: PipelineApp, settings: Settings
+) -> None:
+    """VACUUM and ANALYZE (autovacuum's too) hold SHARE UPDATE EXCLUSIVE on a table while they
+    run. The library's EXCLUSIVE table lock waited for it: each autovacuum of an events table
+    stopped every save of its service until PostgreSQL cancelled the vacuum."""
+    vacuum = await asyncpg.connect(settings.dsn())
+    try:
+        async with vacuum.transaction():
+            await vacuum.execute(
+                f"LOCK TABLE {events_table(pipeline_store)} IN SHARE UPDATE EXCLUSIVE MODE"
+            )
+            note = Note("saved while the table is being vacuumed")
+            # The recorder's lock timeout is 10 s (then retried): a save waiting on the table
+            # would still be waiting when this gives up.
+            await asyncio.wait_for(asyncio.to_thread(pipeline_store.record, [note]), 5)
+            assert pipeline_store.existing_ids([note.id]) == {note.id}
+    finally:
+        await vacuum.close()
+
+
+async def test_saves_wait_for_the_events_tables_write_lock(
+    pipeline_store: PipelineApp, settings: Settings
+) -> None:
+    """A save takes the write lock before its notification ids, and holds it until it commits:
+    one that finds it held waits, and stores nothing until it has it."""
+    holder = await asyncpg.connect(settings.dsn())
+    recorder = pipeline_store.process_recorder
+    key = write_lock_key(pipeline_store.schema, recorder.events_table_name)
+    try:
+        holding = holder.transaction()
+        await holding.start()
+        await holder.execute("SELECT pg_advisory_xact_lock($1)", key)
+        note = Note("saved after the holder commits")
+        saving = asyncio.create_task(asyncio.to_thread(pipeline_store.record, [note]))
+        waiting = 0
+        for _ in range(200):  # until the save's backend waits on the lock (at most 10 s)
+            waiting = await holder.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                " AND classid::int8 = $1 AND objid::int8 = $2 AND objsubid = 1",
+                (key >> 32) & 0xFFFFFFFF,
+                key & 0xFFFFFFFF,
+            )  # a bigint key's halves, as pg_locks shows them
+            if waiting:
+                break
+            await asyncio.sleep(0.05)
+        assert waiting == 1 and not saving.done()
+        assert pipeline_store.notifications_after(0, 10) == []
+        await holding.commit()
+        await asyncio.wait_for(saving, 10)
+        assert [n.originator_id for n in pipeline_store.notifications_after(0, 10)] == [note.id]
+    finally:
+        await holder.close()
