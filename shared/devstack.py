@@ -61,9 +61,7 @@ class EmbeddedPostgres:
         # The library keeps one handle per data folder and starts the server only when it makes
         # that handle: after a stop, the handle it gives back must be told to start it again.
         self._server.ensure_postgres_running()
-        uri = str(self._server.get_uri())
-        configure_shared_box(uri)
-        return uri
+        return str(self._server.get_uri())
 
     def stop(self, mode: str = "fast") -> None:
         """Stop the server: `fast` (sessions cut, a checkpoint) or `immediate` (as a crash: the
@@ -81,28 +79,6 @@ class EmbeddedPostgres:
     @property
     def pid(self) -> int | None:
         return None if self._server is None else self._server.get_pid()
-
-
-# The embedded PostgreSQL shares its machine's cores with the services and the broker. Its
-# autovacuum is throttled to PostgreSQL's pre-12 default (20 ms of sleep per 200 cost units, not
-# 2 ms): after a minute of heavy writes every table is past its threshold at once, and the worker
-# went through them at nearly a core, for 6-7 s, while the services needed both (measured: the
-# partner message -> report p99 at 500 leads/s went from ~1 s to 2.0-2.6 s while it ran). Slower,
-# it takes 15 s or more and costs the services little. A database server of its own keeps the
-# default: see docs/handbook/real-cluster.md.
-SHARED_BOX_SETTINGS = {"autovacuum_vacuum_cost_delay": "20ms"}
-
-
-def configure_shared_box(uri: str) -> None:
-    """Apply SHARED_BOX_SETTINGS: kept in postgresql.auto.conf, taken on a reload."""
-    import psycopg
-    from psycopg import sql
-
-    with psycopg.connect(uri, autocommit=True) as conn:
-        for name, value in SHARED_BOX_SETTINGS.items():
-            conn.execute(sql.SQL("ALTER SYSTEM SET {} = {}").format(sql.Identifier(name),
-                                                                   sql.Literal(value)))  # fmt: skip
-        conn.execute("SELECT pg_reload_conf()")
 
 
 class EmbeddedBroker:

@@ -1,5 +1,5 @@
 """The embedded stack itself: topics created explicitly with 6 partitions, the broker checked, and
-a clear error when the broker's port is taken; the embedded PostgreSQL set for a box it shares."""
+a clear error when the broker's port is taken."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from shared.bus.kafka import check_broker, make_admin
 from shared.contracts.topics import CORE_TOPICS
-from shared.devstack import SHARED_BOX_SETTINGS, DevStack, EmbeddedBroker, PortInUse
+from shared.devstack import DevStack, EmbeddedBroker, PortInUse
 from shared.settings import Settings
 
 
@@ -35,13 +35,3 @@ def test_a_taken_port_is_a_clear_error(stack: DevStack, tmp_path) -> None:  # ty
         port = squatter.getsockname()[1]
         with pytest.raises(PortInUse, match=f"port {port} is taken.*DEALSTREAM_KAFKA_PORT"):
             EmbeddedBroker(port, tmp_path / "broker.log").start()
-
-
-def test_the_embedded_postgresql_is_set_for_a_box_it_shares(stack: DevStack) -> None:
-    """Its autovacuum throttled as SHARED_BOX_SETTINGS says."""
-    import psycopg
-
-    for name, value in SHARED_BOX_SETTINGS.items():
-        with psycopg.connect(stack.database_url) as conn:
-            row = conn.execute("SELECT current_setting(%s)", [name]).fetchone()
-        assert row == (value,)
