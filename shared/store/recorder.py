@@ -10,7 +10,7 @@ commit at once. Tracking and the order of notification ids are unchanged; the ne
 read back (`insert_events`).
 
 Writers are serialized by an advisory lock of the events table, not by the library's
-`LOCK TABLE … IN EXCLUSIVE MODE` (`write_lock_key`): the same order of notification ids, without
+`LOCK TABLE … IN EXCLUSIVE MODE` (`write_lock_name`): the same order of notification ids, without
 the table lock's conflict with VACUUM and ANALYZE.
 
 Round trips are what a small save (one HTTP command) costs, most of them while it holds the
@@ -20,7 +20,6 @@ of one row is a plain execute (executemany enters psycopg's pipeline mode and sy
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Sequence
 from functools import cached_property
 from typing import Any
@@ -59,11 +58,11 @@ def as_columns(rows: Sequence[Sequence[Any]]) -> list[tuple[list[Any], ...]]:
     return [columns(rows)] if rows else []
 
 
-def write_lock_key(schema: str, events_table: str) -> int:
-    """The advisory lock (one bigint) that every transaction inserting into an events table
-    holds until it commits. Anything else that writes events there must take it too."""
-    digest = hashlib.blake2b(f"dealstream-events:{schema}.{events_table}".encode(), digest_size=8)
-    return int.from_bytes(digest.digest(), "big", signed=True)
+def write_lock_name(schema: str, events_table: str) -> str:
+    """The name of the advisory lock that every transaction inserting into an events table
+    takes and holds until it commits: `pg_advisory_xact_lock(hashtextextended(<name>, 0))`
+    (the key hashed by the server, so that a script can take the lock as well)."""
+    return f"dealstream-events:{schema}.{events_table}"
 
 
 class BatchProcessRecorder(PostgresProcessRecorder):
@@ -74,16 +73,16 @@ class BatchProcessRecorder(PostgresProcessRecorder):
         The lock serializes the transactions that insert events, so that notification ids are
         handed out in commit order and a reader of the log never passes a gap that fills in
         later: the library's reason for `LOCK TABLE … IN EXCLUSIVE MODE`. A transaction-level
-        advisory lock does the same among writers, and conflicts with nothing else. The table
-        lock also conflicted with the SHARE UPDATE EXCLUSIVE lock that (auto)vacuum and ANALYZE
-        hold: under load every save then waited for them until PostgreSQL cancelled them (after
-        `deadlock_timeout`, 1 s), so each autovacuum of an events table stopped its service
-        for about a second, and its vacuum and statistics never got done (an anti-wraparound
-        vacuum, which is not cancelled, would have stopped it for the whole vacuum)."""
-        key = write_lock_key(self.datastore.schema, self.events_table_name)
+        advisory lock does the same among writers, and does not wait for VACUUM or ANALYZE.
+        The table lock conflicted with the SHARE UPDATE EXCLUSIVE lock they hold: under load
+        every save waited for them until PostgreSQL cancelled them (after `deadlock_timeout`,
+        1 s), so each autovacuum of an events table stopped its service for about a second,
+        and its vacuum and statistics never got done (an anti-wraparound vacuum, which is not
+        cancelled, would have stopped it for the whole vacuum)."""
         return SQL("; ").join([
             SQL("SET LOCAL lock_timeout = '{0}s'").format(self.datastore.lock_timeout),
-            SQL("SELECT pg_advisory_xact_lock({0})").format(Literal(key)),
+            SQL("SELECT pg_advisory_xact_lock(hashtextextended({0}, 0))").format(
+                Literal(write_lock_name(self.datastore.schema, self.events_table_name))),
             SQL("NOTIFY {0}").format(Identifier(self.channel_name)),
         ])  # fmt: skip
 

@@ -14,7 +14,7 @@ from eventsourcing.persistence import IntegrityError, Tracking
 
 from services.pipeline.app import PipelineApp
 from shared.settings import Settings
-from shared.store.recorder import write_lock_key
+from shared.store.recorder import write_lock_name
 
 
 class Note(Aggregate):
@@ -117,17 +117,22 @@ async def test_a_save_goes_on_while_vacuum_or_analyze_holds_the_events_table(
 async def test_saves_wait_for_the_events_tables_write_lock(
     pipeline_store: PipelineApp, settings: Settings
 ) -> None:
-    """A save takes the write lock before its notification ids, and holds it until it commits:
-    one that finds it held waits, and stores nothing until it has it."""
+    """A save takes the write lock before it draws notification ids, and holds it until it
+    commits: one that finds the lock held waits, with no id drawn, until it has it."""
     holder = await asyncpg.connect(settings.dsn())
     recorder = pipeline_store.process_recorder
-    key = write_lock_key(pipeline_store.schema, recorder.events_table_name)
+    name = write_lock_name(pipeline_store.schema, recorder.events_table_name)
+    ids = f"{pipeline_store.schema}.{recorder.events_table_name}_notification_id_seq"
+    drawn = f"SELECT last_value, is_called FROM {ids}"
+    saving: asyncio.Future[None] | None = None
     try:
+        key = await holder.fetchval("SELECT hashtextextended($1, 0)", name)
+        before = await holder.fetchrow(drawn)
         holding = holder.transaction()
         await holding.start()
-        await holder.execute("SELECT pg_advisory_xact_lock($1)", key)
+        await holder.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", name)
         note = Note("saved after the holder commits")
-        saving = asyncio.create_task(asyncio.to_thread(pipeline_store.record, [note]))
+        saving = asyncio.ensure_future(asyncio.to_thread(pipeline_store.record, [note]))
         waiting = 0
         for _ in range(200):  # until the save's backend waits on the lock (at most 10 s)
             waiting = await holder.fetchval(
@@ -140,9 +145,11 @@ async def test_saves_wait_for_the_events_tables_write_lock(
                 break
             await asyncio.sleep(0.05)
         assert waiting == 1 and not saving.done()
-        assert pipeline_store.notifications_after(0, 10) == []
+        assert await holder.fetchrow(drawn) == before  # the waiting save drew no id
         await holding.commit()
         await asyncio.wait_for(saving, 10)
         assert [n.originator_id for n in pipeline_store.notifications_after(0, 10)] == [note.id]
     finally:
-        await holder.close()
+        await holder.close()  # lets go of the lock, if a check failed while it was held
+        if saving is not None:
+            await asyncio.wait_for(saving, 30)
