@@ -106,11 +106,14 @@ class BatchProcessRecorder(PostgresProcessRecorder):
     def _insert_events(
         self, curs: Any, stored_events: Sequence[StoredEvent], **kwargs: Any
     ) -> None:
-        """The library's (the `tracking`, if any), then `trackings`: the positions of several
-        upstreams (a consumer's partitions) recorded with one save. Any that is not ahead of
-        what is recorded fails the transaction, as the library's does for one."""
-        super()._insert_events(curs, stored_events, **kwargs)
+        """The upstream positions a save carries, all in one statement: `trackings` (a
+        consumer's partitions), and the library's own `tracking` if a library call passes one
+        (its separate upsert is not used: one way to record a position). Any that is not ahead
+        of what is recorded fails the transaction, as the library's does."""
+        tracking: Tracking | None = kwargs.get("tracking")
         trackings: Sequence[Tracking] = kwargs.get("trackings", ())
+        if tracking is not None:
+            trackings = [*trackings, tracking]
         if not trackings:
             return
         # In the names' order, whatever the caller's: two replicas saving the same upstreams
@@ -128,7 +131,7 @@ class BatchProcessRecorder(PostgresProcessRecorder):
         reads them, the relays read the log, and without them the library's `put` makes no
         Recording and Notification per event (7% of capture's batch)."""
         with self.datastore.get_connection() as conn, conn.transaction(), conn.cursor() as curs:
-            self._insert_events(curs, stored_events, **kwargs)  # tracking, if any
+            self._insert_events(curs, stored_events, **kwargs)  # the positions, if any
             if stored_events:
                 self._insert_stored_events(curs, stored_events, **kwargs)
             # Also without events: a batch may change only the service's own rows (pipeline's

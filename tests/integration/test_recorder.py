@@ -89,6 +89,17 @@ async def test_a_save_records_several_upstream_positions_or_none(
     assert pipeline_store.tracked_position("up:p0") == 5
 
 
+async def test_the_librarys_own_tracking_goes_the_same_way(pipeline_store: PipelineApp) -> None:
+    """A position passed the library's way (`tracking=`) is recorded by the same statement as
+    a consumer's, with them, and a stale one fails the save the same way."""
+    recorder = pipeline_store.process_recorder
+    recorder.insert_events([], tracking=Tracking("lib:p0", 3), trackings=[Tracking("up:p0", 2)])
+    assert pipeline_store.tracked_positions(["lib:p0", "up:p0"]) == {"lib:p0": 3, "up:p0": 2}
+    with pytest.raises(IntegrityError):
+        recorder.insert_events([], tracking=Tracking("lib:p0", 3), trackings=[Tracking("up:p0", 5)])
+    assert pipeline_store.tracked_positions(["lib:p0", "up:p0"]) == {"lib:p0": 3, "up:p0": 2}
+
+
 def events_table(store: PipelineApp) -> str:
     return f"{store.schema}.{store.process_recorder.events_table_name}"
 
