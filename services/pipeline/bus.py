@@ -23,11 +23,10 @@ def lead_events(app: PipelineApp, settings: Settings) -> BatchConsumer:
 
         def apply() -> int:
             # Decoded in the worker thread too: the event loop goes back to fetching.
-            items = [
-                (name, notification_id, envelope)
-                for name, records in ((f"capture:p{p.partition}", rs) for p, rs in batch.items())
-                for notification_id, envelope in decode_records(records)
-            ]
+            items = []
+            for partition, records in batch.items():
+                name = f"capture:p{partition.partition}"  # the upstream: once per partition
+                items += [(name, i, envelope) for i, envelope in decode_records(records)]
             return app.apply_tracked_lead_events(items, rules)
 
         await asyncio.to_thread(apply)
