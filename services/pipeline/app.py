@@ -248,8 +248,9 @@ class PipelineApp(EventStoreApp):
                     attach(target_id, merged.lead_id, merged.rule, merged.merged_at,
                            str(envelope.event_id), envelope.correlation_id)  # fmt: skip
             # Leads that found a home may be what earlier merges were waiting for (in turn); and
-            # a merge that started waiting while another partition's batch was opening its
-            # customer (neither saw the other's uncommitted rows) is settled by the next batch.
+            # a merge that started waiting while another batch (another replica's, or a
+            # partition handled alone after a failure) was opening its customer (neither saw
+            # the other's uncommitted rows) is settled by the next batch.
             settled += self._settle(home, waiting, attach)
             pending.extend(self._pending_writes([w for w in waiting if w[0] not in home], settled))
             return list(changed.values())
