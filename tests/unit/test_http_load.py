@@ -1,0 +1,184 @@
+"""The bench's lean HTTP client (tests/perf/http_load.py) against real servers on loopback: a
+plain asyncio server for the framing and failure cases, and uvicorn serving a FastAPI app for the
+stack the CRUD baseline runs on."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+import uvicorn
+from fastapi import FastAPI, Request, Response
+
+from tests.perf.http_load import HttpLoadError, LoadClient
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def serving(handler: Handler) -> AsyncIterator[tuple[int, list[int]]]:
+    """A server on a free port; yields the port and the list of connections it accepted."""
+    accepted: list[int] = []
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(1)
+        try:
+            await handler(reader, writer)
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1], accepted
+    finally:
+        server.close()
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    return head.split(b"\r\n")[0], await reader.readexactly(length)
+
+
+async def test_answers_split_across_packets_and_keep_alive_reuse_one_connection() -> None:
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                line, body = await read_request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            answer = b"HTTP/1.1 201 Created\r\nContent-Length: %d\r\n\r\n%s" % (
+                len(line + body), line + body)  # fmt: skip
+            for i in range(0, len(answer), 7):  # in pieces, to be put together by the client
+                writer.write(answer[i : i + 7])
+                await writer.drain()
+                await asyncio.sleep(0)
+
+    async with serving(echo) as (port, accepted):
+        client = LoadClient("127.0.0.1", port, connections=1)
+        first = await client.post("/leads", b'{"n": 1}', {"content-type": "application/json"})
+        second = await client.get("/healthz")
+        await client.aclose()
+    assert (first.status_code, first.content) == (201, b'POST /leads HTTP/1.1{"n": 1}')
+    assert (second.status_code, second.content) == (201, b"GET /healthz HTTP/1.1")
+    assert len(accepted) == 1
+
+
+async def test_no_more_connections_than_asked_and_every_request_answered() -> None:
+    in_flight, most = 0, 0
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal in_flight, most
+        while True:
+            try:
+                await read_request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            in_flight += 1
+            most = max(most, in_flight)
+            await asyncio.sleep(0.01)
+            in_flight -= 1
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    async with serving(slow) as (port, accepted):
+        client = LoadClient("127.0.0.1", port, connections=3)
+        answers = await asyncio.gather(*(client.get(f"/{n}") for n in range(30)))
+        await client.aclose()
+    assert [a.content for a in answers] == [b"ok"] * 30
+    assert len(accepted) == 3
+    assert most == 3
+
+
+async def test_failures_are_errors_and_the_pool_recovers() -> None:
+    calls = 0
+
+    async def flaky(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal calls
+        await read_request(reader)
+        calls += 1
+        if calls == 1:
+            return  # closed with no answer
+        if calls == 2:
+            chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+            writer.write(chunked)
+            await writer.drain()
+            return
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+        await writer.drain()
+
+    async with serving(flaky) as (port, accepted):
+        client = LoadClient("127.0.0.1", port, connections=1)
+        with pytest.raises(HttpLoadError, match="connection lost"):
+            await client.get("/a")
+        with pytest.raises(HttpLoadError, match="Transfer-Encoding"):
+            await client.get("/b")
+        assert (await client.get("/c")).content == b"ok"
+        assert (await client.get("/d")).content == b"ok"  # a new connection after "close"
+        await client.aclose()
+    assert len(accepted) == 4
+    assert client.opened == 0  # every connection closed was counted out
+
+
+async def test_refused_and_timed_out_requests_are_errors() -> None:
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    client = LoadClient("127.0.0.1", port, connections=2)
+    with pytest.raises(HttpLoadError, match="cannot connect"):
+        await client.get("/")
+    assert client.opened == 0
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await asyncio.sleep(1)
+
+    async with serving(silent) as (port, _):
+        client = LoadClient("127.0.0.1", port, connections=1, timeout=0.1)
+        with pytest.raises(HttpLoadError, match="no answer within"):
+            await client.get("/")
+        assert client.opened == 0  # the late answer can't reach the next request
+        await client.aclose()
+
+
+async def test_against_uvicorn_and_fastapi() -> None:
+    app = FastAPI()
+
+    @app.post("/leads", status_code=201)
+    async def leads(request: Request) -> dict[str, int]:
+        return {"bytes": len(await request.body())}
+
+    @app.get("/empty")
+    async def empty() -> Response:
+        return Response(status_code=204)
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    serve = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            await asyncio.sleep(0.01)
+        client = LoadClient("127.0.0.1", port, connections=4)
+        posted = await asyncio.gather(
+            *(client.post("/leads", b"x" * n, {"content-type": "application/json"})
+              for n in range(50))
+        )  # fmt: skip
+        empty_answer = await client.get("/empty")
+        missing = await client.get("/nowhere")
+        await client.aclose()
+    finally:
+        server.should_exit = True
+        await serve
+    assert [(a.status_code, a.content) for a in posted] == [
+        (201, b'{"bytes":%d}' % n) for n in range(50)
+    ]
+    assert (empty_answer.status_code, empty_answer.content) == (204, b"")
+    assert missing.status_code == 404 and b"Not Found" in missing.content
