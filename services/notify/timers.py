@@ -5,7 +5,7 @@ or a replay from the start changes nothing), and the notifications and deliverie
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import fields
 
 import asyncpg
@@ -157,12 +157,20 @@ def timer_projector(rules: Rules) -> Projector:
         # opportunity once, as ON CONFLICT DO UPDATE needs.
         columns = [[getattr(p, c) for p in changed] for c in PICTURE_COLUMNS]
         await conn.execute(_UPSERT_PICTURE, *columns)
-        await set_timers(conn, changed, rules)
+        await set_timers(conn, changed, rules, had_picture=before.keys())
 
     return project
 
 
-async def set_timers(conn: asyncpg.Connection, pictures: Sequence[Picture], rules: Rules) -> None:
+async def set_timers(
+    conn: asyncpg.Connection,
+    pictures: Sequence[Picture],
+    rules: Rules,
+    had_picture: Collection[uuid.UUID],
+) -> None:
+    """Each opportunity's timers made exactly what its picture implies. Timers are written only
+    here, with their picture, and no picture is ever removed: an opportunity that had no picture
+    before this batch (`had_picture`) has no timers to drop."""
     opportunity, kind, due, derived = [], [], [], []
     for picture in pictures:
         for timer_kind, (due_at, event) in timers(picture, rules).items():
@@ -170,14 +178,19 @@ async def set_timers(conn: asyncpg.Connection, pictures: Sequence[Picture], rule
             kind.append(timer_kind)
             due.append(due_at)
             derived.append(event)
-    await conn.execute(
-        "DELETE FROM timer t WHERE t.opportunity_id = ANY($1::uuid[]) AND NOT EXISTS"
-        " (SELECT 1 FROM unnest($2::uuid[], $3::text[]) AS n(o, k)"
-        "  WHERE n.o = t.opportunity_id AND n.k = t.kind)",
-        [p.opportunity_id for p in pictures],
-        opportunity,
-        kind,
-    )
+    known = [p.opportunity_id for p in pictures if p.opportunity_id in had_picture]
+    if known:
+        # (Under a flood of new leads every batch's opportunities were new, and this statement,
+        # run anyway, was a fifth of the database's time: 12.5 ms a batch, finding nothing, on a
+        # timer table not yet analyzed, so read whole.)
+        await conn.execute(
+            "DELETE FROM timer t WHERE t.opportunity_id = ANY($1::uuid[]) AND NOT EXISTS"
+            " (SELECT 1 FROM unnest($2::uuid[], $3::text[]) AS n(o, k)"
+            "  WHERE n.o = t.opportunity_id AND n.k = t.kind)",
+            known,
+            opportunity,
+            kind,
+        )
     if opportunity:
         # Unchanged timers keep their fired mark; a moved or re-derived one is armed again.
         await conn.execute(

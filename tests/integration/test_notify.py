@@ -319,3 +319,29 @@ async def test_who_was_told_what_is_readable_by_the_roles_that_may_see_the_oppor
                                 headers=auth(Role.rep, "rep.wang"))  # fmt: skip
         assert {t["kind"] for t in timers.json()} == {"follow_up", "escalate_manager", "stale"}
         assert all(t["fired_at"] for t in timers.json() if t["kind"] != "stale")
+
+
+async def test_a_closed_deal_keeps_no_timers_and_an_open_one_keeps_its_own(
+    rig: NotifyRig,  # noqa: F811
+) -> None:
+    async def timers_of(deal: Deal) -> set[str]:
+        rows = await rig.pool.fetch("SELECT kind FROM timer WHERE opportunity_id = $1", deal.id)
+        return {r["kind"] for r in rows}
+
+    lost, still_open = Deal(T), Deal(T)
+    await rig.feed([*lost.take(), *still_open.take()])
+    open_timers = {"follow_up", "escalate_manager", "stale"}
+    assert await timers_of(lost) == await timers_of(still_open) == open_timers
+
+    # Lost in a later batch, beside a deal opened and lost within that same batch.
+    lost.o.lose(rig.rules.loss_reasons[0], "rep.wang", T + DAY, rig.rules)
+    at_once = Deal(T)
+    at_once.o.lose(rig.rules.loss_reasons[0], "rep.wang", T + DAY, rig.rules)
+    await rig.feed([*lost.take(), *at_once.take()])
+    assert await timers_of(lost) == set()
+    assert await timers_of(at_once) == set()
+    assert await timers_of(still_open) == open_timers
+
+    await rig.tick(T + 30 * DAY)  # nothing is told about the closed deals
+    told = {n["opportunity_id"] for n in await rig.notifications() if n["opportunity_id"]}
+    assert told == {str(still_open.id)}
