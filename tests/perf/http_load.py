@@ -31,7 +31,6 @@ class _Connection(asyncio.Protocol):
         self.buffer = bytearray()
         self.waiting: asyncio.Future[Answer] | None = None
         self.closed = False
-        self.close_after = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -39,44 +38,50 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self.waiting is not None and not self.waiting.done():
-            self.waiting.set_exception(HttpLoadError(f"connection lost: {exc or 'closed by peer'}"))
+        self._fail(f"connection lost: {exc or 'closed by peer'}")
 
     def data_received(self, data: bytes) -> None:
+        if self.waiting is None or self.waiting.done():  # nobody asked: drop the connection
+            self.close()
+            return
         self.buffer += data
         end = self.buffer.find(b"\r\n\r\n")
         if end < 0:
             return
         lines = bytes(self.buffer[:end]).split(b"\r\n")
-        length, problem = 0, None
+        parts = lines[0].split(None, 2)
+        if len(parts) < 2 or not parts[1].isdigit():
+            self._fail(f"not an HTTP status line: {lines[0][:80]!r}")
+            return
+        status = int(parts[1])
+        length: int | None = 0 if status in (204, 304) or status < 200 else None
+        close_after = False
         for line in lines[1:]:
             name, _, value = line.partition(b":")
-            name = name.strip().lower()
-            if name == b"content-length":
+            name, value = name.strip().lower(), value.strip()
+            if name == b"content-length" and value.isdigit():
                 length = int(value)
-            elif name == b"transfer-encoding":
-                problem = "answers without Content-Length (Transfer-Encoding) are not supported"
-            elif name == b"connection" and value.strip().lower() == b"close":
-                self.close_after = True
-        waiting, self.waiting = self.waiting, None
-        if waiting is None or waiting.done():  # an answer nobody asked for: drop the connection
-            self.close()
-            return
-        parts = lines[0].split(None, 2)
-        if problem is None and (len(parts) < 2 or not parts[1].isdigit()):
-            problem = f"not an HTTP status line: {lines[0][:80]!r}"
-        if problem is not None:
-            waiting.set_exception(HttpLoadError(problem))
-            self.close()
+            elif name in (b"content-length", b"transfer-encoding"):
+                self._fail(f"answers framed by {line[:80]!r} are not supported")
+                return
+            elif name == b"connection" and value.lower() == b"close":
+                close_after = True
+        if length is None:
+            self._fail(f"an answer with status {status} and no Content-Length")
             return
         if len(self.buffer) < end + 4 + length:
-            self.waiting = waiting  # the body is still coming
-            return
+            return  # the body is still coming
         body = bytes(self.buffer[end + 4 : end + 4 + length])
         del self.buffer[: end + 4 + length]
-        waiting.set_result(Answer(int(parts[1]), body))
-        if self.close_after:
+        waiting, self.waiting = self.waiting, None
+        waiting.set_result(Answer(status, body))
+        if close_after or self.buffer:  # bytes past the answer: nothing here can be trusted
             self.close()
+
+    def _fail(self, problem: str) -> None:
+        if self.waiting is not None and not self.waiting.done():
+            self.waiting.set_exception(HttpLoadError(problem))
+        self.close()
 
     def close(self) -> None:
         self.closed = True
@@ -85,54 +90,74 @@ class _Connection(asyncio.Protocol):
 
 
 class LoadClient:
-    """`connections` keep-alive connections to `host:port`; a request waits for a free one."""
+    """`connections` keep-alive connections to `host:port`; a request waits for a free one, in
+    the order they asked."""
 
     def __init__(self, host: str, port: int, connections: int, timeout: float = 60.0) -> None:
         self.host, self.port, self.size, self.timeout = host, port, connections, timeout
         self.idle: list[_Connection] = []
+        self.every: set[_Connection] = set()  # open or opening, idle or not
         self.opened = 0
-        self.queue: collections.deque[asyncio.Future[None]] = collections.deque()
+        # Waiting requests: each is handed a free connection, or None to open one itself.
+        self.queue: collections.deque[asyncio.Future[_Connection | None]] = collections.deque()
 
     async def _take(self) -> _Connection:
         loop = asyncio.get_running_loop()
-        while True:
+        while self.queue and self.queue[0].done():  # turns given up
+            self.queue.popleft()
+        if self.queue or (not self.idle and self.opened >= self.size):
+            turn: asyncio.Future[_Connection | None] = loop.create_future()
+            self.queue.append(turn)
+            try:
+                handed = await turn
+            except asyncio.CancelledError:
+                if turn.done() and not turn.cancelled():  # handed something: pass it on
+                    if turn.result() is None:
+                        self.opened -= 1
+                    self._give(turn.result())
+                raise
+            if handed is not None:
+                return handed
+            # Handed a slot, already counted in `opened`: open a connection in it.
+        else:
             while self.idle:
                 connection = self.idle.pop()
                 if not connection.closed:
                     return connection
-                self.opened -= 1
-            if self.opened < self.size:
-                self.opened += 1
-                try:
-                    _, connection = await loop.create_connection(_Connection, self.host, self.port)
-                except OSError as exc:
-                    self.opened -= 1
-                    self._wake()
-                    where = f"{self.host}:{self.port}"
-                    raise HttpLoadError(f"cannot connect to {where}: {exc}") from exc
-                return connection
-            turn = loop.create_future()
-            self.queue.append(turn)
-            try:
-                await turn
-            except asyncio.CancelledError:
-                if turn.done() and not turn.cancelled():
-                    self._wake()  # pass the turn on
-                raise
-
-    def _give(self, connection: _Connection) -> None:
-        if connection.closed:
+                self._forget(connection)
+            self.opened += 1
+        try:
+            _, connection = await loop.create_connection(_Connection, self.host, self.port)
+        except BaseException as exc:
             self.opened -= 1
-        else:
-            self.idle.append(connection)
-        self._wake()
+            self._give(None)  # the slot, to the next in line
+            if isinstance(exc, OSError):
+                where = f"{self.host}:{self.port}"
+                raise HttpLoadError(f"cannot connect to {where}: {exc}") from exc
+            raise
+        self.every.add(connection)
+        return connection
 
-    def _wake(self) -> None:
+    def _give(self, connection: _Connection | None) -> None:
+        """A connection done with, or None for a slot freed, to the first request waiting (a slot
+        is counted in `opened` as it is handed)."""
+        if connection is not None and connection.closed:
+            self._forget(connection)
+            connection = None
         while self.queue:
             turn = self.queue.popleft()
             if not turn.done():
-                turn.set_result(None)
+                if connection is None:
+                    self.opened += 1
+                turn.set_result(connection)
                 return
+        if connection is not None:
+            self.idle.append(connection)
+
+    def _forget(self, connection: _Connection) -> None:
+        if connection in self.every:
+            self.every.discard(connection)
+            self.opened -= 1
 
     async def request(
         self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
@@ -151,10 +176,9 @@ class LoadClient:
                 async with asyncio.timeout(self.timeout):
                     return await connection.waiting
             except TimeoutError as exc:
-                connection.close()  # an answer may still come: never reuse the connection
                 raise HttpLoadError(f"no answer within {self.timeout} s") from exc
         except BaseException:
-            if connection.waiting is not None:  # left mid-request (cancelled): not reusable
+            if connection.waiting is not None:  # left mid-request: an answer may still come
                 connection.close()
             raise
         finally:
@@ -169,6 +193,7 @@ class LoadClient:
         return await self.request("POST", path, content, headers)
 
     async def aclose(self) -> None:
-        for connection in self.idle:
+        for connection in list(self.every):
             connection.close()
+            self._forget(connection)
         self.idle.clear()

@@ -182,3 +182,78 @@ async def test_against_uvicorn_and_fastapi() -> None:
     ]
     assert (empty_answer.status_code, empty_answer.content) == (204, b"")
     assert missing.status_code == 404 and b"Not Found" in missing.content
+
+
+async def answering(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answers each request with its path; `/hang` gets no answer, `/extra` one with bytes
+    after it, `/unframed` one without Content-Length, `/negative` a length below zero."""
+    while True:
+        try:
+            line, _ = await read_request(reader)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+        path = line.split()[1]
+        if path == b"/hang":
+            continue
+        if path == b"/unframed":
+            writer.write(b"HTTP/1.1 200 OK\r\n\r\nbody")
+        elif path == b"/negative":
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n")
+        else:
+            answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(path), path)
+            writer.write(answer + (b"HTTP/1.1 500 STALE\r\n" if path == b"/extra" else b""))
+        await writer.drain()
+
+
+async def test_requests_given_up_free_their_connection_and_turns_go_in_order() -> None:
+    async with serving(answering) as (port, accepted):
+        client = LoadClient("127.0.0.1", port, connections=1)
+        hanging = asyncio.create_task(client.get("/hang"))
+        queued = asyncio.create_task(client.get("/given-up"))
+        waiting = [asyncio.create_task(client.get(f"/{n}")) for n in range(5)]
+        await asyncio.sleep(0.05)
+        queued.cancel()  # while waiting its turn
+        hanging.cancel()  # with its request on the wire: its connection can't be used again
+        answers = [await w for w in asyncio.as_completed(waiting)]
+        await client.aclose()
+    assert [a.content for a in answers] == [f"/{n}".encode() for n in range(5)]  # in order
+    assert len(accepted) == 2  # the cancelled request's connection was replaced once
+    assert client.opened == 0 and not client.idle
+
+
+async def test_bytes_past_an_answer_or_between_requests_drop_the_connection() -> None:
+    async with serving(answering) as (port, accepted):
+        client = LoadClient("127.0.0.1", port, connections=1)
+        assert (await client.get("/extra")).content == b"/extra"
+        assert (await client.get("/next")).content == b"/next"  # not the stale bytes
+        assert len(accepted) == 2
+        [idle] = client.idle
+        assert idle.transport is not None
+        idle.data_received(b"HTTP/1.1 200 OK\r\n")  # as if sent while no request was out
+        assert idle.closed
+        assert (await client.get("/after")).content == b"/after"
+        await client.aclose()
+    assert len(accepted) == 3
+
+
+async def test_answers_it_cannot_frame_are_errors() -> None:
+    async with serving(answering) as (port, _):
+        client = LoadClient("127.0.0.1", port, connections=1)
+        with pytest.raises(HttpLoadError, match="no Content-Length"):
+            await client.get("/unframed")
+        with pytest.raises(HttpLoadError, match="not supported"):
+            await client.get("/negative")
+        assert (await client.get("/fine")).content == b"/fine"
+        await client.aclose()
+        assert client.opened == 0
+
+
+async def test_closing_the_client_ends_requests_in_flight() -> None:
+    async with serving(answering) as (port, _):
+        client = LoadClient("127.0.0.1", port, connections=2)
+        hanging = asyncio.create_task(client.get("/hang"))
+        await asyncio.sleep(0.05)
+        await client.aclose()
+        with pytest.raises(HttpLoadError, match="connection lost"):
+            await hanging
+    assert client.opened == 0
