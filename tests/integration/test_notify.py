@@ -16,7 +16,9 @@ from typing import Any
 import httpx
 
 from services.notify.api import create_api
+from services.notify.timers import timer_projector
 from shared.auth import Principal, Role, issue_token
+from shared.bus.consumer import apply_read_model
 from shared.contracts.topics import DEAD_LETTER, NOTIFICATION_EVENTS
 from shared.devstack import DevStack
 from tests.integration.notify_fixtures import NotifyRig, rig, smtp, webhook  # noqa: F401
@@ -345,3 +347,31 @@ async def test_a_closed_deal_keeps_no_timers_and_an_open_one_keeps_its_own(
     await rig.tick(T + 30 * DAY)  # nothing is told about the closed deals
     told = {n["opportunity_id"] for n in await rig.notifications() if n["opportunity_id"]}
     assert told == {str(still_open.id)}
+
+
+async def test_replicas_racing_on_new_deals_leave_no_timers_of_a_lost_one(
+    rig: NotifyRig,  # noqa: F811
+) -> None:
+    """One replica's batch opens the deals; another's, after a rebalance, opens and loses them.
+    Whichever commits first, the other's batch is decided again seeing it, and no timer of a
+    lost deal is left."""
+    for _round in range(5):
+        deals = [Deal(T) for _ in range(20)]
+        opening = [e for d in deals for e in d.take()]
+        for deal in deals:
+            deal.o.lose(rig.rules.loss_reasons[0], "rep.wang", T + DAY, rig.rules)
+        losing = [*opening, *(e for d in deals for e in d.take())]
+        project = timer_projector(rig.rules)
+        await asyncio.gather(
+            apply_read_model(rig.pool, opening, project),
+            apply_read_model(rig.pool, losing, project),
+        )
+        ids = [d.id for d in deals]
+        left = await rig.pool.fetchval(
+            "SELECT count(*) FROM timer WHERE opportunity_id = ANY($1::uuid[])", ids
+        )
+        statuses = await rig.pool.fetch(
+            "SELECT DISTINCT status FROM opportunity_picture WHERE opportunity_id = ANY($1)", ids
+        )
+        assert left == 0
+        assert [r["status"] for r in statuses] == ["lost"]
