@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 class HttpLoadError(Exception):
     """The request got no complete answer: connection refused or lost, timeout, or an answer
-    this client does not frame."""
+    this client does not frame (chunked, without Content-Length, interim 1xx)."""
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,10 @@ class _Connection(asyncio.Protocol):
             self._fail(f"not an HTTP status line: {lines[0][:80]!r}")
             return
         status = int(parts[1])
-        length: int | None = 0 if status in (204, 304) or status < 200 else None
+        if status < 200:  # interim answers come only when asked for (Expect): never here
+            self._fail(f"an interim answer ({status}) is not supported")
+            return
+        length: int | None = 0 if status in (204, 304) else None
         close_after = False
         for line in lines[1:]:
             name, _, value = line.partition(b":")

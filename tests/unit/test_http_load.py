@@ -186,7 +186,8 @@ async def test_against_uvicorn_and_fastapi() -> None:
 
 async def answering(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """Answers each request with its path; `/hang` gets no answer, `/extra` one with bytes
-    after it, `/unframed` one without Content-Length, `/negative` a length below zero."""
+    after it, `/unframed` one without Content-Length, `/negative` a length below zero,
+    `/interim` a 100 before it."""
     while True:
         try:
             line, _ = await read_request(reader)
@@ -199,6 +200,9 @@ async def answering(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) 
             writer.write(b"HTTP/1.1 200 OK\r\n\r\nbody")
         elif path == b"/negative":
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n")
+        elif path == b"/interim":
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
         else:
             answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(path), path)
             writer.write(answer + (b"HTTP/1.1 500 STALE\r\n" if path == b"/extra" else b""))
@@ -243,6 +247,8 @@ async def test_answers_it_cannot_frame_are_errors() -> None:
             await client.get("/unframed")
         with pytest.raises(HttpLoadError, match="not supported"):
             await client.get("/negative")
+        with pytest.raises(HttpLoadError, match="interim"):
+            await client.get("/interim")
         assert (await client.get("/fine")).content == b"/fine"
         await client.aclose()
         assert client.opened == 0
