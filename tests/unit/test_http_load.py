@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 import uvicorn
 from fastapi import FastAPI, Request, Response
 
+from shared.devstack import free_port
 from tests.perf.http_load import HttpLoadError, LoadClient
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -96,41 +96,8 @@ async def test_no_more_connections_than_asked_and_every_request_answered() -> No
     assert most == 3
 
 
-async def test_failures_are_errors_and_the_pool_recovers() -> None:
-    calls = 0
-
-    async def flaky(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal calls
-        await read_request(reader)
-        calls += 1
-        if calls == 1:
-            return  # closed with no answer
-        if calls == 2:
-            chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
-            writer.write(chunked)
-            await writer.drain()
-            return
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
-        await writer.drain()
-
-    async with serving(flaky) as (port, accepted):
-        client = LoadClient("127.0.0.1", port, connections=1)
-        with pytest.raises(HttpLoadError, match="connection lost"):
-            await client.get("/a")
-        with pytest.raises(HttpLoadError, match="Transfer-Encoding"):
-            await client.get("/b")
-        assert (await client.get("/c")).content == b"ok"
-        assert (await client.get("/d")).content == b"ok"  # a new connection after "close"
-        await client.aclose()
-    assert len(accepted) == 4
-    assert client.opened == 0  # every connection closed was counted out
-
-
 async def test_refused_and_timed_out_requests_are_errors() -> None:
-    with socket.socket() as unused:
-        unused.bind(("127.0.0.1", 0))
-        port = unused.getsockname()[1]
-    client = LoadClient("127.0.0.1", port, connections=2)
+    client = LoadClient("127.0.0.1", free_port(), connections=2)  # nothing listens there
     with pytest.raises(HttpLoadError, match="cannot connect"):
         await client.get("/")
     assert client.opened == 0
@@ -158,9 +125,7 @@ async def test_against_uvicorn_and_fastapi() -> None:
     async def empty() -> Response:
         return Response(status_code=204)
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     serve = asyncio.create_task(server.serve())
     try:
@@ -185,9 +150,10 @@ async def test_against_uvicorn_and_fastapi() -> None:
 
 
 async def answering(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Answers each request with its path; `/hang` gets no answer, `/extra` one with bytes
-    after it, `/unframed` one without Content-Length, `/negative` a length below zero,
-    `/interim` a 100 before it."""
+    """Answers each request with its path; `/hang` gets no answer, `/drop` the connection
+    closed instead, `/close` its answer and then the connection closed, `/extra` an answer with
+    bytes after it, `/chunked` a chunked one, `/unframed` one without Content-Length,
+    `/negative` a length below zero, `/interim` a 100 before it."""
     while True:
         try:
             line, _ = await read_request(reader)
@@ -196,7 +162,13 @@ async def answering(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) 
         path = line.split()[1]
         if path == b"/hang":
             continue
-        if path == b"/unframed":
+        if path == b"/drop":
+            return
+        if path == b"/chunked":
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+            )
+        elif path == b"/unframed":
             writer.write(b"HTTP/1.1 200 OK\r\n\r\nbody")
         elif path == b"/negative":
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n")
@@ -204,9 +176,33 @@ async def answering(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) 
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
         else:
-            answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(path), path)
+            close = b"Connection: close\r\n" if path == b"/close" else b""
+            answer = b"HTTP/1.1 200 OK\r\n%sContent-Length: %d\r\n\r\n%s" % (
+                close, len(path), path)  # fmt: skip
             writer.write(answer + (b"HTTP/1.1 500 STALE\r\n" if path == b"/extra" else b""))
         await writer.drain()
+        if path == b"/close":
+            return
+
+
+async def test_failures_and_answers_it_cannot_frame_are_errors_and_the_pool_recovers() -> None:
+    async with serving(answering) as (port, accepted):
+        client = LoadClient("127.0.0.1", port, connections=1)
+        with pytest.raises(HttpLoadError, match="connection lost"):
+            await client.get("/drop")
+        with pytest.raises(HttpLoadError, match="Transfer-Encoding"):
+            await client.get("/chunked")
+        with pytest.raises(HttpLoadError, match="no Content-Length"):
+            await client.get("/unframed")
+        with pytest.raises(HttpLoadError, match="not supported"):
+            await client.get("/negative")
+        with pytest.raises(HttpLoadError, match="interim"):
+            await client.get("/interim")
+        assert (await client.get("/close")).content == b"/close"
+        assert (await client.get("/fine")).content == b"/fine"  # a new connection after "close"
+        await client.aclose()
+    assert len(accepted) == 7  # each failure, and the "close", cost its connection
+    assert client.opened == 0  # every connection closed was counted out
 
 
 async def test_requests_given_up_free_their_connection_and_turns_go_in_order() -> None:
@@ -238,20 +234,6 @@ async def test_bytes_past_an_answer_or_between_requests_drop_the_connection() ->
         assert (await client.get("/after")).content == b"/after"
         await client.aclose()
     assert len(accepted) == 3
-
-
-async def test_answers_it_cannot_frame_are_errors() -> None:
-    async with serving(answering) as (port, _):
-        client = LoadClient("127.0.0.1", port, connections=1)
-        with pytest.raises(HttpLoadError, match="no Content-Length"):
-            await client.get("/unframed")
-        with pytest.raises(HttpLoadError, match="not supported"):
-            await client.get("/negative")
-        with pytest.raises(HttpLoadError, match="interim"):
-            await client.get("/interim")
-        assert (await client.get("/fine")).content == b"/fine"
-        await client.aclose()
-        assert client.opened == 0
 
 
 async def test_closing_the_client_ends_requests_in_flight() -> None:
