@@ -98,6 +98,7 @@ class LoadClient:
 
     def __init__(self, host: str, port: int, connections: int, timeout: float = 60.0) -> None:
         self.host, self.port, self.size, self.timeout = host, port, connections, timeout
+        self._host_line = f"host: {host}:{port}\r\n"  # the same in every request
         self.idle: list[_Connection] = []
         self.every: set[_Connection] = set()  # open or opening, idle or not
         self.opened = 0
@@ -167,8 +168,7 @@ class LoadClient:
     ) -> Answer:
         connection = await self._take()
         try:
-            head = f"{method} {path} HTTP/1.1\r\nhost: {self.host}:{self.port}\r\n"
-            head += f"content-length: {len(body)}\r\n"
+            head = f"{method} {path} HTTP/1.1\r\n{self._host_line}content-length: {len(body)}\r\n"
             for name, value in (headers or {}).items():
                 head += f"{name}: {value}\r\n"
             connection.waiting = asyncio.get_running_loop().create_future()
