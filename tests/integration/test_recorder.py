@@ -133,7 +133,7 @@ async def test_saves_wait_for_the_events_tables_write_lock(
     holder = await asyncpg.connect(settings.dsn())
     recorder = pipeline_store.process_recorder
     name = write_lock_name(pipeline_store.schema, recorder.events_table_name)
-    ids = f"{pipeline_store.schema}.{recorder.events_table_name}_notification_id_seq"
+    ids = f"{events_table(pipeline_store)}_notification_id_seq"
     drawn = f"SELECT last_value, is_called FROM {ids}"
     saving: asyncio.Future[None] | None = None
     try:
