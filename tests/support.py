@@ -217,3 +217,25 @@ def metric_sum(text: str, name: str, **labels: str) -> float:
         if all(seen.get(k) == v for k, v in labels.items()):
             total += float(match.group(2))
     return total
+
+
+@asynccontextmanager
+async def served(app: Any, log_level: str = "warning") -> AsyncIterator[int]:
+    """`app` (ASGI) served by uvicorn in this event loop on a free port until the block ends;
+    yields the port once it listens."""
+    import uvicorn
+
+    from shared.devstack import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level=log_level))
+    serving = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            if serving.done():
+                serving.result()  # it failed to start: say why
+            await asyncio.sleep(0.01)
+        yield port
+    finally:
+        server.should_exit = True
+        await serving

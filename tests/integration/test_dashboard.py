@@ -14,16 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import uvicorn
 
 from services.reporting.api import create_api
 from services.reporting.projection import MIGRATIONS, project
 from shared.auth import Principal, Role, issue_token
 from shared.bus.consumer import apply_read_model
 from shared.clock import FixedClock
-from shared.devstack import free_port
 from shared.settings import Settings
 from tests import reporting_scenario as scenario
+from tests.support import served
 
 ARTIFACTS = Path("test-artifacts")
 CHROMIUM = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -52,12 +51,7 @@ async def test_the_dashboard_shows_the_apis_funnel_with_charts_in_both_languages
     for start in range(0, len(played.envelopes), 50):
         await apply_read_model(pool, played.envelopes[start : start + 50], project)
     api = create_api(settings, pool, lambda: None, FixedClock(scenario.NOW))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(api, host="127.0.0.1", port=port, log_level="warning"))
-    serving = asyncio.create_task(server.serve())
-    try:
-        while not server.started:
-            await asyncio.sleep(0.05)
+    async with served(api) as port:
         token = issue_token(Principal(role=Role.ops, user="ops1"), settings.secret_for_tokens(),
                             datetime.now(UTC), timedelta(hours=1))  # fmt: skip
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
@@ -83,6 +77,3 @@ async def test_the_dashboard_shows_the_apis_funnel_with_charts_in_both_languages
             shot = ARTIFACTS / f"dashboard-{lang}.png"
             await chromium(url, f"--screenshot={shot.resolve()}")
             assert shot.stat().st_size > 20_000  # charts drawn, not a blank page
-    finally:
-        server.should_exit = True
-        await serving

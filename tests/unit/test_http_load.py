@@ -9,11 +9,11 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request, Response
 
 from shared.devstack import free_port
 from tests.perf.http_load import HttpLoadError, LoadClient
+from tests.support import served
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -125,12 +125,7 @@ async def test_against_uvicorn_and_fastapi() -> None:
     async def empty() -> Response:
         return Response(status_code=204)
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    serve = asyncio.create_task(server.serve())
-    try:
-        while not server.started:
-            await asyncio.sleep(0.01)
+    async with served(app, log_level="error") as port:
         client = LoadClient("127.0.0.1", port, connections=4)
         posted = await asyncio.gather(
             *(client.post("/leads", b"x" * n, {"content-type": "application/json"})
@@ -139,9 +134,6 @@ async def test_against_uvicorn_and_fastapi() -> None:
         empty_answer = await client.get("/empty")
         missing = await client.get("/nowhere")
         await client.aclose()
-    finally:
-        server.should_exit = True
-        await serve
     assert [(a.status_code, a.content) for a in posted] == [
         (201, b'{"bytes":%d}' % n) for n in range(50)
     ]
