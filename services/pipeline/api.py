@@ -302,6 +302,8 @@ def create_api(
             if p.team is None or team not in (None, p.team):
                 return v.OpportunityPage(items=[], total=0, limit=limit, offset=offset)
             team = p.team
+        elif p.role not in (Role.ops, Role.admin):  # a partner: no opportunity is visible
+            return v.OpportunityPage(items=[], total=0, limit=limit, offset=offset)
         where = (
             "($1::uuid IS NULL OR i.opportunity_id IN"
             " (SELECT opportunity_id FROM opportunity_lead WHERE lead_id = $1))"

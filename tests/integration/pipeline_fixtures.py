@@ -65,6 +65,7 @@ PRINCIPALS = {
     "mgr_bj": Principal(role=Role.manager, user="mgr_bj", team="beijing"),
     "ops": Principal(role=Role.ops, user="ops1"),
     "admin": Principal(role=Role.admin, user="root"),
+    "partner": Principal(role=Role.partner, user="acme"),  # a channel partner sees no deal
 }
 
 

@@ -134,7 +134,8 @@ ROUTES = [
     "get", "history", "stage", "follow-ups", "win", "lose", "reopen", "assign", "payments",
     "amount", "probability", "reactivate",
 ]  # fmt: skip
-SEES = {"rep1": True, "rep2": False, "mgr_xian": True, "mgr_bj": False, "ops": True, "admin": True}
+SEES = {"rep1": True, "rep2": False, "mgr_xian": True, "mgr_bj": False, "ops": True, "admin": True,
+        "partner": False}
 
 
 def expected(who: str, route: str) -> int:
@@ -199,6 +200,8 @@ async def test_lists_are_scoped_filtered_and_paged(pipeline: Pipeline) -> None: 
     assert set(xian) | {beijing} <= everything
     assert await ids("rep1", owner="rep2") == set()  # a rep cannot look at another's
     assert await ids("ops", team="beijing") == {beijing}
+    assert await ids("partner") == set()  # a partner token lists no deal, filtered or not
+    assert await ids("partner", team="xian", owner="rep1") == set()
     page = await p.http.get("/v1/opportunities", params={"limit": 2, "offset": 0, "team": "xian"},
                             headers=p.auth("admin"))  # fmt: skip
     assert len(page.json()["items"]) == 2 and page.json()["total"] == 3
