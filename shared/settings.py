@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 STAGES: tuple[str, ...] = ("A", "B", "C", "D", "E", "F")
@@ -138,6 +138,24 @@ class Rules(BaseModel):
     recycle_days: int = Field(default=60, ge=1)
     max_message_bytes: int = Field(default=64 * 1024, ge=1024)
     notify: NotifyRules = Field(default_factory=NotifyRules)
+
+    @field_validator("stages", mode="before")
+    @classmethod
+    def _stages_over_defaults(cls, given: Any) -> Any:
+        """A stage configured in `dealstream.toml` changes what it names, field by field; the
+        stages it leaves out keep their defaults (every code must have its rule: a stage
+        without one would fail each command and each lead that reaches it)."""
+        if not isinstance(given, dict):
+            return given
+        unknown = sorted(set(given) - set(STAGES))
+        if unknown:
+            raise ValueError(f"no stage {', '.join(unknown)}: the stages are {', '.join(STAGES)}")
+        stages: dict[str, Any] = {code: r.model_dump() for code, r in _default_stages().items()}
+        for code, rule in given.items():
+            if isinstance(rule, StageRule):
+                rule = rule.model_dump(exclude_unset=True)
+            stages[code] = {**stages[code], **rule} if isinstance(rule, dict) else rule
+        return stages
 
     def probability(self, stage: str) -> int:
         return self.stages[stage].probability

@@ -134,8 +134,15 @@ ROUTES = [
     "get", "history", "stage", "follow-ups", "win", "lose", "reopen", "assign", "payments",
     "amount", "probability", "reactivate",
 ]  # fmt: skip
-SEES = {"rep1": True, "rep2": False, "mgr_xian": True, "mgr_bj": False, "ops": True, "admin": True,
-        "partner": False}
+SEES = {
+    "rep1": True,
+    "rep2": False,
+    "mgr_xian": True,
+    "mgr_bj": False,
+    "ops": True,
+    "admin": True,
+    "partner": False,
+}
 
 
 def expected(who: str, route: str) -> int:

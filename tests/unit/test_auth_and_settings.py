@@ -45,6 +45,14 @@ def test_rules_default_to_the_spec_and_load_from_toml(tmp_path: Path) -> None:
     assert follow_up_days("A", "small", rules) == 2 and follow_up_days("A", "major", rules) == 1
     assert follow_up_days("F", "small", Rules()) is None
     assert rules.notify.escalate_after_days == 3
+    # One stage configured, one field of it: the other fields and stages keep their defaults.
+    config.write_text("[rules.stages.B]\nprobability = 30\n")
+    rules = load_rules(config)
+    assert [rules.probability(s) for s in "ABCDEF"] == [10, 30, 50, 75, 90, 100]
+    assert rules.stages["B"].name == "confirm" and rules.stages["B"].follow_up_days == 5
+    config.write_text("[rules.stages.G]\nprobability = 30\n")
+    with pytest.raises(ValueError, match="no stage G"):
+        load_rules(config)
 
 
 def test_republished_ids_are_applied_once_in_order() -> None:
