@@ -328,7 +328,7 @@ def _change(action: str, arg: Any, when: datetime, rules: Any, owners: list[str]
     if action == "back":
         return lambda o, who: o.change_stage(arg, who, when, rules, note="needs another round")
     if action == "win":
-        return lambda o, who: o.win(money(o), who, when)
+        return lambda o, who: o.win(money(o), who, when, rules)
     if action == "pay":
         return lambda o, who: o.receive_payment(money(o, arg), "finance", when)
     if action == "lose":

@@ -111,7 +111,7 @@ def play(rules: Rules = RULES) -> Played:
         elif action == "proposal":
             o.change_amount("proposal", money(str(arg)), o.owner or "x", when, rules)
         elif action == "win":
-            o.win(money(str(arg)), o.owner or "x", when)
+            o.win(money(str(arg)), o.owner or "x", when, RULES)
         elif action == "pay":
             o.receive_payment(money(str(arg)), "finance", when)
         elif action == "lose":

@@ -177,7 +177,11 @@ def create_api(
     async def win(opportunity_id: uuid.UUID, body: v.WinCommand,
                   p: Principal = Depends(authenticated)) -> JSONResponse:  # fmt: skip
         return await run(
-            opportunity_id, "win", body, p, lambda o, now: o.win(body.contract_amount, p.user, now)
+            opportunity_id,
+            "win",
+            body,
+            p,
+            lambda o, now: o.win(body.contract_amount, p.user, now, rules()),
         )
 
     @api.post(f"{base}/lose", response_model=v.OpportunityView, responses=refusals)

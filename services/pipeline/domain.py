@@ -151,6 +151,7 @@ class Opportunity(Aggregate):
             self.amount, self.tier = money, data["tier"]
         elif name == "OpportunityWon":
             self.status, self.stage, self.probability = "won", "F", 100
+            self.probability_overridden = False
             self.contract_amount = Money.model_validate(data["contract_amount"])
             self.stage_entered_at = at
         elif name == "PaymentReceived":
@@ -159,6 +160,7 @@ class Opportunity(Aggregate):
             self.status, self.lost_stage = "lost", data["stage"]
         elif name == "OpportunityReopened":
             self.status, self.stage, self.probability = "open", data["stage"], data["probability"]
+            self.probability_overridden = False
             self.lost_stage = None
             self.stage_entered_at = at
         elif name == "OpportunityRecycled":
@@ -401,10 +403,13 @@ class Opportunity(Aggregate):
         contract_amount: Money,
         actor: str,
         now: datetime,
+        rules: Rules,
     ) -> None:
         self._require_status("open")
         if self.stage != "E":
             raise Refused("not_closing", f"winning needs stage E, not {self.stage}")
+        if missing := self.missing_exit_criteria(rules):  # winning leaves E for F
+            raise Refused("exit_criteria_unmet", f"stage E needs {missing}", missing=missing)
         self._emit(
             self.Won,
             contract.OpportunityWon(

@@ -84,7 +84,7 @@ def live(n: int, rng: random.Random) -> Opportunity:
             o.change_amount("proposal", money(rng.randrange(1, 500) * 100), actor, tick(), RULES)
             o.log_follow_up("call", "the boss", actor, tick(), authority="decision_maker")
         if o.stage == "E":
-            o.win(money(rng.randrange(1, 500) * 100), actor, tick())
+            o.win(money(rng.randrange(1, 500) * 100), actor, tick(), RULES)
             for _ in range(rng.randrange(0, 3)):
                 o.receive_payment(money(rng.randrange(1, 50) * 100), "finance", tick())
         else:

@@ -230,7 +230,7 @@ def test_any_life_keeps_notifys_picture_in_step_with_pipeline(commands: list[str
             elif command == "reopen":
                 o.reopen("mgr.zhao", now, RULES)
             elif command == "win":
-                o.win(Money(amount="30000.00", currency="CNY"), "rep.wang", now)
+                o.win(Money(amount="30000.00", currency="CNY"), "rep.wang", now, RULES)
             elif command == "assign":
                 o.assign("rep.li", "east", "mgr.zhao", now)
             elif command == "recycle":

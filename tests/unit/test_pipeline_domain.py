@@ -105,13 +105,13 @@ def test_b_needs_budget_and_decision_maker() -> None:
 def test_win_payments_loss_reopen_recycle_reactivate() -> None:
     o = opened()
     with pytest.raises(Refused) as early:
-        o.win(money("1.00"), "rep1", NOW)
+        o.win(money("1.00"), "rep1", NOW, RULES)
     assert early.value.code == "not_closing"
     for stage in "BCD":
         o.change_stage(stage, "rep1", NOW, RULES)
     o.change_amount("proposal", money("320000.00"), "rep1", NOW, RULES)
     o.change_stage("E", "rep1", NOW, RULES)
-    o.win(money("310000.00"), "rep1", NOW)
+    o.win(money("310000.00"), "rep1", NOW, RULES)
     assert (o.status, o.stage, o.probability) == ("won", "F", 100)
     o.receive_payment(money("100000.00"), "ops1", NOW)
     o.receive_payment(money("50000.00"), "ops1", NOW)
@@ -153,7 +153,7 @@ def test_payments_past_what_an_amount_holds_and_far_promises_are_refused() -> No
         o.change_stage(stage, "rep1", NOW, RULES)
     o.change_amount("proposal", money("320000.00"), "rep1", NOW, RULES)
     o.change_stage("E", "rep1", NOW, RULES)
-    o.win(money("310000.00"), "rep1", NOW)
+    o.win(money("310000.00"), "rep1", NOW, RULES)
     o.receive_payment(money("999999999999999.99"), "ops1", NOW)
     with pytest.raises(Refused) as beyond:
         o.receive_payment(money("999999999999999.99"), "ops1", NOW)
@@ -166,7 +166,36 @@ def test_probability_override_ends_at_the_next_stage_change() -> None:
     o.override_probability(30, "rep1", NOW)
     assert o.probability == 30
     o.change_stage("B", "rep1", NOW, RULES)
-    assert o.probability == 25
+    assert (o.probability, o.probability_overridden) == (25, False)
+    # Losing and reopening, or winning, is a stage change too: the override is over.
+    o.override_probability(60, "rep1", NOW)
+    o.lose("timing", "rep1", NOW, RULES, note="next year")
+    o.reopen("mgr1", NOW, RULES, note="budget back")
+    assert (o.stage, o.probability, o.probability_overridden) == ("B", 25, False)
+    for stage in "CDE":
+        o.change_amount("proposal", money("320000.00"), "rep1", NOW, RULES)
+        o.change_stage(stage, "rep1", NOW, RULES)
+    o.override_probability(95, "rep1", NOW)
+    o.win(money("310000.00"), "rep1", NOW, RULES)
+    assert (o.stage, o.probability, o.probability_overridden) == ("F", 100, False)
+
+
+def test_winning_leaves_stage_e_only_with_its_exit_criteria() -> None:
+    """No role bypasses the rules: /win leaves E for F, so E's criteria hold there too."""
+    rules = Rules(exit_criteria={"E": ["decision_maker"]})
+    o = opened(authority="influencer")
+    for stage in "BCDE":
+        o.change_stage(stage, "rep1", NOW, rules)
+    with pytest.raises(Refused) as unmet:
+        o.win(money("310000.00"), "rep1", NOW, rules)
+    assert (unmet.value.code, unmet.value.detail["missing"]) == (
+        "exit_criteria_unmet",
+        ["decision_maker"],
+    )
+    assert o.status == "open"
+    o.log_follow_up("visit", "met the CEO", "rep1", NOW, authority="decision_maker")
+    o.win(money("310000.00"), "rep1", NOW, rules)
+    assert o.status == "won"
 
 
 def test_bant_tiers_and_routing() -> None:
@@ -225,7 +254,7 @@ def test_any_sequence_of_commands_keeps_the_invariants(
             elif command == "proposal":
                 o.change_amount("proposal", money("90000.00"), "rep1", at, RULES)
             elif command == "win":
-                o.win(money("90000.00"), "rep1", at)
+                o.win(money("90000.00"), "rep1", at, RULES)
             elif command == "lose":
                 o.lose(argument, "rep1", at, RULES)
             elif command == "reopen":
