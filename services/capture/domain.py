@@ -57,7 +57,8 @@ def sign(secret: str, value: bytes) -> str:
 def signature_valid(secrets: list[str], value: bytes, signature: str | None) -> bool:
     if not signature:
         return False
-    given = signature.strip().encode("utf-8", "replace")
+    # Hex in either case: `<hex>` says no case, and many HMAC libraries write upper case.
+    given = signature.strip().lower().encode("utf-8", "replace")
     return any(hmac.compare_digest(sign(s, value).encode(), given) for s in secrets)
 
 

@@ -50,7 +50,7 @@ from shared.bus.undecodable import read_past_undecodable
 from shared.clock import Clock, SystemClock
 from shared.contracts.envelope import HEADER_RELAY_CLUSTER, Envelope
 from shared.contracts.partner import DeadLetter, FieldError
-from shared.contracts.topics import DEAD_LETTER
+from shared.contracts.topics import DEAD_LETTER, PARTNER_LEADS
 from shared.metrics import CONSUMER_LAG, ERRORS, MESSAGES_IN, PROCESSING
 from shared.settings import Settings
 from shared.store.eventstore import EventStoreApp
@@ -463,6 +463,11 @@ def in_arrival_order(batch: Batch) -> list[Record]:
     return list(heapq.merge(*batch.values(), key=lambda record: record.timestamp))
 
 
+# Topics that outsiders write to, not a relay: a partner's message carrying a header named like the
+# relay's stamp is still the partner's message, and is answered like any other.
+NOT_RELAYED = frozenset({PARTNER_LEADS})
+
+
 def published_here(
     batch: dict[TopicPartition, list[Record]], cluster: str
 ) -> dict[TopicPartition, list[Record]]:
@@ -473,6 +478,9 @@ def published_here(
     stamp = cluster.encode()
     kept = {}
     for partition, records in batch.items():
+        if partition.topic in NOT_RELAYED:  # its headers are the sender's: none is a stamp
+            kept[partition] = records
+            continue
         mine = [
             r for r in records
             if all(k != HEADER_RELAY_CLUSTER or v == stamp for k, v in r.headers or ())

@@ -12,6 +12,7 @@ from email_validator import SPECIAL_USE_DOMAIN_NAMES
 from email_validator.rfc_constants import CASE_INSENSITIVE_MAILBOX_NAMES
 from pydantic import AfterValidator, Field, ValidationInfo, WithJsonSchema
 from pydantic.networks import validate_email
+from pydantic_core import PydanticCustomError
 
 from shared.contracts.common import FROM_BUS, NUL_MESSAGE, Contract, Money, UtcTime, nul_paths
 
@@ -45,6 +46,9 @@ def plain_email(value: str) -> str | None:
     return f"{local}@{domain.lower()}"
 
 
+INVALID_EMAIL = "invalid_email"  # the field error's code (SPEC §3's reply example)
+
+
 def _email(value: str, info: ValidationInfo) -> str:
     """pydantic's EmailStr check (same errors, same normalised address) for an address from
     outside (a partner's message, a web form): about 35 µs, the costliest check of a lead, but
@@ -52,9 +56,12 @@ def _email(value: str, info: ValidationInfo) -> str:
     before it was stored: the services reading it check only its shape."""
     if info.context and info.context.get(FROM_BUS):
         if "@" not in value or len(value) > 254 or any(c.isspace() for c in value):
-            raise ValueError("value is not a valid email address")
+            raise PydanticCustomError(INVALID_EMAIL, "value is not a valid email address")
         return value
-    return plain_email(value) or validate_email(value)[1]
+    try:
+        return plain_email(value) or validate_email(value)[1]
+    except PydanticCustomError as exc:  # pydantic's own says `value_error`, like any bad value
+        raise PydanticCustomError(INVALID_EMAIL, "{reason}", {"reason": str(exc)}) from None
 
 
 Email = Annotated[

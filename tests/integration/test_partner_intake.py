@@ -321,3 +321,37 @@ async def test_one_fetch_of_two_partitions_registers_the_company_for_who_came_fi
     assert app.tracked_positions(["t:p0", "t:p1"]) == {"t:p0": 1, "t:p1": 1}
     assert await asyncio.to_thread(app.handle_partner_fetch, *fetch) == 0  # once each
     app.close()
+
+
+async def test_what_a_partner_writes_in_its_headers_and_fields_is_read_as_the_spec_says(
+    settings: Settings,
+    intake,  # type: ignore[no-untyped-def]
+) -> None:
+    """A signature in upper-case hex is the same signature; a header named like the relays'
+    stamp (`x-relay-cluster`) is the partner's own and its message is answered like any other
+    (it was dropped unanswered); a bad e-mail's error code is `invalid_email`."""
+    _, partner, secret = intake
+    upper, stamped, bad = (f"{partner}-{n}" for n in ("upper", "stamped", "bad"))
+    upper_value, stamped_value = lead_value(partner, upper), lead_value(partner, stamped)
+    bad_body = json.loads(lead_value(partner, bad))
+    bad_body["contact"]["email"] = "li.wei.example.cn"
+    bad_value = json.dumps(bad_body).encode()
+    upper_headers = [
+        (k, v.upper().replace(b"SHA256=", b"sha256=") if k == "x-signature" else v)
+        for k, v in signed_headers(partner, upper, secret, upper_value)
+    ]
+    assert upper_headers != signed_headers(partner, upper, secret, upper_value)
+    stamped_headers = [*signed_headers(partner, stamped, secret, stamped_value),
+                       ("x-relay-cluster", b"some-other-cluster")]  # fmt: skip
+    await send_partner_messages(settings.bootstrap_servers(), [
+        (partner, upper_value, upper_headers),
+        (partner, stamped_value, stamped_headers),
+        (partner, bad_value, signed_headers(partner, bad, secret, bad_value)),
+    ])  # fmt: skip
+    answers = await answers_to(settings, partner, {upper, stamped, bad})
+    assert answers[upper]["status"] == "accepted", answers[upper]
+    assert answers[stamped]["status"] == "accepted", answers[stamped]
+    assert answers[bad]["status"] == "rejected"
+    assert [(e["field"], e["code"]) for e in answers[bad]["errors"]] == [
+        ("contact.email", "invalid_email")
+    ]
