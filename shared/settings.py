@@ -236,6 +236,9 @@ class Settings(BaseSettings):
     webhook_secret: str | None = None
     delivery_attempts: int = Field(default=5, ge=1)
     delivery_backoff_seconds: float = Field(default=1.0, ge=0)
+    # A claimed delivery's lease: renewed before each attempt, taken over by another replica
+    # once it runs out (its holder crashed), so each attempt must end well within it.
+    delivery_lease_seconds: float = Field(default=120.0, gt=0)
 
     def stack_file(self) -> Path:
         return self.data_dir / "stack.json"

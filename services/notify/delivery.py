@@ -1,7 +1,9 @@
 """Delivering notifications: `notification.events.v1` (batched, with linger), e-mail over SMTP
 and a signed webhook (each retried with exponential backoff and jitter, then `dead-letter.v1`).
 Deliveries are claimed with `FOR UPDATE SKIP LOCKED` and a lease, so replicas never send the
-same one; every attempt is recorded."""
+same one: the lease is renewed before each attempt, and an attempt whose delivery another replica
+took over (its lease ran out while it waited its turn in a long page) is not made. Every attempt
+is recorded."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import aiosmtplib
 import asyncpg
 import httpx
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
 from shared.clock import Clock
 from shared.contracts.envelope import HEADER_CONTENT_TYPE, HEADER_EVENT_TYPE
@@ -28,7 +31,8 @@ from shared.contracts.topics import DEAD_LETTER, NOTIFICATION_EVENTS
 from shared.settings import Settings
 
 log = logging.getLogger("dealstream.notify")
-LEASE = timedelta(minutes=2)  # a claim held this long by a crashed replica is taken over
+TAKEN_OVER = "taken over"  # a claimed delivery another replica took over: not ours to record
+LETTER_BODY = 4000  # characters of a too-large notification's body kept in its dead letter
 SIGNATURE_HEADER = "x-dealstream-signature"
 DELIVERY_HEADER = "x-dealstream-delivery"
 
@@ -77,6 +81,7 @@ class Dispatcher:
         self.worker = worker or f"notify-{uuid.uuid4().hex[:8]}"
         self.http: httpx.AsyncClient | None = None
         self.sent = 0
+        self.lease = timedelta(seconds=settings.delivery_lease_seconds)
 
     async def __aenter__(self) -> Dispatcher:
         self.http = httpx.AsyncClient(timeout=10.0)
@@ -97,9 +102,19 @@ class Dispatcher:
             " n.payload::text AS payload",
             self.worker,
             limit,
-            LEASE,
+            self.lease,
         )
         return [Delivery(**dict(row)) for row in rows]
+
+    async def _renew(self, d: Delivery) -> bool:
+        """Whether the delivery is still ours, its lease renewed for one more attempt: a page's
+        last deliveries may wait longer than the lease for their turn, and another replica may
+        have taken them over meanwhile (then it sends them, not we)."""
+        return bool(await self.pool.fetchval(
+            "UPDATE delivery SET claimed_until = now() + $3::interval"
+            " WHERE id = $1 AND claimed_by = $2 AND status = 'pending' RETURNING true",
+            d.id, self.worker, self.lease,
+        ))  # fmt: skip
 
     async def dispatch(self, limit: int = 2000) -> int:
         """Deliver one page of pending deliveries; how many were claimed."""
@@ -110,12 +125,18 @@ class Dispatcher:
         others = [d for d in claimed if d.channel != "kafka"]
         gate = asyncio.Semaphore(16)
 
+        async def on_bus() -> None:
+            await self._publish(bus)
+            await self._record(bus)
+
         async def one(d: Delivery) -> None:
             async with gate:
                 await self._with_retries(d)
+            # Recorded as soon as it is done: a page of slow deliveries outlasts the lease.
+            if d.status != TAKEN_OVER:
+                await self._record([d])
 
-        await asyncio.gather(self._publish(bus), *(one(d) for d in others))
-        await self._record(claimed)
+        await asyncio.gather(on_bus(), *(one(d) for d in others))
         self.sent += sum(1 for d in claimed if d.status == "sent")
         return len(claimed)
 
@@ -124,23 +145,35 @@ class Dispatcher:
             return
         headers = [(HEADER_EVENT_TYPE, b"NotificationIssued"),
                    (HEADER_CONTENT_TYPE, b"application/json")]  # fmt: skip
-        acks = []
+        acks: list[asyncio.Future[object]] = []
         for d in deliveries:
             key, value = envelope_value(d.payload)
-            acks.append(await self.producer.send(NOTIFICATION_EVENTS, value, key=key,
-                                                 headers=headers))  # fmt: skip
+            try:
+                acks.append(await self.producer.send(NOTIFICATION_EVENTS, value, key=key,
+                                                     headers=headers))  # fmt: skip
+            except KafkaError as exc:  # refused before it was sent (too large, say): this one
+                refused: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+                refused.set_exception(exc)
+                acks.append(refused)
         results = await asyncio.gather(*acks, return_exceptions=True)
         for d, result in zip(deliveries, results, strict=True):
             error = repr(result)[:500] if isinstance(result, BaseException) else None
             d.tried = [(d.attempts + 1, error is None, error)]
             d.attempts += 1
             d.status, d.error = ("pending", error) if error else ("sent", None)
+            if error and (isinstance(result, MessageSizeTooLargeError)
+                          or d.attempts >= self.settings.delivery_attempts):  # fmt: skip
+                d.status = "dead"  # never deliverable, or not for this long: said so, not retried
+                await self._dead_letter(d)
 
     async def _with_retries(self, d: Delivery) -> None:
         send = {"email": self._email, "webhook": self._webhook}[d.channel]
         d.tried = []
         base = self.settings.delivery_backoff_seconds
         while True:
+            if not await self._renew(d):
+                d.status = TAKEN_OVER
+                return
             d.attempts += 1
             try:
                 await send(d)
@@ -201,15 +234,25 @@ class Dispatcher:
             failed_at=self.clock.now(),
             notification=NotificationIssued.model_validate_json(d.payload),
         )
+        key = str(d.notification_id).encode()
         try:
-            await self.producer.send_and_wait(
-                DEAD_LETTER, letter.model_dump_json().encode(), key=str(d.notification_id).encode()
-            )
+            try:
+                await self.producer.send_and_wait(DEAD_LETTER, letter.model_dump_json().encode(),
+                                                  key=key)  # fmt: skip
+            except MessageSizeTooLargeError:  # the notification itself is too large: its head
+                notification = letter.notification.model_copy(
+                    update={"lines": [], "body": letter.notification.body[:LETTER_BODY]}
+                )
+                letter = letter.model_copy(update={"notification": notification})
+                await self.producer.send_and_wait(DEAD_LETTER, letter.model_dump_json().encode(),
+                                                  key=key)  # fmt: skip
         except Exception:
             log.exception("delivery %s: could not write its dead letter; will try again", d.id)
             d.status = "pending"  # keep it: the next dispatch tries the dead letter again
 
     async def _record(self, deliveries: list[Delivery]) -> None:
+        if not deliveries:
+            return
         now = self.clock.now()
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(
@@ -217,12 +260,13 @@ class Dispatcher:
                 " last_error = u.error, claimed_by = NULL, claimed_until = NULL,"
                 " sent_at = CASE WHEN u.status = 'sent' THEN $5::timestamptz END"
                 " FROM unnest($1::bigint[], $2::text[], $3::int[], $4::text[])"
-                " AS u(id, status, attempts, error) WHERE d.id = u.id",
+                " AS u(id, status, attempts, error) WHERE d.id = u.id AND d.claimed_by = $6",
                 [d.id for d in deliveries],
                 [d.status for d in deliveries],
                 [d.attempts for d in deliveries],
                 [d.error for d in deliveries],
                 now,
+                self.worker,
             )
             tried = [(d.id, n, ok, err) for d in deliveries for n, ok, err in d.tried or []]
             await conn.execute(

@@ -220,6 +220,9 @@ async def fire_due_timers(
     return len(rows), len(issued)
 
 
+DIGEST_LINES = 200  # deals a weekly digest lists at most (the count says how many there are)
+
+
 async def issue_digests(pool: asyncpg.Pool, now: datetime, rules: Rules, channels: Channels) -> int:
     """Each team's weekly digest to its manager, once per week: the team's overdue follow-ups
     (漏跟进预警) and its important/major deals with no progress in the week before."""
@@ -248,13 +251,18 @@ async def issue_digests(pool: asyncpg.Pool, now: datetime, rules: Rules, channel
                 team.id,
                 moment - timedelta(days=7),
             )
-            lines = [_line(row, now, row["follow_up_due"]) for row in overdue]
-            lines += [_line(row, now, None) for row in quiet]
-            late, still = lines[: len(overdue)], lines[len(overdue) :]
+            # The most overdue first, then the longest quiet, DIGEST_LINES of them at most: a
+            # digest must stay one message (a bus message holds 1 MiB; an unbounded team's
+            # digest had none to go in, and stood at the head of the deliveries).
+            late = [_line(row, now, row["follow_up_due"]) for row in overdue[:DIGEST_LINES]]
+            still = [_line(row, now, None) for row in quiet[: DIGEST_LINES - len(late)]]
+            lines = late + still
             text = render(
-                "weekly_digest", who.locale, rules, team=team.id, count=len(lines),
-                overdue_lines=digest_lines(who.locale, [_text(x, who) for x in late]),
-                quiet_lines=digest_lines(who.locale, [_text(x, who) for x in still]),
+                "weekly_digest", who.locale, rules, team=team.id, count=len(overdue) + len(quiet),
+                overdue_lines=digest_lines(who.locale, [_text(x, who) for x in late],
+                                           len(overdue) - len(late)),
+                quiet_lines=digest_lines(who.locale, [_text(x, who) for x in still],
+                                         len(quiet) - len(still)),
             )  # fmt: skip
             found = draft(
                 key, who, channels, kind="weekly_digest", team=team.id, subject=text.subject,

@@ -63,6 +63,7 @@ BODIES: dict[str, dict[str, str]] = {
 
 OVERDUE_TEXT = {"en": " ({n} day(s) overdue)", "zh-CN": "（已逾期 {n} 天）"}
 NONE_TEXT = {"en": "  (none)", "zh-CN": "  （无）"}
+MORE_TEXT = {"en": "  … and {n} more", "zh-CN": "  ……另有 {n} 项"}
 LINE = {
     "en": "  - {title} (stage {stage}, owner {owner}, tier {tier}){extra}",
     "zh-CN": "  - {title}（阶段 {stage}，负责人 {owner}，级别 {tier}）{extra}",
@@ -94,7 +95,9 @@ def render(kind: str, locale: Locale, rules: Rules, **values: object) -> Text:
     return Text(subject, BODIES[locale][kind].format(**values))
 
 
-def digest_lines(locale: Locale, lines: list[dict[str, object]]) -> str:
-    if not lines:
+def digest_lines(locale: Locale, lines: list[dict[str, object]], more: int = 0) -> str:
+    """The lines shown, and how many more there are that a digest leaves out."""
+    if not lines and not more:
         return NONE_TEXT[locale]
-    return "\n".join(LINE[locale].format(**line) for line in lines)
+    shown = [LINE[locale].format(**line) for line in lines]
+    return "\n".join([*shown, MORE_TEXT[locale].format(n=more)] if more else shown)

@@ -39,8 +39,9 @@ class NotifyRig:
     async def feed(self, envelopes: list[Envelope]) -> list[Envelope]:
         return await apply_read_model(self.pool, envelopes, timer_projector(self.rules))
 
-    async def tick(self, now: datetime, settings: Settings | None = None) -> dict[str, int]:
-        notifier = Notifier(self.pool, settings or self.settings, self.producer, "test",
+    async def tick(self, now: datetime, settings: Settings | None = None,
+                   worker: str = "test") -> dict[str, int]:  # fmt: skip
+        notifier = Notifier(self.pool, settings or self.settings, self.producer, worker,
                             self.rules)  # fmt: skip
         return await notifier.tick(FixedClock(now))
 
@@ -98,6 +99,7 @@ class Hook:
     """A local HTTP server answering 500 to the first `failures` requests, then 200."""
 
     failures: int
+    delay: float = 0.0  # seconds before each answer
     requests: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
     port: int = 0
 
@@ -108,6 +110,7 @@ class Hook:
                    (line.split(":", 1) for line in lines[1:] if ":" in line)}  # fmt: skip
         body = await reader.readexactly(int(headers.get("content-length", "0")))
         self.requests.append((headers, body))
+        await asyncio.sleep(self.delay)
         status = "500 Internal Server Error" if len(self.requests) <= self.failures else "200 OK"
         writer.write(
             f"HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".encode()
@@ -120,8 +123,8 @@ class Hook:
 async def webhook() -> AsyncIterator[Any]:
     servers: list[asyncio.Server] = []
 
-    async def start(failures: int) -> Hook:
-        hook = Hook(failures)
+    async def start(failures: int, delay: float = 0.0) -> Hook:
+        hook = Hook(failures, delay)
         server = await asyncio.start_server(hook.serve, "127.0.0.1", 0)
         hook.port = server.sockets[0].getsockname()[1]
         servers.append(server)

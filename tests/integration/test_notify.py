@@ -16,6 +16,8 @@ from typing import Any
 import httpx
 
 from services.notify.api import create_api
+from services.notify.domain import recipient
+from services.notify.firing import DIGEST_LINES, Channels, draft, store
 from services.notify.timers import timer_projector
 from shared.auth import Principal, Role, issue_token
 from shared.bus.consumer import apply_read_model
@@ -207,6 +209,73 @@ async def test_a_webhook_that_never_answers_goes_to_the_dead_letter_topic(
                 if reminder["notification_id"].encode() in r.value]  # fmt: skip
     assert letter["kind"] == "notification_undeliverable" and letter["attempts"] == 3
     assert letter["notification"]["notification_id"] == reminder["notification_id"]
+
+
+async def test_a_page_of_slow_webhooks_outlasting_its_lease_sends_each_once(
+    rig: NotifyRig,  # noqa: F811
+    webhook: Any,  # noqa: F811
+) -> None:
+    """A page's last deliveries wait their turn longer than the lease; another replica takes
+    them over then. Each is sent by one of the two, never by both (they were sent twice)."""
+    hook = await webhook(failures=0, delay=0.5)
+    hooked = rig.settings.model_copy(update={
+        "webhook_url": f"http://127.0.0.1:{hook.port}/x", "delivery_lease_seconds": 1.0,
+    })  # fmt: skip
+    for deal in [Deal(T) for _ in range(64)]:  # 64 webhooks, 16 at a time: 4 rounds of 0.5 s
+        await rig.feed(deal.take())
+    first = asyncio.create_task(rig.tick(T + 3 * DAY, hooked, "replica-1"))
+    await asyncio.sleep(1.3)  # the first replica's lease is over; its last round is not begun
+    await rig.tick(T + 3 * DAY + MINUTE, hooked, "replica-2")
+    await first
+    sent = [headers["x-dealstream-delivery"] for headers, _ in hook.requests]
+    assert len(sent) == len(set(sent)) == 64
+    rows = await rig.pool.fetch("SELECT status, attempts, claimed_by FROM delivery"
+                                " WHERE channel = 'webhook'")  # fmt: skip
+    assert [tuple(r) for r in rows] == [("sent", 1, None)] * 64
+
+
+async def test_a_notification_too_large_for_the_bus_is_dead_lettered_and_spares_the_page(
+    rig: NotifyRig,  # noqa: F811
+) -> None:
+    """The broker takes 1 MiB a message: a larger notification is refused at once. It goes to
+    the dead-letter topic with its head, and the others of its page are sent and recorded (it
+    stopped the whole page, which was then sent again at every tick)."""
+    who = recipient("rep.wang", "owner", rig.rules)
+    channels = Channels(email=False, webhook=None, public_url="http://dealstream.test")
+    big, small = (
+        draft(f"test:{name}", who, channels, kind="follow_up_due", subject=name, body=body,
+              issued_at=T)
+        for name, body in (("big", "长" * 400_000), ("small", "short"))
+    )  # fmt: skip
+    async with rig.pool.acquire() as conn:
+        await store(conn, [big, small])
+    await rig.tick(T)
+    await rig.tick(T + MINUTE)
+    by_id = {}
+    for d in (big, small):
+        deliveries = await rig.deliveries(str(d.notification.notification_id))
+        by_id[d.notification.subject] = deliveries["kafka"]
+    assert (by_id["big"]["status"], by_id["big"]["attempts"]) == ("dead", 1)
+    assert "MessageSizeTooLarge" in by_id["big"]["last_error"]
+    assert (by_id["small"]["status"], by_id["small"]["attempts"]) == ("sent", 1)
+    mine = str(big.notification.notification_id).encode()
+    records = await read_topic(rig.settings.bootstrap_servers(), DEAD_LETTER,
+                               lambda rs: any(mine in r.value for r in rs))  # fmt: skip
+    [letter] = [json.loads(r.value) for r in records if mine in r.value]
+    assert letter["kind"] == "notification_undeliverable" and letter["channel"] == "kafka"
+    assert letter["notification"]["body"] == "长" * 4000
+
+
+async def test_a_digest_lists_its_first_deals_and_counts_them_all(rig: NotifyRig) -> None:  # noqa: F811
+    """A team's weekly digest stays one message: the 200 most overdue deals, and how many more."""
+    deals = [Deal(T) for _ in range(DIGEST_LINES + 10)]
+    for deal in deals:
+        await rig.feed(deal.take())
+    await rig.tick(T + 7 * DAY)  # Monday 2026-11-23, 09:00 in Shanghai is 01:00 UTC
+    [digest] = await rig.notifications("weekly_digest")
+    assert len(digest["lines"]) == DIGEST_LINES and len(set(digest["lines"][0])) > 1
+    assert f"{DIGEST_LINES + 10} 项需关注" in digest["subject"]
+    assert digest["body"].count("\n  - ") == DIGEST_LINES and "……另有 10 项" in digest["body"]
 
 
 async def test_replaying_every_event_from_the_start_sends_nothing_new(rig: NotifyRig) -> None:  # noqa: F811
