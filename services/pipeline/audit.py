@@ -208,11 +208,9 @@ def audit_lost(
             if reason is not None and lost.data["reason_code"] != reason:
                 continue
             opened = events[0].data
-            owner = next((e.data.get("owner") for e in reversed(events)
-                          if e.event_type == "OpportunityAssigned"), None)  # fmt: skip
             deals.append({
                 "opportunity_id": opportunity_id, "title": opened["title"],
-                "company": opened["company"], "team": team_of(events), "owner": owner,
+                "company": opened["company"], "team": team_of(events), "owner": owner_of(events),
                 "lost_at": lost.occurred_at, "reason": lost.data["reason_code"],
                 "competitor": lost.data.get("competitor"), "note": lost.data.get("note"),
                 "stage": lost.data["stage"], "amount": amount_of(events),
@@ -229,9 +227,17 @@ def audit_lost(
     return {"deals": deals, "summary": summary}
 
 
+ASSIGNING = ("OpportunityAssigned", "OpportunityReactivated")  # the events that name an owner
+
+
 def team_of(events: Sequence[HistoryEntry]) -> str | None:
-    kinds = ("OpportunityAssigned", "OpportunityReactivated")
-    return next((e.data.get("team") for e in reversed(events) if e.event_type in kinds), None)
+    return next((e.data.get("team") for e in reversed(events) if e.event_type in ASSIGNING), None)
+
+
+def owner_of(events: Sequence[HistoryEntry]) -> str | None:
+    """Who held the deal last: its last assignment, or its reactivation after a recycle."""
+    return next((e.data.get("owner") for e in reversed(events) if e.event_type in ASSIGNING),
+                None)  # fmt: skip
 
 
 def amount_of(events: Sequence[HistoryEntry]) -> str | None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from services.pipeline.audit import findings, stage_days, timeline
+from services.pipeline.audit import findings, owner_of, stage_days, team_of, timeline
 from services.pipeline.views import HistoryEntry
 from shared.contracts.common import Money
 from shared.contracts.envelope import Envelope
@@ -59,3 +59,16 @@ def test_a_lost_deals_findings_name_what_went_wrong() -> None:
     told = timeline(events, notes, refusals)
     assert [e["source"] for e in told].count("notification") == 4
     assert told == sorted(told, key=lambda e: (e["at"], e.get("version", 0)))
+
+
+def test_a_lost_deals_owner_and_team_are_who_held_it_last() -> None:
+    """A deal recycled and reactivated to someone else was theirs when it was lost."""
+    deal = Deal(T)
+    o = deal.o
+    o.recycle(T + 61 * DAY, RULES)
+    o.reactivate("rep.li", "west", "mgr.zhao", T + 62 * DAY)
+    o.lose("timing", "rep.li", T + 70 * DAY, RULES)
+    deal.take()
+    events = [entry(e) for e in deal.log]
+    assert (owner_of(events), team_of(events)) == ("rep.li", "west")
+    assert owner_of(events[:3]) == "rep.wang"  # as first assigned
