@@ -95,7 +95,10 @@ def create_api(
         partner_id: str, principal: Principal = Depends(authenticated)
     ) -> list[dict[str, Any]]:
         """A partner's deal registrations (报备): held, expired, and how often others were
-        turned away. A partner sees only its own; ops and admin see any."""
+        turned away. A partner sees only its own (another's: as if there were none, 404); ops
+        and admin see any; sales roles none (403)."""
+        if principal.role in (Role.rep, Role.manager):
+            raise HTTPException(403, "registrations are for partners, ops and admin")
         allowed = principal.role in (Role.ops, Role.admin) or (
             principal.role is Role.partner and principal.user == partner_id
         )

@@ -145,6 +145,7 @@ async def test_registrations_are_partner_scoped(settings: Settings, web) -> None
     own = await http.get(url, headers=auth(Role.partner, "acme"))
     assert own.status_code == 200 and [r["status"] for r in own.json()] == ["held"]
     assert (await http.get(url, headers=auth(Role.partner, "globex"))).status_code == 404
-    assert (await http.get(url, headers=auth(Role.rep, "rep1"))).status_code == 404
+    assert (await http.get(url, headers=auth(Role.rep, "rep1"))).status_code == 403
+    assert (await http.get(url, headers=auth(Role.manager, "mgr1"))).status_code == 403
     assert (await http.get(url, headers=auth(Role.ops, "ops1"))).status_code == 200
     assert (await http.get(url)).status_code == 401
