@@ -189,6 +189,9 @@ def cmd_forget(args: argparse.Namespace) -> int:
     app = CaptureApp(settings.dsn(), "capture", 2)
     try:
         done = app.forget(args.lead_id, SystemClock().now())
+    except LookupError as exc:
+        print(f"dealstream forget: {exc}", file=sys.stderr)
+        return 2
     finally:
         app.close()
     print(f"lead {args.lead_id}: contact " + ("erased" if done else "was erased before"))

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
+from eventsourcing.application import AggregateNotFoundError
 from eventsourcing.domain import Aggregate, DomainEventProtocol
 from eventsourcing.persistence import StoredEvent
 from psycopg.sql import SQL
@@ -172,8 +173,14 @@ class CaptureApp(EventStoreApp):
 
     def forget(self, lead_id: uuid.UUID, now: datetime) -> bool:
         """Erase a lead's contact: destroy its key and its matching keys, and record the
-        erasure as an event, in one transaction. False when it was forgotten before."""
-        lead = self.repository.get(lead_id)
+        erasure as an event, in one transaction. False when it was forgotten before;
+        LookupError when no lead has that id."""
+        try:
+            lead = self.repository.get(lead_id)
+        except AggregateNotFoundError:
+            lead = None
+        if not isinstance(lead, Lead):  # nothing stored under it, or a registration's id
+            raise LookupError(f"no lead {lead_id}")
         if lead.forgotten:
             return False
         contact = unseal(self.subject_keys([lead_id])[lead_id], lead.details["contact"])

@@ -102,11 +102,11 @@ def test_dealstream_forget_erases_through_the_command_line(
 ) -> None:
     env = {**os.environ, **stack.env(), "DEALSTREAM_DATA_DIR": str(stack.settings.data_dir)}
 
-    def dealstream(*args: str) -> str:
+    def dealstream(*args: str, status: int = 0) -> str:
         done = subprocess.run([sys.executable, "-m", "services.cli", *args], env=env,
                               capture_output=True, text=True, timeout=120)  # fmt: skip
-        assert done.returncode == 0, done.stderr
-        return done.stdout.strip()
+        assert done.returncode == status, done.stderr
+        return (done.stdout or done.stderr).strip()
 
     dealstream("migrate")  # the command works on the service's own schema, as operators run it
     app = CaptureApp(settings.dsn(), "capture", 2)
@@ -115,3 +115,5 @@ def test_dealstream_forget_erases_through_the_command_line(
     app.close()
     assert dealstream("forget", str(lead_id)) == f"lead {lead_id}: contact erased"
     assert dealstream("forget", str(lead_id)) == f"lead {lead_id}: contact was erased before"
+    unknown = uuid.uuid4()  # no lead: said in one line, not a traceback
+    assert dealstream("forget", str(unknown), status=2) == f"dealstream forget: no lead {unknown}"
