@@ -7,7 +7,7 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,7 +16,7 @@ from fastapi import Depends, FastAPI, HTTPException, Query
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 
 from services.reporting import queries
-from services.reporting.domain import next_period, period_start, year_before
+from services.reporting.domain import next_period, period_start, previous_period, year_before
 from services.reporting.queries import Filters
 from shared.auth import Principal, Role
 from shared.clock import Clock, SystemClock
@@ -100,13 +100,14 @@ def create_api(
     def period(
         at: datetime, start: datetime | None, end: datetime | None
     ) -> tuple[datetime, datetime]:
-        """[from, to): by default the month so far. `at` was checked (`filters`), or is now.
+        """[from, to): by default the month so far (or, given only `to`, the month up to it).
+        `at` was checked (`filters`), or is now.
         All lie in 1970-2199 (`asked`): a period compared with the one before it, or a year
         before, stays within what dates can hold."""
         asked("from", start)  # checked; kept in the zone they were given
         asked("to", end)
+        start = start or period_start(end - timedelta(microseconds=1) if end else at, "month")
         end = end or at
-        start = start or period_start(at, "month")
         if start >= end:
             raise HTTPException(422, "from must be before to")
         return start, end
@@ -130,10 +131,10 @@ def create_api(
         body = await run(pool, f, begin, finish)
         body["period"] = {"from": begin, "to": finish}
         if compare:
-            length = finish - begin
+            before, until = previous_period(begin, finish)
             body["compare"] = {
-                "previous": {"from": begin - length, "to": begin,
-                             "total": (await run(pool, f, begin - length, begin))["total"]},
+                "previous": {"from": before, "to": until,
+                             "total": (await run(pool, f, before, until))["total"]},
                 "year_ago": {"from": year_before(begin), "to": year_before(finish),
                              "total": (await run(pool, f, year_before(begin),
                                                  year_before(finish)))["total"]},

@@ -187,6 +187,20 @@ def next_period(start: datetime, grain: str) -> datetime:
     return at_midnight(month_start(start.date(), months))
 
 
+def previous_period(begin: datetime, finish: datetime) -> tuple[datetime, datetime]:
+    """环比: the period before [begin, finish). One that starts a calendar quarter, month, week
+    or day (UTC) and ends within it is compared with the same part of the unit before (the
+    smallest such unit): March with February, 1-15 March with 1-15 February, Q2 with Q1. Any
+    other span is compared with the span of the same length just before it."""
+    for grain in ("day", "week", "month", "quarter"):
+        if period_start(begin, grain) == begin and finish <= next_period(begin, grain):
+            before = period_start(begin - timedelta(microseconds=1), grain)
+            if finish == next_period(begin, grain):
+                return before, begin
+            return before, min(before + (finish - begin), begin)
+    return begin - (finish - begin), begin
+
+
 def year_before(at: datetime) -> datetime:
     try:
         return at.replace(year=at.year - 1)

@@ -216,8 +216,11 @@ async def test_csv_carries_the_same_rows_and_periods_compare(reports: Any) -> No
     compared = await get("win-rate", compare="true", grain="month",
                          **{"from": iso(at("04-01", 0)), "to": iso(at("05-01", 0))})  # fmt: skip
     previous = compared["compare"]["previous"]
-    assert previous["from"] == "2026-03-02T00:00:00Z"  # the 30 days before April
-    assert previous["total"]["won"] == scenario.win_rate(at("03-02", 0), at("04-01", 0))["won"]
+    assert (previous["from"], previous["to"]) == ("2026-03-01T00:00:00Z", "2026-04-01T00:00:00Z")
+    assert previous["total"]["won"] == scenario.win_rate(at("03-01", 0), at("04-01", 0))["won"]
+    # Given only `to`, the period is the month up to it (it was "from must be before to").
+    only_to = await get("win-rate", to=iso(at("04-01", 0)))
+    assert only_to["period"] == {"from": "2026-03-01T00:00:00Z", "to": "2026-04-01T00:00:00Z"}
     assert compared["compare"]["year_ago"]["total"]["won"] == 0
     months = await get("win-rate", grain="month", **{"from": iso(Q1[0]), "to": iso(Q1[1])})
     assert [s["total"]["won"] for s in months["series"]] == [
