@@ -410,6 +410,10 @@ class Opportunity(Aggregate):
             raise Refused("not_closing", f"winning needs stage E, not {self.stage}")
         if missing := self.missing_exit_criteria(rules):  # winning leaves E for F
             raise Refused("exit_criteria_unmet", f"stage E needs {missing}", missing=missing)
+        if self.amount is not None and contract_amount.currency != self.amount.currency:
+            # One currency a deal: its amounts, contract and payments are reported together.
+            raise Refused("currency_mismatch", f"the deal's amount is in {self.amount.currency};"
+                          " change the amount first to win in another currency")  # fmt: skip
         self._emit(
             self.Won,
             contract.OpportunityWon(

@@ -194,8 +194,17 @@ def test_winning_leaves_stage_e_only_with_its_exit_criteria() -> None:
     )
     assert o.status == "open"
     o.log_follow_up("visit", "met the CEO", "rep1", NOW, authority="decision_maker")
-    o.win(money("310000.00"), "rep1", NOW, rules)
-    assert o.status == "won"
+    # One currency a deal (reporting sums its amount, contract and payments together).
+    with pytest.raises(Refused) as other_currency:
+        o.win(Money(amount=Decimal("50000.00"), currency="USD"), "rep1", NOW, rules)
+    assert other_currency.value.code == "currency_mismatch"
+    o.change_amount("expected", Money(amount=Decimal("50000.00"), currency="USD"), "rep1", NOW,
+                    rules)  # fmt: skip
+    o.win(Money(amount=Decimal("48000.00"), currency="USD"), "rep1", NOW, rules)
+    assert (o.status, o.contract_amount) == (
+        "won",
+        Money(amount=Decimal("48000.00"), currency="USD"),
+    )
 
 
 def test_bant_tiers_and_routing() -> None:
