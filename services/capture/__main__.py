@@ -6,7 +6,7 @@ import asyncio
 
 from services.capture.api import create_api
 from services.capture.app import MIGRATIONS, SCHEMA, CaptureApp
-from services.capture.bus import partner_intake, route
+from services.capture.bus import customer_deals, partner_intake, route
 from services.capture.intake_limits import RateLimiter
 from services.capture.partners import PartnerSecrets
 from shared.bus.relay_process import RelaySpec, relay_for
@@ -25,7 +25,8 @@ async def main(settings: Settings) -> None:
     clock = SystemClock()
     relay = relay_for(RelaySpec("capture", CaptureApp, SCHEMA, route), settings, app, pool)
     intake = partner_intake(app, settings, PartnerSecrets(pool), clock)
-    readiness = Readiness(settings, pool, [intake], relay)
+    deals = customer_deals(pool, settings)
+    readiness = Readiness(settings, pool, [intake, deals], relay)
     limiter = RateLimiter(settings.intake_rate_per_minute, settings.intake_burst)
     api = create_api(app, settings, clock, lambda: readiness, limiter)
     expiry = scheduled(
@@ -33,7 +34,7 @@ async def main(settings: Settings) -> None:
         lambda: app.expire_registrations(clock.now()),
         settings.recycle_tick_seconds,
     )
-    loops = [relay.run, intake.run, expiry]
+    loops = [relay.run, intake.run, deals.run, expiry]
     try:
         await serve(api, settings.capture_port, loops, settings.http_host)
     finally:

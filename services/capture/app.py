@@ -118,6 +118,21 @@ MIGRATIONS: list[Migration] = [
         """,
     ),
     event_store(7, "capture"),
+    (
+        8,
+        """
+        -- The deals of captured leads as pipeline tells them (opportunity.events.v1): a lead
+        -- is merged only into a customer whose deal is still open (SPEC §3); a customer whose
+        -- deal was won or lost comes back as a new lead, and a new deal.
+        CREATE TABLE customer_deal (
+            opportunity_id uuid PRIMARY KEY,
+            lead_id uuid,
+            open boolean NOT NULL,
+            version integer NOT NULL
+        );
+        CREATE INDEX customer_deal_closed ON customer_deal (lead_id) WHERE NOT open;
+        """,
+    ),
 ]
 HASHED_RULES = ("email", "phone")
 
@@ -219,8 +234,8 @@ class CaptureApp(EventStoreApp):
         return lead_id
 
     def known_customers(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Match]:
-        """The first lead each key belongs to: one query for a whole batch (keys in clear; the
-        table holds e-mail and phone as keyed hashes)."""
+        """The first lead each key belongs to whose deal is open (or not opened yet): one query
+        for a whole batch (keys in clear; the table holds e-mail and phone as keyed hashes)."""
         if not keys:
             return {}
         stored = {self.stored_key(k): k for k in keys}
@@ -231,13 +246,15 @@ class CaptureApp(EventStoreApp):
             # it was planned as a hash join over the whole table: 29-32 ms for a batch of 500
             # messages (~1,500 keys) at 45,000 keys stored, growing with the table (8.5 ms at
             # 15,000); 4.9 ms this way.
+            # A customer whose deal was won or lost is not matched: its next lead is a new one.
             SQL(
                 "SELECT k.rule, k.key, k.lead_id, k.partner_id"
                 " FROM unnest(%b::text[], %b::text[]) AS wanted(rule, key)"
                 " CROSS JOIN LATERAL (SELECT * FROM {} x"
-                " WHERE x.rule = wanted.rule AND x.key = wanted.key"
+                " WHERE x.rule = wanted.rule AND x.key = wanted.key AND NOT EXISTS"
+                " (SELECT 1 FROM {} c WHERE c.lead_id = x.lead_id AND NOT c.open)"
                 " ORDER BY x.captured_at, x.lead_id LIMIT 1) k"
-            ).format(self.table("lead_key")),
+            ).format(self.table("lead_key"), self.table("customer_deal")),
             [[rule for rule, _ in keys], [key for _, key in keys]],
         )
         return {

@@ -1,5 +1,6 @@
 """Capture on the bus: what its stored events become (lead events, partner replies, dead
-letters), and the consumer of `partner.leads.v1`."""
+letters), the consumer of `partner.leads.v1`, and the consumer of `opportunity.events.v1` that
+tells dedupe which customers' deals are still open."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
+import asyncpg
 import orjson
 from eventsourcing.domain import DomainEventProtocol
 from eventsourcing.persistence import Notification
@@ -16,13 +18,19 @@ from eventsourcing.utils import resolve_topic
 from services.capture.app import CaptureApp
 from services.capture.domain import Incoming, Lead, PartnerMessage, Registration
 from services.capture.partners import PartnerSecrets
-from shared.bus.consumer import Batch, BatchConsumer, Record, in_arrival_order
-from shared.bus.envelopes import PublishedRoute, stored_state
+from shared.bus.consumer import Batch, BatchConsumer, Record, in_arrival_order, records_of
+from shared.bus.envelopes import PublishedRoute, decode_records, header, stored_state
 from shared.bus.relay import Outbound
 from shared.clock import Clock
-from shared.contracts.envelope import HEADER_CONTENT_TYPE
+from shared.contracts.envelope import HEADER_CONTENT_TYPE, HEADER_EVENT_TYPE
 from shared.contracts.partner import HEADER_PARTNER_ID
-from shared.contracts.topics import DEAD_LETTER, LEAD_EVENTS, PARTNER_LEADS, partner_replies
+from shared.contracts.topics import (
+    DEAD_LETTER,
+    LEAD_EVENTS,
+    OPPORTUNITY_EVENTS,
+    PARTNER_LEADS,
+    partner_replies,
+)
 from shared.settings import Settings
 
 JSON = ((HEADER_CONTENT_TYPE, b"application/json"),)
@@ -141,3 +149,44 @@ def partner_intake(
 
     consumer = BatchConsumer("partner-intake", settings, "capture", [PARTNER_LEADS], handle, clock)
     return consumer
+
+
+# Whether a deal is open after each event that opens or closes it (the others leave it as it is,
+# and are not even decoded): a recycled deal is still open, back in the pool.
+OPEN_AFTER = {
+    "OpportunityOpened": True,
+    "OpportunityWon": False,
+    "OpportunityLost": False,
+    "OpportunityReopened": True,
+    "OpportunityReactivated": True,
+}
+# Each deal's newest state wins, whatever order replicas and redeliveries write in.
+UPSERT_DEALS = """
+INSERT INTO customer_deal (opportunity_id, lead_id, open, version)
+SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::bool[], $4::int[])
+ON CONFLICT (opportunity_id) DO UPDATE SET
+    lead_id = coalesce(customer_deal.lead_id, EXCLUDED.lead_id),
+    open = CASE WHEN EXCLUDED.version > customer_deal.version THEN EXCLUDED.open
+                ELSE customer_deal.open END,
+    version = greatest(customer_deal.version, EXCLUDED.version)
+"""
+
+
+def customer_deals(pool: asyncpg.Pool, settings: Settings) -> BatchConsumer:
+    """The consumer of `opportunity.events.v1` keeping `customer_deal`: which lead each deal was
+    opened from, and whether it is open (SPEC §3: a lead is merged only into an open one)."""
+
+    async def handle(batch: Batch) -> None:
+        wanted = [r for r in records_of(batch) if header(r, HEADER_EVENT_TYPE) in OPEN_AFTER]
+        deals: dict[uuid.UUID, tuple[uuid.UUID | None, bool, int]] = {}
+        for _, e in decode_records(wanted):
+            lead = e.data.get("lead_id") if e.event_type == "OpportunityOpened" else None
+            known, is_open, version = deals.get(e.stream_id, (None, True, 0))
+            if e.stream_version > version:
+                is_open, version = OPEN_AFTER[e.event_type], e.stream_version
+            deals[e.stream_id] = (uuid.UUID(str(lead)) if lead else known, is_open, version)
+        if deals:
+            rows = [(deal, *state) for deal, state in deals.items()]
+            await pool.execute(UPSERT_DEALS, *(list(column) for column in zip(*rows, strict=True)))
+
+    return BatchConsumer("customer-deals", settings, "capture-deals", [OPPORTUNITY_EVENTS], handle)
