@@ -320,6 +320,29 @@ def cmd_asyncapi(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_user(args: argparse.Namespace) -> int:
+    """`dealstream user add`: a user appended to the directory in dealstream.toml."""
+    from pydantic import ValidationError
+
+    from shared.directory_file import DirectoryError, add_user
+    from shared.settings import User
+
+    fields = {"id": args.user_id, "name": args.name, "team": args.team, "role": args.role,
+              "email": args.email, "locale": args.locale, "timezone": args.timezone}  # fmt: skip
+    try:
+        user = User.model_validate({k: v for k, v in fields.items() if v is not None})
+        print(add_user(Settings().config_file, user, args.manager))
+    except ValidationError as exc:
+        for error in exc.errors():
+            print(f"dealstream user add: {'.'.join(map(str, error['loc']))}: {error['msg']}",
+                  file=sys.stderr)  # fmt: skip
+        return 2
+    except DirectoryError as exc:
+        print(f"dealstream user add: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_token(args: argparse.Namespace) -> int:
     from shared.auth import Principal, Role, issue_token
     from shared.clock import SystemClock
@@ -492,6 +515,19 @@ def parser() -> argparse.ArgumentParser:
     asyncapi = commands.add_parser("asyncapi", help="print the bus contract (AsyncAPI 3.0)")
     asyncapi.add_argument("--write", action="store_true", help="update docs/asyncapi.json")
     asyncapi.set_defaults(run=cmd_asyncapi)
+
+    user = commands.add_parser("user", help="the directory of users and teams (dealstream.toml)")
+    user_actions = user.add_subparsers(dest="action", required=True)
+    add_user = user_actions.add_parser("add", help="add a user to the directory")
+    add_user.add_argument("user_id")
+    add_user.add_argument("--name")
+    add_user.add_argument("--team", help="the user's team (added to the directory if new)")
+    add_user.add_argument("--role", choices=["rep", "manager", "branch_manager", "ops", "admin"])
+    add_user.add_argument("--manager", help="the team's manager (of a team new to the directory)")
+    add_user.add_argument("--email")
+    add_user.add_argument("--locale", choices=["en", "zh-CN"])
+    add_user.add_argument("--timezone", help="an IANA zone, e.g. Asia/Shanghai")
+    user.set_defaults(run=cmd_user)
 
     token = commands.add_parser("token", help="bearer tokens for the HTTP APIs")
     token_actions = token.add_subparsers(dest="action", required=True)

@@ -11,9 +11,10 @@ from datetime import time
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import AfterValidator, BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 STAGES: tuple[str, ...] = ("A", "B", "C", "D", "E", "F")
@@ -58,6 +59,17 @@ LOSS_REASONS = (
 )
 
 
+def _zone(name: str) -> str:
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"{name!r} is not an IANA time zone (e.g. Asia/Shanghai)") from None
+    return name
+
+
+Zone = Annotated[str, AfterValidator(_zone)]  # a reminder's and a digest's local time
+
+
 class User(BaseModel):
     id: str = Field(pattern=r"^[A-Za-z0-9_.@-]{1,64}$")
     name: str = ""
@@ -65,7 +77,7 @@ class User(BaseModel):
     role: Literal["rep", "manager", "branch_manager", "ops", "admin"] = "rep"
     email: str | None = None
     locale: Literal["en", "zh-CN"] = "zh-CN"
-    timezone: str = "Asia/Shanghai"
+    timezone: Zone = "Asia/Shanghai"
 
 
 class Team(BaseModel):
@@ -73,7 +85,7 @@ class Team(BaseModel):
     name: str = ""
     manager: str | None = None
     branch_manager: str | None = None
-    timezone: str = "Asia/Shanghai"
+    timezone: Zone = "Asia/Shanghai"
 
 
 class RoutingRule(BaseModel):
@@ -294,7 +306,12 @@ class Settings(BaseSettings):
 
 @lru_cache(maxsize=8)
 def _load_rules_cached(path: str, mtime: float) -> Rules:
-    data: dict[str, Any] = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    return rules_of(tomllib.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def rules_of(data: dict[str, Any]) -> Rules:
+    """The rules of a parsed `dealstream.toml`: `[rules]`, and its top-level `[directory]`,
+    `[routing]` and `[notify]` sections."""
     rules = dict(data.get("rules", {}))
     for section in ("directory", "routing", "notify"):
         if section in data:
