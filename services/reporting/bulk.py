@@ -212,6 +212,8 @@ def chunk_statement(store: str) -> str:
         INSERT INTO stage_stay (opportunity_id, stage, entered_at, left_at)
         SELECT opportunity_id, before[2], before[3]::timestamptz, at_field::timestamptz
         FROM st WHERE {_kind("SC", "W", "L")}
+        ORDER BY opportunity_id, version  -- of stays ending together in a stage, the first
+        ON CONFLICT DO NOTHING
     ),
     payments AS (
         INSERT INTO payment (opportunity_id, version, amount, received_at)

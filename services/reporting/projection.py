@@ -307,10 +307,15 @@ async def _project_opportunities(conn: asyncpg.Connection, envelopes: Sequence[E
             "opportunity_history", records=history, columns=[*STATE_COLUMNS, "valid_to"]
         )
     if stays:
-        await conn.copy_records_to_table(
-            "stage_stay", records=stays,
-            columns=["opportunity_id", "stage", "entered_at", "left_at"],
-        )  # fmt: skip
+        # Two stays in one stage that end at the same moment (a move back and forth within one
+        # instant, or a clock set back) are one row: the first, as the rebuild keeps it. (They
+        # stopped the consumer: the key conflicted at every retry.)
+        await conn.execute(
+            "INSERT INTO stage_stay (opportunity_id, stage, entered_at, left_at)"
+            " SELECT * FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::timestamptz[])"
+            " ON CONFLICT DO NOTHING",
+            *(list(column) for column in zip(*stays, strict=True)),
+        )
     if payments:
         await conn.copy_records_to_table(
             "payment", records=payments,

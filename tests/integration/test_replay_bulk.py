@@ -39,7 +39,7 @@ from tests.reporting_scenario import RULES, money
 from tests.support import eventually
 
 START = datetime(2026, 1, 5, 9, tzinfo=UTC)
-LIVES = 400
+LIVES = 600
 
 
 def forward(o: Opportunity) -> str:
