@@ -13,10 +13,10 @@ from urllib.parse import parse_qsl
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from services.capture.app import CaptureApp
-from services.capture.domain import field_errors
+from services.capture.domain import NotMerged, field_errors
 from services.capture.intake_limits import HONEYPOT_FIELD, RateLimiter
 from shared.auth import Principal, Role
 from shared.clock import Clock
@@ -32,6 +32,17 @@ log = logging.getLogger(__name__)
 
 class LeadAccepted(BaseModel):
     lead_id: uuid.UUID
+
+
+class UnmergeCommand(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    note: str | None = Field(default=None, max_length=2000)
+
+
+class Unmerged(BaseModel):
+    lead_id: uuid.UUID
+    unmerged_from: uuid.UUID  # the lead it had been merged into
 
 
 class FieldErrors(BaseModel):
@@ -106,6 +117,34 @@ def create_api(
             raise HTTPException(404, "no such partner")
         rows = await asyncio.to_thread(app.registrations_of, partner_id)
         return [json.loads(json.dumps(row, default=str)) for row in rows]
+
+    @api.post(
+        "/v1/leads/{lead_id}/unmerge",
+        tags=["leads"],
+        response_model=Unmerged,
+        responses={404: {"description": "no such lead"},
+                   409: {"description": "the lead is not merged (`code`: `not_merged`)"}},
+    )  # fmt: skip
+    async def unmerge(
+        lead_id: uuid.UUID,
+        body: UnmergeCommand | None = None,
+        principal: Principal = Depends(authenticated),
+    ) -> Any:
+        """Undo dedupe's merge of a lead (SPEC §3): it becomes a customer of its own and opens
+        a deal of its own (`LeadUnmerged`; pipeline detaches it from the deal it had joined).
+        For managers and admins."""
+        if principal.role not in (Role.manager, Role.admin):
+            raise HTTPException(403, "managers and admins undo merges")
+        note = body.note if body else None
+        try:
+            merged_into = await asyncio.to_thread(app.unmerge, lead_id, principal.user,
+                                                  clock.now(), note)  # fmt: skip
+        except LookupError:
+            raise HTTPException(404, "no such lead") from None
+        except NotMerged as exc:
+            return JSONResponse({"code": "not_merged", "message": str(exc)}, status_code=409)
+        log.info("lead unmerged", extra={"lead_id": str(lead_id), "actor": principal.user})
+        return Unmerged(lead_id=lead_id, unmerged_from=merged_into)
 
     @api.get("/asyncapi", tags=["contract"])
     async def asyncapi() -> dict[str, Any]:

@@ -14,7 +14,7 @@ from typing import Any
 
 from eventsourcing.application import AggregateNotFoundError
 from eventsourcing.domain import Aggregate, DomainEventProtocol
-from eventsourcing.persistence import StoredEvent
+from eventsourcing.persistence import IntegrityError, StoredEvent
 from psycopg.sql import SQL
 
 from services.capture.domain import (
@@ -190,12 +190,7 @@ class CaptureApp(EventStoreApp):
         """Erase a lead's contact: destroy its key and its matching keys, and record the
         erasure as an event, in one transaction. False when it was forgotten before;
         LookupError when no lead has that id."""
-        try:
-            lead = self.repository.get(lead_id)
-        except AggregateNotFoundError:
-            lead = None
-        if not isinstance(lead, Lead):  # nothing stored under it, or a registration's id
-            raise LookupError(f"no lead {lead_id}")
+        lead = self._lead(lead_id)
         if lead.forgotten:
             return False
         contact = unseal(self.subject_keys([lead_id])[lead_id], lead.details["contact"])
@@ -211,6 +206,41 @@ class CaptureApp(EventStoreApp):
         ]  # fmt: skip
         self.record([lead], side_writes=writes)
         return True
+
+    def unmerge(self, lead_id: uuid.UUID, actor: str, now: datetime,
+                note: str | None = None) -> uuid.UUID:  # fmt: skip
+        """Undo a lead's merge (SPEC §3): `LeadUnmerged`, and the lead indexed by its own keys
+        as a customer of its own, in one transaction. Returns the lead it was merged into;
+        LookupError when no lead has that id, NotMerged when it is not merged."""
+        for _attempt in range(3):
+            try:
+                return self._unmerge(lead_id, actor, now, note)
+            except IntegrityError:  # unmerged meanwhile by another request: read it again
+                continue
+        raise RuntimeError(f"lead {lead_id}: could not unmerge after 3 attempts")
+
+    def _unmerge(self, lead_id: uuid.UUID, actor: str, now: datetime,
+                 note: str | None) -> uuid.UUID:  # fmt: skip
+        lead = self._lead(lead_id)
+        merged_into = lead.merged_into
+        lead.unmerge(actor, now, note)
+        # Its keys from its contact in clear (a forgotten contact has none left to match by).
+        contact = unseal(self.subject_keys([lead_id])[lead_id], lead.details["contact"])
+        company = lead.details["company"]
+        lead.match_keys = match_keys(contact.get("email"), contact.get("phone"),
+                                     company.get("name"), company.get("region"))  # fmt: skip
+        self.record([lead], side_writes=self.key_writes([lead]))
+        assert merged_into is not None
+        return merged_into
+
+    def _lead(self, lead_id: uuid.UUID) -> Lead:
+        try:
+            lead = self.repository.get(lead_id)
+        except AggregateNotFoundError:
+            lead = None
+        if not isinstance(lead, Lead):  # nothing stored under it, or a registration's id
+            raise LookupError(f"no lead {lead_id}")
+        return lead
 
     def capture_web_lead(self, form: WebFormLead, now: datetime, correlation_id: str) -> uuid.UUID:
         """Store a web-form lead (merged into a known customer it matches); durable when this

@@ -66,8 +66,8 @@ def answers(
     return out
 
 
-_ENVELOPED = (Lead.Captured, Lead.Merged, Lead.Forgotten, Registration.Registered,
-              Registration.Changed)  # fmt: skip
+_ENVELOPED = (Lead.Captured, Lead.Merged, Lead.Unmerged, Lead.Forgotten,
+              Registration.Registered, Registration.Changed)  # fmt: skip
 
 
 class CaptureRoute:

@@ -21,9 +21,11 @@ from shared.contracts.events import (
     LeadCaptured,
     LeadForgotten,
     LeadMerged,
+    LeadUnmerged,
     PartnerRegistered,
     RegistrationConflicted,
     RegistrationExpired,
+    UnmergedLead,
 )
 from shared.contracts.partner import (
     HEADER_MESSAGE_ID,
@@ -89,11 +91,24 @@ class Lead(Aggregate):
         def apply(self, aggregate: Aggregate) -> None:
             assert isinstance(aggregate, Lead)
             aggregate.merged_into = uuid.UUID(self.payload["into_lead_id"])
+            aggregate.merged_by = self.payload["rule"]
+
+    class Unmerged(Published):
+        """A merge undone: the lead is a customer of its own from now on."""
+
+        public_name: ClassVar[str] = "LeadUnmerged"
+
+        def apply(self, aggregate: Aggregate) -> None:
+            assert isinstance(aggregate, Lead)
+            aggregate.merged_into = None
+            aggregate.unmerged_from = uuid.UUID(self.payload["from_lead_id"])
 
     def __init__(self, payload: dict[str, Any], correlation_id: str, causation_id: str) -> None:
         self.details = payload
         self.correlation_id = correlation_id
         self.merged_into: uuid.UUID | None = None
+        self.merged_by: str | None = None  # the rule of the merge
+        self.unmerged_from: uuid.UUID | None = None
         self.forgotten = False
         # Known only while the lead is being captured (the stored contact is sealed): the
         # contact's key, and the matching keys taken from the contact in clear.
@@ -167,6 +182,25 @@ class Lead(Aggregate):
             contact.get("email"), contact.get("phone"), company.get("name"), company.get("region")
         )
 
+    def unmerge(self, actor: str, at: datetime, note: str | None = None) -> None:
+        """Undo the merge (SPEC §3): the lead opens a deal of its own. NotMerged if it is not
+        merged (never was, or was unmerged before)."""
+        if self.merged_into is None:
+            raise NotMerged(f"lead {self.id} is not merged into another")
+        facts = {k: v for k, v in self.details.items() if k not in ("contact", "duplicate_of")}
+        unmerged = LeadUnmerged(
+            lead_id=self.id,
+            from_lead_id=self.merged_into,
+            rule=self.merged_by or "",
+            actor=actor,
+            note=note,
+            unmerged_at=at,
+            lead=UnmergedLead.model_validate(facts),
+        )
+        self.trigger_event(self.Unmerged, payload=unmerged.model_dump(mode="json"),
+                           correlation_id=f"unmerge:{self.id}", causation_id=str(self.id),
+                           timestamp=at)  # fmt: skip
+
     def forget(self, at: datetime) -> None:
         """Erase the contact (the caller destroys its key in the same transaction)."""
         if self.forgotten:
@@ -175,6 +209,10 @@ class Lead(Aggregate):
         self.trigger_event(self.Forgotten, payload=forgotten.model_dump(mode="json"),
                            correlation_id=f"forget:{self.id}", causation_id=str(self.id),
                            timestamp=at)  # fmt: skip
+
+
+class NotMerged(Exception):
+    """An unmerge of a lead that is not merged."""
 
 
 REGISTRATION_NAMESPACE = uuid.UUID("6a0f5b2e-93d4-4c1a-8f57-2b1e0c9d7a33")

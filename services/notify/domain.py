@@ -43,7 +43,8 @@ class Picture:
 
 
 # Events that count as activity on the opportunity (the stale clock restarts), as in pipeline.
-QUIET_EVENTS = frozenset({"OpportunityScored", "PaymentReceived", "LeadAttached"})
+QUIET_EVENTS = frozenset({"OpportunityScored", "PaymentReceived", "LeadAttached",
+                          "LeadDetached"})  # fmt: skip
 
 
 def fold(

@@ -19,7 +19,7 @@ from services.pipeline.domain import Opportunity, Refused, opportunity_id_for
 from services.pipeline.rules import route
 from shared.bus.consumer import record_tracked
 from shared.contracts.envelope import Envelope
-from shared.contracts.events import LeadCaptured, LeadMerged
+from shared.contracts.events import LeadCaptured, LeadMerged, LeadUnmerged
 from shared.settings import Rules
 from shared.store.eventstore import EventStoreApp
 from shared.store.migrations import BUS_TABLES, Migration, event_store
@@ -153,9 +153,10 @@ class PipelineApp(EventStoreApp):
             + " ON CONFLICT (opportunity_id) DO UPDATE SET " + updates
             + " WHERE {table}.version < EXCLUDED.version"
         ).format(table=self.table("opportunity_index"))  # fmt: skip
-        leads = SQL(
+        leads = SQL(  # a lead unmerged moves to the deal it opens
             "INSERT INTO {table} (lead_id, opportunity_id) " + unnest_rows(("uuid", "uuid"))
-            + " ON CONFLICT DO NOTHING"
+            + " ON CONFLICT (lead_id) DO UPDATE SET opportunity_id = EXCLUDED.opportunity_id"
+            " WHERE {table}.opportunity_id <> EXCLUDED.opportunity_id"
         ).format(table=self.table("opportunity_lead"))  # fmt: skip
         # Lead rows only where leads were added (opened, attached), not on every command.
         joined = [
@@ -209,8 +210,10 @@ class PipelineApp(EventStoreApp):
                 if e.event_type == "LeadCaptured"
             }
             ids = {event_id: opportunity_id_for(c.lead_id) for event_id, c in captured.items()}
-            known = self.existing_ids(list(ids.values()))
-            reps = [rep.id for rep in rules.directory.reps()] if captured else []
+            unmerging = [opportunity_id_for(uuid.UUID(str(e.data.get("lead_id"))))
+                         for e in envelopes if e.event_type == "LeadUnmerged"]  # fmt: skip
+            known = self.existing_ids([*ids.values(), *unmerging])
+            reps = [rep.id for rep in rules.directory.reps()] if captured or unmerging else []
             loads = self.owner_loads(reps)  # {} without reps
             changed: dict[uuid.UUID, Opportunity] = {}
             home: dict[uuid.UUID, uuid.UUID] = {}  # lead -> opportunity, for this batch
@@ -247,6 +250,31 @@ class PipelineApp(EventStoreApp):
                         continue
                     attach(target_id, merged.lead_id, merged.rule, merged.merged_at,
                            str(envelope.event_id), envelope.correlation_id)  # fmt: skip
+                elif envelope.event_type == "LeadUnmerged":
+                    unmerged = cast(LeadUnmerged, envelope.contract())
+                    own = opportunity_id_for(unmerged.lead_id)
+                    if own in known or own in changed:
+                        continue  # its own deal is open already
+                    known.add(own)
+                    waiting[:] = [w for w in waiting if w[0] != unmerged.lead_id]
+                    settled.append(unmerged.lead_id)  # a merge of it still waiting: dropped
+                    joined = home.get(unmerged.lead_id) or self.opportunity_of_lead(
+                        unmerged.lead_id
+                    )
+                    if joined is not None and joined != own:
+                        left = changed.get(joined) or self.repository.get(joined)
+                        with left.acting(envelope.correlation_id, str(envelope.event_id)):
+                            left.detach_lead(unmerged.lead_id, own, unmerged.actor,
+                                             unmerged.unmerged_at)  # fmt: skip
+                        changed[joined] = left
+                    assignment = route(unmerged.lead, rules.directory, rules.routing, loads)
+                    if assignment.owner:
+                        loads[assignment.owner] = loads.get(assignment.owner, 0) + 1
+                    changed[own] = Opportunity.open_from_lead(
+                        unmerged.lead, rules, assignment, str(envelope.event_id),
+                        envelope.correlation_id, own,
+                    )  # fmt: skip
+                    home[unmerged.lead_id] = own
             # Leads that found a home may be what earlier merges were waiting for (in turn); and
             # a merge that started waiting while another batch (another replica's, or a
             # partition handled alone after a failure) was opening its customer (neither saw

@@ -93,6 +93,9 @@ class Opportunity(Aggregate):
     class LeadAttached(Changed):
         public_name: ClassVar[str] = "LeadAttached"
 
+    class LeadDetached(Changed):
+        public_name: ClassVar[str] = "LeadDetached"
+
     def __init__(self, payload: dict[str, Any], correlation_id: str, causation_id: str) -> None:
         # The payload is an OpportunityOpened as `open_from_lead` made it, checked in full then:
         # read as written (JSON values, the contract's defaults for what an older one lacks),
@@ -167,7 +170,9 @@ class Opportunity(Aggregate):
             self.status, self.owner = "recycled", None
         elif name == "LeadAttached":
             self.lead_ids.append(uuid.UUID(data["lead_id"]))
-        if name not in ("OpportunityScored", "PaymentReceived", "LeadAttached"):
+        elif name == "LeadDetached":
+            self.lead_ids.remove(uuid.UUID(data["lead_id"]))
+        if name not in ("OpportunityScored", "PaymentReceived", "LeadAttached", "LeadDetached"):
             self.last_activity_at = at
 
     # -- commands --------------------------------------------------------------------------
@@ -569,6 +574,24 @@ class Opportunity(Aggregate):
                 team=team or self.team,
                 actor=actor,
                 reactivated_at=now,
+            ),
+            now,
+        )
+
+    def detach_lead(self, lead_id: uuid.UUID, to_opportunity_id: uuid.UUID, actor: str,
+                    now: datetime) -> None:  # fmt: skip
+        """A lead attached here was unmerged: it leaves for a deal of its own (the lead this
+        opportunity was opened from never leaves)."""
+        if lead_id not in self.lead_ids or lead_id == self.lead_id:
+            return
+        self._emit(
+            self.LeadDetached,
+            contract.LeadDetached(
+                opportunity_id=self.id,
+                lead_id=lead_id,
+                to_opportunity_id=to_opportunity_id,
+                actor=actor,
+                detached_at=now,
             ),
             now,
         )

@@ -36,6 +36,7 @@ KINDS = {
     "OpportunityRecycled": "RC",
     "OpportunityReactivated": "RA",
     "LeadAttached": "LA",
+    "LeadDetached": "LD",
 }
 
 
@@ -120,6 +121,7 @@ RUNNING = {
     "reached": f'max(CASE WHEN {_kind("O", "SC", "W")} THEN stage_to END COLLATE "C") OVER w',
     "received": "coalesce(sum(money::numeric) FILTER (WHERE kind = 'PR') OVER w, 0)",
     "lead_ids": f"array_agg(lead_id) FILTER (WHERE {_kind('O', 'LA')}) OVER w",
+    "detached": "array_agg(lead_id) FILTER (WHERE kind = 'LD') OVER w",
     # The stage being left, and since when (for the stays), and when the next event is.
     "before": f"max(CASE WHEN {_kind('O', 'SC', 'W', 'RO')} THEN ARRAY[{V}, stage_to,"
     " at_field] END) OVER (w ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)",
@@ -131,7 +133,10 @@ STATE = {
     "opportunity_id": "opening[1]::uuid",
     "version": "version::int",
     "valid_from": "at",
-    "lead_ids": "lead_ids",
+    # The leads joined, in order, less those unmerged since (a lead is detached once).
+    "lead_ids": "CASE WHEN detached IS NULL THEN lead_ids ELSE ARRAY(SELECT joined FROM"
+    " unnest(lead_ids) WITH ORDINALITY AS j(joined, n) WHERE joined <> ALL(detached)"
+    " ORDER BY n) END",
     "company": "opening[2]",
     "source": "opening[3]",
     "partner_id": "opening[4]",

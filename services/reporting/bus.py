@@ -12,7 +12,7 @@ from shared.contracts.envelope import HEADER_EVENT_TYPE
 from shared.contracts.topics import LEAD_EVENTS, OPPORTUNITY_EVENTS
 from shared.settings import Settings
 
-LEAD_ONLY = {"LeadCaptured", "LeadMerged", "LeadForgotten"}
+LEAD_ONLY = {"LeadCaptured", "LeadMerged", "LeadUnmerged", "LeadForgotten"}
 
 
 def opportunity_events(pool: asyncpg.Pool, settings: Settings) -> BatchConsumer:

@@ -148,6 +148,9 @@ def fold(
         s = s._replace(status="recycled", owner=None, team=data.get("team"))
     elif event_type == "LeadAttached":
         s = s._replace(lead_ids=(*s.lead_ids, uuid.UUID(str(data["lead_id"]))))
+    elif event_type == "LeadDetached":
+        gone = uuid.UUID(str(data["lead_id"]))
+        s = s._replace(lead_ids=tuple(lead for lead in s.lead_ids if lead != gone))
     else:
         return state, [], []  # nothing reportable changed (a follow-up, say)
     return s, stays, payments

@@ -249,7 +249,8 @@ REGISTRATION_EVENTS = {"PartnerRegistered", "RegistrationConflicted", "Registrat
 
 async def project(conn: asyncpg.Connection, envelopes: Sequence[Envelope]) -> None:
     opportunity = [e for e in envelopes if e.event_type.startswith(("Opportunity", "Payment",
-                                                                     "LeadAttached"))]  # fmt: skip
+                                                                     "LeadAttached",
+                                                                     "LeadDetached"))]  # fmt: skip
     if opportunity:
         await _project_opportunities(conn, opportunity)
     registrations = [e for e in envelopes if e.event_type in REGISTRATION_EVENTS]

@@ -18,13 +18,14 @@ from shared.contracts.events import EVENT_TYPES
 from shared.contracts.notifications import NOTIFICATION_EVENT_TYPES, NotificationUndeliverable
 from shared.contracts.partner import DeadLetter, PartnerLeadMessage, PartnerReply
 
-CONTRACTS_VERSION = "1.2.0"
+CONTRACTS_VERSION = "1.3.0"
 REF = "#/components/schemas/{model}"
 
 LEAD_EVENT_TYPES = (
     "LeadCaptured",
     "LeadMerged",
     "LeadForgotten",
+    "LeadUnmerged",
     "PartnerRegistered",
     "RegistrationConflicted",
     "RegistrationExpired",

@@ -36,6 +36,26 @@ class LeadMerged(Contract):
     merged_at: UtcTime
 
 
+class UnmergedLead(LeadCaptured):
+    """A lead as captured, for the deal it opens once it is unmerged: without its contact (the
+    lead's LeadCaptured carries that, and `forget` erases it there), and no longer a duplicate."""
+
+    contact: None = None  # type: ignore[assignment]
+
+
+class LeadUnmerged(Contract):
+    """A merge undone (SPEC §3): `lead_id` is not the customer `from_lead_id` after all. It is a
+    customer of its own now, and opens a deal of its own (`lead`: what it was captured with)."""
+
+    lead_id: uuid.UUID
+    from_lead_id: uuid.UUID
+    rule: str  # the rule of the merge undone
+    actor: str
+    note: str | None = Field(default=None, max_length=2000)
+    unmerged_at: UtcTime
+    lead: UnmergedLead
+
+
 class LeadForgotten(Contract):
     """The lead's contact data was erased on request (PIPL/GDPR): its key is destroyed, and
     every read of its events shows the contact as erased from now on."""
@@ -218,10 +238,22 @@ class LeadAttached(Contract):
     attached_at: UtcTime
 
 
+class LeadDetached(Contract):
+    """A lead attached to this opportunity was unmerged (LeadUnmerged): it has a deal of its own
+    (`to_opportunity_id`) from now on."""
+
+    opportunity_id: uuid.UUID
+    lead_id: uuid.UUID
+    to_opportunity_id: uuid.UUID
+    actor: str
+    detached_at: UtcTime
+
+
 EVENT_TYPES: dict[str, tuple[type[Contract], int]] = {
     "LeadCaptured": (LeadCaptured, 1),
     "LeadMerged": (LeadMerged, 1),
     "LeadForgotten": (LeadForgotten, 1),
+    "LeadUnmerged": (LeadUnmerged, 1),
     "PartnerRegistered": (PartnerRegistered, 1),
     "RegistrationConflicted": (RegistrationConflicted, 1),
     "RegistrationExpired": (RegistrationExpired, 1),
@@ -239,6 +271,7 @@ EVENT_TYPES: dict[str, tuple[type[Contract], int]] = {
     "OpportunityRecycled": (OpportunityRecycled, 1),
     "OpportunityReactivated": (OpportunityReactivated, 1),
     "LeadAttached": (LeadAttached, 1),
+    "LeadDetached": (LeadDetached, 1),
 }
 
 

@@ -96,6 +96,12 @@ def live(n: int, rng: random.Random) -> Opportunity:
         if rng.random() < 0.7:
             o.reactivate(rng.choice([None, "rep.y"]), "team2", "mgr", tick())
 
+    def leads() -> None:  # a lead merged in, or one merged before unmerged again
+        if len(o.lead_ids) > 1 and rng.random() < 0.4:
+            o.detach_lead(rng.choice(o.lead_ids[1:]), uuid.uuid4(), "mgr", tick())
+        else:
+            o.attach_lead(uuid.uuid5(uuid.NAMESPACE_OID, f"bulk-{n}-{clock[0]}"), "email", tick())
+
     commands = [
         advance, advance, advance, advance, idle,
         lambda: o.change_stage(back(o), actor, tick(), RULES, note="not yet"),
@@ -108,8 +114,7 @@ def live(n: int, rng: random.Random) -> Opportunity:
         lambda: o.reopen("mgr", tick(), RULES, note="called back"),
         lambda: o.reopen("mgr", tick(), RULES, note="called back"),
         lambda: o.assign(rng.choice([None, "rep.x"]), rng.choice([None, "team9"]), "mgr", tick()),
-        lambda: o.attach_lead(uuid.uuid5(uuid.NAMESPACE_OID, f"bulk-{n}-{clock[0]}"), "email",
-                              tick()),
+        leads,
     ]  # fmt: skip
     for _ in range(rng.randrange(0, 16)):
         with contextlib.suppress(Refused, ValueError):
