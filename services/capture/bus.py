@@ -16,7 +16,13 @@ from eventsourcing.persistence import Notification
 from eventsourcing.utils import resolve_topic
 
 from services.capture.app import CaptureApp
-from services.capture.domain import Incoming, Lead, PartnerMessage, Registration
+from services.capture.domain import (
+    Incoming,
+    Lead,
+    PartnerMessage,
+    Registration,
+    signed_by_known_partner,
+)
 from services.capture.partners import PartnerSecrets
 from shared.bus.consumer import Batch, BatchConsumer, Record, in_arrival_order, records_of
 from shared.bus.envelopes import PublishedRoute, decode_records, header, stored_state
@@ -137,6 +143,10 @@ def partner_intake(
             for m in messages
         }
         secrets_of = await secrets.for_partners(partner_ids, now)
+        if not all(signed_by_known_partner(m, secrets_of) for m in messages):
+            # Refused on secrets read a moment ago? Read them afresh first: a partner added, or
+            # a secret rotated, since (the cache is seconds old) is not turned away for it.
+            secrets_of = await secrets.reloaded(now)
         names = {p.partition: f"{PARTNER_LEADS}:{consumer.cluster}:p{p.partition}" for p in batch}
         await asyncio.to_thread(
             app.handle_partner_fetch,

@@ -64,6 +64,18 @@ def signature_valid(secrets: list[str], value: bytes, signature: str | None) -> 
     return any(hmac.compare_digest(sign(s, value).encode(), given) for s in secrets)
 
 
+def signed_by_known_partner(incoming: Incoming, secrets_of: Mapping[str, list[str]]) -> bool:
+    """Whether the message names a partner in `secrets_of` and is signed with its secret (as
+    `judge` reads them: the partner from the header, else the key)."""
+    partner_id = incoming.headers.get(HEADER_PARTNER_ID) or (
+        incoming.key.decode("utf-8", "replace") if incoming.key else None
+    )
+    secrets = secrets_of.get(partner_id) if partner_id else None
+    return bool(secrets) and signature_valid(
+        secrets or [], incoming.value, incoming.headers.get(HEADER_SIGNATURE)
+    )
+
+
 def field_errors(exc: ValidationError) -> list[FieldError]:
     errors = []
     for error in exc.errors()[:50]:

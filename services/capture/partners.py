@@ -60,8 +60,9 @@ async def list_partners(pool: asyncpg.Pool) -> list[asyncpg.Record]:
 
 
 class PartnerSecrets:
-    """Secrets by partner, cached for a few seconds; an unknown partner triggers a reload (at
-    most once a second) so a partner added a moment ago is known."""
+    """Secrets by partner, cached for a few seconds; a message of an unknown partner, or signed
+    with a secret not known, has them read again (`reloaded`) before it is refused, so a partner
+    added or a secret rotated a moment ago is known."""
 
     def __init__(self, pool: asyncpg.Pool, ttl: float = 5.0) -> None:
         self.pool = pool
@@ -72,6 +73,13 @@ class PartnerSecrets:
     async def for_partners(self, partner_ids: set[str], now: datetime) -> dict[str, list[str]]:
         age = time.monotonic() - self._loaded_at
         if age > self.ttl or (age > 1.0 and not partner_ids <= self._secrets.keys()):
+            await self._load(now)
+        return self._secrets
+
+    async def reloaded(self, now: datetime, within: float = 0.2) -> dict[str, list[str]]:
+        """The secrets as stored now (read again unless read in the last `within` seconds: a
+        flood of badly signed messages reads them a few times a second at most)."""
+        if time.monotonic() - self._loaded_at > within:
             await self._load(now)
         return self._secrets
 

@@ -10,9 +10,13 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 from services.capture.app import MIGRATIONS, CaptureApp
+from services.capture.bus import partner_intake
+from services.capture.bus import route as capture_route
 from services.capture.client import PartnerClient
 from services.capture.domain import Incoming, partner_lead_id, sign
-from services.capture.partners import rotate_partner
+from services.capture.partners import PartnerSecrets, rotate_partner
+from shared.bus.relay import OutboxRelay
+from shared.clock import SystemClock
 from shared.contracts.topics import partner_replies
 from shared.settings import Rules, Settings
 from tests.integration.conftest import register_partner
@@ -355,3 +359,34 @@ async def test_what_a_partner_writes_in_its_headers_and_fields_is_read_as_the_sp
     assert [(e["field"], e["code"]) for e in answers[bad]["errors"]] == [
         ("contact.email", "invalid_email")
     ]
+
+
+async def test_a_partner_added_or_a_secret_rotated_a_moment_ago_is_known(
+    settings: Settings,
+    schema: str,
+    open_pool,
+    background,  # type: ignore[no-untyped-def]
+) -> None:
+    """Secrets are cached for a minute here; a message refused on them has them read again
+    first (it was dead-lettered as from an unknown partner, or rejected as badly signed)."""
+    pool = await open_pool(schema, MIGRATIONS)
+    app = await asyncio.to_thread(CaptureApp, settings.dsn(), schema)
+    known, known_secret = await register_partner(settings, pool, "k")
+    consumer = partner_intake(app, settings, PartnerSecrets(pool, ttl=60), SystemClock())
+    consumer.group_id = f"capture-{schema}"
+    background(OutboxRelay("capture", app, capture_route, settings, pool).run)
+    background(consumer.run)
+
+    def message(partner: str, n: str, secret: str) -> tuple[str, bytes, list[tuple[str, bytes]]]:
+        value = lead_value(partner, f"{partner}-{n}")
+        return partner, value, signed_headers(partner, f"{partner}-{n}", secret, value)
+
+    await send_partner_messages(settings.bootstrap_servers(), [message(known, "1", known_secret)])
+    assert (await answers_to(settings, known, {f"{known}-1"}))[f"{known}-1"]["status"] == "accepted"
+    new, new_secret = await register_partner(settings, pool, "n")  # after the secrets were read
+    rotated = await rotate_partner(pool, known, datetime.now(UTC))
+    await send_partner_messages(settings.bootstrap_servers(), [
+        message(new, "1", new_secret), message(known, "2", rotated)])  # fmt: skip
+    assert (await answers_to(settings, new, {f"{new}-1"}))[f"{new}-1"]["status"] == "accepted"
+    assert (await answers_to(settings, known, {f"{known}-2"}))[f"{known}-2"]["status"] == "accepted"
+    app.close()
