@@ -453,8 +453,9 @@ class _BatchIntake:
     kept current as the batch goes, so two messages of one batch see each other."""
 
     def __init__(self, app: CaptureApp, leads: list[Verdict], now: datetime, rules: Rules) -> None:
-        self.now, self.rules = now, rules
+        self.app, self.now, self.rules = app, now, rules
         self.seen = app.existing_ids([v.lead_id for v in leads if v.lead_id])
+        self.answered: dict[uuid.UUID, uuid.UUID] = {}  # lead -> the lead id its reply named
         self.keys: dict[uuid.UUID, list[tuple[str, str]]] = {}
         for v in leads:
             assert v.lead is not None and v.lead_id is not None
@@ -476,9 +477,9 @@ class _BatchIntake:
         if verdict.lead is None or verdict.lead_id is None:
             return verdict.reply
         lead_in, partner = verdict.lead, verdict.partner_id or ""
-        if verdict.lead_id in self.seen:  # the same message again
+        if verdict.lead_id in self.seen:  # the same message again: the lead it was answered with
             return PartnerReply(message_id=lead_in.message_id, status=ReplyStatus.duplicate,
-                                lead_id=verdict.lead_id)  # fmt: skip
+                                lead_id=self._answered(verdict.lead_id, partner))  # fmt: skip
         self.seen.add(verdict.lead_id)
         keys = self.keys[verdict.lead_id]
         match = first_match(keys, self.customers)
@@ -496,13 +497,16 @@ class _BatchIntake:
             # The same customer from the same partner: stored and merged, and answered with the
             # lead that partner already has.
             lead_id, status = match.lead_id, ReplyStatus.duplicate
+        self.answered[verdict.lead_id] = lead_id
         company = dict(keys).get("company_region")
         holder = self.held.get(company) if company else None
         if holder is not None and holder.partner_id != partner:
             holder.conflict(partner, verdict.lead_id, self.now, lead_in.message_id)
             self.registrations[holder.id] = holder
             status = ReplyStatus.conflict
-        elif holder is None and company is not None and status is ReplyStatus.accepted:
+        elif holder is None and company is not None:
+            # The first partner to submit the company holds it: a lead merged as the same
+            # customer (by e-mail, say) but of a company nobody holds registers it all the same.
             days = self.rules.registration_days
             holder = Registration.register(
                 partner, lead_in, verdict.lead_id, company, self.now, days, lead_in.message_id
@@ -510,6 +514,19 @@ class _BatchIntake:
             self.held[company] = self.registrations[holder.id] = holder
         return PartnerReply(message_id=lead_in.message_id, status=status, lead_id=lead_id,
                             registration=_registration_view(holder, partner))  # fmt: skip
+
+    def _answered(self, lead_id: uuid.UUID, partner: str) -> uuid.UUID:
+        """The lead id a message's first reply named: its own, or the lead of the customer
+        that partner already had (unless the merge was undone since)."""
+        if lead_id in self.answered:  # earlier in this batch
+            return self.answered[lead_id]
+        lead = self.app.repository.get(lead_id)
+        root = getattr(lead, "merged_into", None)
+        if root is not None:
+            customer = self.app.repository.get(root)
+            if getattr(customer, "details", {}).get("partner_id") == partner:
+                return root
+        return lead_id
 
 
 def _registration_view(holder: Registration | None, partner: str) -> RegistrationView | None:

@@ -150,10 +150,15 @@ async def test_a_known_customer_is_merged_not_duplicated(settings: Settings, int
         original = await client.submit(first)
         again = await client.submit(same_company)
         by_phone = await client.submit(same_phone)
+        resent = await client.submit(same_phone, message_id=by_phone["message_id"])
     assert original["status"] == "accepted"
     # The same customer from the same partner is that partner's lead already.
     assert again["status"] == "duplicate" and again["lead_id"] == original["lead_id"]
     assert by_phone["status"] == "duplicate" and by_phone["lead_id"] == original["lead_id"]
+    # A company nobody held is registered to the partner that submitted it first, though the
+    # lead merged as the same customer (by phone); a resent message names the same lead.
+    assert by_phone["registration"]["status"] == "registered"
+    assert (resent["status"], resent["lead_id"]) == ("duplicate", original["lead_id"])
     root = uuid.UUID(original["lead_id"])
 
     def merges(records: list) -> list:  # type: ignore[type-arg]
