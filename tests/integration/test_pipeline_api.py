@@ -354,6 +354,29 @@ async def test_managers_stay_within_their_team(pipeline: Pipeline) -> None:  # n
     PRINCIPALS["teamless"] = Principal(role=Role.manager, user="nobody")
     page = await p.http.get("/v1/opportunities", headers=p.auth("teamless"))
     assert page.json()["total"] == 0
+    refused = await p.pool.fetch("SELECT code, actor FROM refused_command"
+                                 " WHERE opportunity_id = $1", o)  # fmt: skip
+    assert [tuple(r) for r in refused] == [("forbidden", "mgr_xian")]  # an attempted bypass
+
+
+async def test_an_assignment_names_people_and_teams_of_the_directory(pipeline: Pipeline) -> None:  # noqa: F811
+    """Even an admin assigns to someone the directory knows, within their team: a deal held by
+    an unknown owner, or by an owner of another team, was one nobody saw or was reminded of."""
+    p = pipeline
+    o = await p.open()
+    for body, code in (({"owner": "nobody-here"}, "unknown_owner"),
+                       ({"owner": "rep1", "team": "beijing"}, "owner_not_in_team"),
+                       ({"team": "no-team"}, "unknown_team")):  # fmt: skip
+        answer = await p.post("admin", o, "assign", expected_version=3, **body)
+        assert (answer.status_code, answer.json()["code"]) == (422, code), answer.text
+    moved = await p.post("admin", o, "assign", expected_version=3, owner="rep3")
+    assert moved.status_code == 200, moved.text
+    assert (moved.json()["owner"], moved.json()["team"]) == ("rep3", "beijing")  # their team
+    pooled = await p.post("admin", o, "assign", expected_version=4, owner=None)
+    assert (pooled.json()["owner"], pooled.json()["team"]) == (None, "beijing")
+    codes = await p.pool.fetch("SELECT code FROM refused_command WHERE opportunity_id = $1"
+                               " ORDER BY id", o)  # fmt: skip
+    assert [r["code"] for r in codes] == ["unknown_owner", "owner_not_in_team", "unknown_team"]
 
 
 async def test_events_carry_the_request_that_began_them(pipeline: Pipeline) -> None:  # noqa: F811
