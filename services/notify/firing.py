@@ -84,6 +84,11 @@ def drafts_for_timer(
     kind = KIND_OF_TIMER[timer]
     follow_up_due = domain.follow_up_due(p, rules)
     overdue = domain.overdue_days(follow_up_due, now) if follow_up_due else None
+    # What the notification says fell due: the follow-up for a reminder or an escalation; for
+    # the others their own moment (idle too long, the expected close, the recycling).
+    about_follow_up = kind in ("follow_up_due", "escalation")
+    due_at = (follow_up_due or due) if about_follow_up else due
+    late = overdue if about_follow_up else domain.overdue_days(due, now)
     path = domain.chain(p, rules)
     link = f"{channels.public_url}/v1/opportunities/{p.opportunity_id}"
     idle = max(0, (now - p.last_activity_at).days)
@@ -120,8 +125,8 @@ def drafts_for_timer(
                 subject=text.subject,
                 body=text.body,
                 link=link,
-                due_at=follow_up_due or due,
-                overdue_days=overdue,
+                due_at=due_at,
+                overdue_days=late,
                 chain=path if kind == "escalation" else [],
                 derived_from=[derived_from],
                 before=before,

@@ -21,6 +21,7 @@ from services.notify.firing import DIGEST_LINES, Channels, draft, store
 from services.notify.timers import timer_projector
 from shared.auth import Principal, Role, issue_token
 from shared.bus.consumer import apply_read_model
+from shared.clock import utc_iso
 from shared.contracts.topics import DEAD_LETTER, NOTIFICATION_EVENTS
 from shared.devstack import DevStack
 from tests.integration.notify_fixtures import NotifyRig, rig, smtp, webhook  # noqa: F401
@@ -110,9 +111,15 @@ async def test_stale_expected_close_and_recycling_notices(rig: NotifyRig) -> Non
     await rig.feed(deal.take())
     await rig.tick(datetime(2026, 11, 20, 16, 0, tzinfo=UTC))  # Nov 21 00:00 in Shanghai
     assert ("expected_close_passed", "rep.wang") in kinds(await rig.notifications())
+    [closing] = await rig.notifications("expected_close_passed")  # its own moment, not the
+    assert (closing["due_at"], closing["overdue_days"]) == (
+        "2026-11-20T16:00:00Z",
+        0,
+    )  # follow-up's
     await rig.tick(T + 30 * DAY)
     stale = await rig.notifications("stale_warning")
     assert sorted(n["recipient"] for n in stale) == ["mgr.zhao", "rep.wang"]
+    assert {(n["due_at"], n["overdue_days"]) for n in stale} == {(utc_iso(T + 30 * DAY), 0)}
     deal.o.recycle(T + 60 * DAY, rig.rules)
     await rig.feed(deal.take())
     await rig.tick(T + 60 * DAY)
