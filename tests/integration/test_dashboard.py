@@ -73,7 +73,33 @@ async def test_the_dashboard_shows_the_apis_funnel_with_charts_in_both_languages
             shown = dict(re.findall(r'<tr data-stage="([A-F])"><td>[^<]*</td><td class="count">'
                                     r"(\d+)</td>", dom))  # fmt: skip
             assert {s: int(n) for s, n in shown.items()} == expected
-            assert dom.count("<canvas") == 4 and 'id="forecast-revenue"' in dom
+            assert dom.count("<canvas") == 6 and 'id="forecast-revenue"' in dom
             shot = ARTIFACTS / f"dashboard-{lang}.png"
             await chromium(url, f"--screenshot={shot.resolve()}")
             assert shot.stat().st_size > 20_000  # charts drawn, not a blank page
+        # Grouped by team: each team's open deals and the win rate of the period, as the API
+        # answers them grouped (the selector did nothing: every report was asked ungrouped).
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            by_team = (await http.get("/v1/reports/funnel", params={"group_by": "team"},
+                                      headers=bearer)).json()  # fmt: skip
+            win = (await http.get("/v1/reports/win-rate", headers=bearer, params={
+                "group_by": "team", "from": "2026-01-01T00:00:00Z",
+                "to": "2026-06-01T00:00:00Z"})).json()  # fmt: skip
+        open_by_team: dict[str, int] = {}
+        for row in by_team["rows"]:
+            open_by_team[row["group"] or "–"] = (
+                open_by_team.get(row["group"] or "–", 0) + row["count"]
+            )
+        won_by_team = {row["group"] or "–": row["won"] for row in win["rows"]}
+        assert len(open_by_team) > 1 and sum(won_by_team.values()) > 0
+        url = f"http://127.0.0.1:{port}/#token={token}&from=2026-01&to=2026-05&group=team"
+        dom = await chromium(url, "--dump-dom")
+        assert 'data-ready="true"' in dom, dom[-3000:]
+        shown = re.findall(r'<tr data-group="([^"]*)"><td>[^<]*</td><td class="open">(\d+)</td>'
+                           r'<td class="won">(\d+)</td>', dom)  # fmt: skip
+        assert {g: int(n) for g, n, _ in shown} == {
+            g: open_by_team.get(g, 0) for g in open_by_team.keys() | won_by_team.keys()
+        }
+        assert {g: int(w) for g, _, w in shown} == {
+            g: won_by_team.get(g, 0) for g in open_by_team.keys() | won_by_team.keys()
+        }
