@@ -132,9 +132,9 @@ def create_api(
     ) -> Any:
         """Undo dedupe's merge of a lead (SPEC §3): it becomes a customer of its own and opens
         a deal of its own (`LeadUnmerged`; pipeline detaches it from the deal it had joined).
-        For managers and admins."""
-        if principal.role not in (Role.manager, Role.admin):
-            raise HTTPException(403, "managers and admins undo merges")
+        For admins: the lead leaves a deal of whichever team, and opens one routed anew."""
+        if principal.role is not Role.admin:
+            raise HTTPException(403, "admins undo merges")
         note = body.note if body else None
         try:
             merged_into = await asyncio.to_thread(app.unmerge, lead_id, principal.user,

@@ -229,9 +229,43 @@ class CaptureApp(EventStoreApp):
         company = lead.details["company"]
         lead.match_keys = match_keys(contact.get("email"), contact.get("phone"),
                                      company.get("name"), company.get("region"))  # fmt: skip
-        self.record([lead], side_writes=self.key_writes([lead]))
         assert merged_into is not None
+        # The keys this lead brought to the customer (written with its own time and partner)
+        # lead to it from now on; the keys the customer had before stay the customer's.
+        own = [(*self.stored_key(k), merged_into, lead.details["captured_at"],
+                lead.details.get("partner_id")) for k in lead.match_keys]  # fmt: skip
+        moved = SQL(
+            "DELETE FROM {} WHERE rule = %s AND key = %s AND lead_id = %s AND captured_at = %s"
+            " AND partner_id IS NOT DISTINCT FROM %s"
+        ).format(self.table("lead_key"))
+        self.record([lead], side_writes=[(moved, own), *self.key_writes([lead])])
         return merged_into
+
+    def first_answers(self, leads: Sequence[tuple[uuid.UUID, str]]) -> dict[uuid.UUID, uuid.UUID]:
+        """For partner messages sent again, (lead, partner) each: the lead id the first reply
+        named, the lead's own or that of the customer the partner already had (unless the merge
+        was undone since). Two reads for a batch, whatever the number sent again."""
+        if not leads:
+            return {}
+        roots: dict[uuid.UUID, uuid.UUID | None] = {}
+        for lead_id, events in self.events_of([lead for lead, _ in leads]).items():
+            root = None
+            for event in events:
+                if isinstance(event, Lead.Merged):
+                    root = uuid.UUID(event.payload["into_lead_id"])
+                elif isinstance(event, Lead.Unmerged):
+                    root = None
+            roots[lead_id] = root
+        customers = self.events_of([r for r in set(roots.values()) if r is not None])
+        partner_of_root = {r: events[0].payload.get("partner_id")  # type: ignore[attr-defined]
+                           for r, events in customers.items() if events}  # fmt: skip
+        answers = {}
+        for lead, partner in leads:
+            root = roots.get(lead)
+            answers[lead] = (
+                root if root is not None and partner_of_root.get(root) == partner else lead
+            )
+        return answers
 
     def _lead(self, lead_id: uuid.UUID) -> Lead:
         try:
@@ -453,9 +487,12 @@ class _BatchIntake:
     kept current as the batch goes, so two messages of one batch see each other."""
 
     def __init__(self, app: CaptureApp, leads: list[Verdict], now: datetime, rules: Rules) -> None:
-        self.app, self.now, self.rules = app, now, rules
+        self.now, self.rules = now, rules
         self.seen = app.existing_ids([v.lead_id for v in leads if v.lead_id])
-        self.answered: dict[uuid.UUID, uuid.UUID] = {}  # lead -> the lead id its reply named
+        # Lead -> the lead id its first reply named: for messages sent again (stored before, or
+        # earlier in this batch), which are answered with it again.
+        self.answered = app.first_answers([(v.lead_id, v.partner_id or "") for v in leads
+                                           if v.lead_id in self.seen])  # fmt: skip
         self.keys: dict[uuid.UUID, list[tuple[str, str]]] = {}
         for v in leads:
             assert v.lead is not None and v.lead_id is not None
@@ -478,8 +515,9 @@ class _BatchIntake:
             return verdict.reply
         lead_in, partner = verdict.lead, verdict.partner_id or ""
         if verdict.lead_id in self.seen:  # the same message again: the lead it was answered with
+            answered = self.answered.get(verdict.lead_id, verdict.lead_id)
             return PartnerReply(message_id=lead_in.message_id, status=ReplyStatus.duplicate,
-                                lead_id=self._answered(verdict.lead_id, partner))  # fmt: skip
+                                lead_id=answered)  # fmt: skip
         self.seen.add(verdict.lead_id)
         keys = self.keys[verdict.lead_id]
         match = first_match(keys, self.customers)
@@ -514,19 +552,6 @@ class _BatchIntake:
             self.held[company] = self.registrations[holder.id] = holder
         return PartnerReply(message_id=lead_in.message_id, status=status, lead_id=lead_id,
                             registration=_registration_view(holder, partner))  # fmt: skip
-
-    def _answered(self, lead_id: uuid.UUID, partner: str) -> uuid.UUID:
-        """The lead id a message's first reply named: its own, or the lead of the customer
-        that partner already had (unless the merge was undone since)."""
-        if lead_id in self.answered:  # earlier in this batch
-            return self.answered[lead_id]
-        lead = self.app.repository.get(lead_id)
-        root = getattr(lead, "merged_into", None)
-        if root is not None:
-            customer = self.app.repository.get(root)
-            if getattr(customer, "details", {}).get("partner_id") == partner:
-                return root
-        return lead_id
 
 
 def _registration_view(holder: Registration | None, partner: str) -> RegistrationView | None:

@@ -64,12 +64,16 @@ def signature_valid(secrets: list[str], value: bytes, signature: str | None) -> 
     return any(hmac.compare_digest(sign(s, value).encode(), given) for s in secrets)
 
 
-def signed_by_known_partner(incoming: Incoming, secrets_of: Mapping[str, list[str]]) -> bool:
-    """Whether the message names a partner in `secrets_of` and is signed with its secret (as
-    `judge` reads them: the partner from the header, else the key)."""
-    partner_id = incoming.headers.get(HEADER_PARTNER_ID) or (
+def partner_of(incoming: Incoming) -> str | None:
+    """The partner a message names: its `x-partner-id` header, else its key."""
+    return incoming.headers.get(HEADER_PARTNER_ID) or (
         incoming.key.decode("utf-8", "replace") if incoming.key else None
     )
+
+
+def signed_by_known_partner(incoming: Incoming, secrets_of: Mapping[str, list[str]]) -> bool:
+    """Whether the message names a partner in `secrets_of` and is signed with its secret."""
+    partner_id = partner_of(incoming)
     secrets = secrets_of.get(partner_id) if partner_id else None
     return bool(secrets) and signature_valid(
         secrets or [], incoming.value, incoming.headers.get(HEADER_SIGNATURE)
@@ -113,14 +117,12 @@ class Lead(Aggregate):
         def apply(self, aggregate: Aggregate) -> None:
             assert isinstance(aggregate, Lead)
             aggregate.merged_into = None
-            aggregate.unmerged_from = uuid.UUID(self.payload["from_lead_id"])
 
     def __init__(self, payload: dict[str, Any], correlation_id: str, causation_id: str) -> None:
         self.details = payload
         self.correlation_id = correlation_id
         self.merged_into: uuid.UUID | None = None
         self.merged_by: str | None = None  # the rule of the merge
-        self.unmerged_from: uuid.UUID | None = None
         self.forgotten = False
         # Known only while the lead is being captured (the stored contact is sealed): the
         # contact's key, and the matching keys taken from the contact in clear.
@@ -370,9 +372,7 @@ def judge(
 ) -> Verdict:
     """Check one partner message: who sent it, whether they signed it, whether it is a valid
     lead. The lead itself (new or duplicate) is decided by the caller against the store."""
-    partner_id = incoming.headers.get(HEADER_PARTNER_ID) or (
-        incoming.key.decode("utf-8", "replace") if incoming.key else None
-    )
+    partner_id = partner_of(incoming)
     # What is answered or dead-lettered names the message by these headers, clipped: a header
     # has no size limit of its own, and one copied whole into a reply or dead letter (its key,
     # its value) can make a record the broker refuses, which would stop the relay at it.

@@ -272,7 +272,7 @@ class PipelineApp(EventStoreApp):
                         loads[assignment.owner] = loads.get(assignment.owner, 0) + 1
                     changed[own] = Opportunity.open_from_lead(
                         unmerged.lead, rules, assignment, str(envelope.event_id),
-                        envelope.correlation_id, own,
+                        envelope.correlation_id, own, opened_at=unmerged.unmerged_at,
                     )  # fmt: skip
                     home[unmerged.lead_id] = own
             # Leads that found a home may be what earlier merges were waiting for (in turn); and

@@ -186,10 +186,13 @@ class Opportunity(Aggregate):
         event_id: str,
         correlation_id: str,
         opportunity_id: uuid.UUID | None = None,
+        opened_at: datetime | None = None,
     ) -> Opportunity:
         """Open in stage A, scored, tiered and assigned: three events, one transaction (its id
-        is `opportunity_id_for` the lead's, given when the caller has it already)."""
+        is `opportunity_id_for` the lead's, given when the caller has it already), at the lead's
+        capture (or at `opened_at`: a lead unmerged later opens its deal then)."""
         opportunity_id = opportunity_id or opportunity_id_for(lead.lead_id)
+        at = opened_at or lead.captured_at
         title = lead.company.name if not lead.need else f"{lead.company.name}: {lead.need}"
         opened = contract.OpportunityOpened(
             opportunity_id=opportunity_id,
@@ -205,7 +208,7 @@ class Opportunity(Aggregate):
             industry=lead.company.industry,
             authority=lead.authority.value,
             expected_close=lead.expected_close.isoformat() if lead.expected_close else None,
-            opened_at=lead.captured_at,
+            opened_at=at,
         )
         opportunity = cls._create(
             cls.Opened,
@@ -213,11 +216,10 @@ class Opportunity(Aggregate):
             payload=_payload(opened),
             correlation_id=correlation_id,
             causation_id=event_id,
-            timestamp=lead.captured_at,
+            timestamp=at,
         )
         with opportunity.acting(correlation_id, event_id):
             score = bant(lead)
-            at = lead.captured_at
             opportunity._emit(
                 cls.Scored,
                 contract.OpportunityScored(
