@@ -31,7 +31,7 @@ from shared.contracts.topics import DEAD_LETTER, NOTIFICATION_EVENTS
 from shared.settings import Settings
 
 log = logging.getLogger("dealstream.notify")
-TAKEN_OVER = "taken over"  # a claimed delivery another replica took over: not ours to record
+TAKEN_OVER = "taken over"  # a claimed delivery another replica took over: its status not ours
 LETTER_BODY = 4000  # characters of a too-large notification's body kept in its dead letter
 SIGNATURE_HEADER = "x-dealstream-signature"
 DELIVERY_HEADER = "x-dealstream-delivery"
@@ -106,14 +106,15 @@ class Dispatcher:
         )
         return [Delivery(**dict(row)) for row in rows]
 
-    async def _renew(self, d: Delivery) -> bool:
-        """Whether the delivery is still ours, its lease renewed for one more attempt: a page's
-        last deliveries may wait longer than the lease for their turn, and another replica may
-        have taken them over meanwhile (then it sends them, not we)."""
+    async def _renew(self, d: Delivery, wait: float = 0.0) -> bool:
+        """Whether the delivery is still ours, its lease renewed for one more attempt (after
+        `wait` seconds of backoff): a page's last deliveries may wait longer than the lease for
+        their turn, and another replica may have taken them over meanwhile (then it sends them,
+        not we)."""
         return bool(await self.pool.fetchval(
             "UPDATE delivery SET claimed_until = now() + $3::interval"
             " WHERE id = $1 AND claimed_by = $2 AND status = 'pending' RETURNING true",
-            d.id, self.worker, self.lease,
+            d.id, self.worker, self.lease + timedelta(seconds=wait),
         ))  # fmt: skip
 
     async def dispatch(self, limit: int = 2000) -> int:
@@ -132,9 +133,9 @@ class Dispatcher:
         async def one(d: Delivery) -> None:
             async with gate:
                 await self._with_retries(d)
-            # Recorded as soon as it is done: a page of slow deliveries outlasts the lease.
-            if d.status != TAKEN_OVER:
-                await self._record([d])
+            # Recorded as soon as it is done (a page of slow deliveries outlasts the lease); the
+            # attempts of one taken over are kept, its status is the new holder's to write.
+            await self._record([d])
 
         await asyncio.gather(on_bus(), *(one(d) for d in others))
         self.sent += sum(1 for d in claimed if d.status == "sent")
@@ -161,9 +162,8 @@ class Dispatcher:
             d.tried = [(d.attempts + 1, error is None, error)]
             d.attempts += 1
             d.status, d.error = ("pending", error) if error else ("sent", None)
-            if error and (isinstance(result, MessageSizeTooLargeError)
-                          or d.attempts >= self.settings.delivery_attempts):  # fmt: skip
-                d.status = "dead"  # never deliverable, or not for this long: said so, not retried
+            if isinstance(result, MessageSizeTooLargeError):  # never deliverable: said so
+                d.status = "dead"  # (any other failure is tried again at the next tick)
                 await self._dead_letter(d)
 
     async def _with_retries(self, d: Delivery) -> None:
@@ -184,8 +184,13 @@ class Dispatcher:
                     d.status = "dead"
                     await self._dead_letter(d)
                     return
-                # Exponential backoff with full jitter: retries of many deliveries spread out.
-                await asyncio.sleep(random.uniform(0, base * 2 ** (d.attempts - 1)))
+                # Exponential backoff with full jitter: retries of many deliveries spread out,
+                # the delivery kept through the wait.
+                wait = random.uniform(0, base * 2 ** (d.attempts - 1))
+                if not await self._renew(d, wait):
+                    d.status = TAKEN_OVER
+                    return
+                await asyncio.sleep(wait)
             else:
                 d.tried.append((d.attempts, True, None))
                 d.status, d.error = "sent", None

@@ -232,8 +232,9 @@ async def test_a_page_of_slow_webhooks_outlasting_its_lease_sends_each_once(
         await rig.feed(deal.take())
     first = asyncio.create_task(rig.tick(T + 3 * DAY, hooked, "replica-1"))
     await asyncio.sleep(1.3)  # the first replica's lease is over; its last round is not begun
-    await rig.tick(T + 3 * DAY + MINUTE, hooked, "replica-2")
-    await first
+    second = await rig.tick(T + 3 * DAY + MINUTE, hooked, "replica-2")
+    done = await first
+    assert second["sent"] > 0 and done["sent"] > 0  # each replica sent some: one took over
     sent = [headers["x-dealstream-delivery"] for headers, _ in hook.requests]
     assert len(sent) == len(set(sent)) == 64
     rows = await rig.pool.fetch("SELECT status, attempts, claimed_by FROM delivery"
