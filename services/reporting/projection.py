@@ -311,12 +311,7 @@ async def _project_opportunities(conn: asyncpg.Connection, envelopes: Sequence[E
         # Two stays in one stage that end at the same moment (a move back and forth within one
         # instant, or a clock set back) are one row: the first, as the rebuild keeps it. (They
         # stopped the consumer: the key conflicted at every retry.)
-        await conn.execute(
-            "INSERT INTO stage_stay (opportunity_id, stage, entered_at, left_at)"
-            " SELECT * FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::timestamptz[])"
-            " ON CONFLICT DO NOTHING",
-            *(list(column) for column in zip(*stays, strict=True)),
-        )
+        await conn.execute(_INSERT_STAYS, *columns(stays))
     if payments:
         await conn.copy_records_to_table(
             "payment", records=payments,
@@ -377,6 +372,11 @@ def _state(record: asyncpg.Record) -> State:
     return State(**values)
 
 
+_INSERT_STAYS = (
+    "INSERT INTO stage_stay (opportunity_id, stage, entered_at, left_at) "
+    + unnest_rows(("uuid", "text", "timestamptz", "timestamptz"), numbered=True)
+    + " ON CONFLICT DO NOTHING"
+)
 _INSERT_REGISTRATIONS = (
     "INSERT INTO registration (registration_id, partner_id, lead_id, company, registered_at,"
     " expires_at) "
