@@ -222,4 +222,7 @@ def customer_deals(pool: asyncpg.Pool, settings: Settings) -> BatchConsumer:
             rows = sorted((deal, *state) for deal, state in deals.items())
             await pool.execute(UPSERT_DEALS, *columns(rows))
 
-    return BatchConsumer("customer-deals", settings, "capture-deals", [OPPORTUNITY_EVENTS], handle)
+    # Fetches as large as reporting's: a few of its records matter, the rest is per-batch work
+    # (the filter, the upsert, the commits) better shared by more of them.
+    return BatchConsumer("customer-deals", settings, "capture-deals", [OPPORTUNITY_EVENTS],
+                         handle, batch=settings.reporting_batch)  # fmt: skip
