@@ -84,15 +84,22 @@ async def background() -> AsyncIterator[Callable[[Loop], asyncio.Event]]:
 @pytest.fixture
 async def intake(settings: Settings, schema: str, open_pool, background):  # type: ignore[no-untyped-def]
     """Capture's partner intake and relay on their own schema, with one registered partner."""
+    app, partner, secret = await start_intake(settings, schema, open_pool, background)
+    yield app, partner, secret
+    app.close()
+
+
+async def start_intake(settings: Settings, schema: str, open_pool, background,  # type: ignore[no-untyped-def]
+                       secrets_ttl: float = 0.5) -> tuple[CaptureApp, str, str]:  # fmt: skip
+    """`intake`'s parts, started: the app (the caller closes it), a partner and its secret."""
     pool = await open_pool(schema, CAPTURE_MIGRATIONS)
     app = await asyncio.to_thread(CaptureApp, settings.dsn(), schema)
     partner, secret = await register_partner(settings, pool, "p")
-    consumer = partner_intake(app, settings, PartnerSecrets(pool, ttl=0.5), SystemClock())
+    consumer = partner_intake(app, settings, PartnerSecrets(pool, ttl=secrets_ttl), SystemClock())
     consumer.group_id = f"capture-{schema}"
     background(OutboxRelay("capture", app, capture_route, settings, pool).run)
     background(consumer.run)
-    yield app, partner, secret
-    app.close()
+    return app, partner, secret
 
 
 async def register_partner(settings: Settings, pool: asyncpg.Pool, prefix: str) -> tuple[str, str]:

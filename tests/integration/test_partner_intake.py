@@ -10,16 +10,12 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 from services.capture.app import MIGRATIONS, CaptureApp
-from services.capture.bus import partner_intake
-from services.capture.bus import route as capture_route
 from services.capture.client import PartnerClient
 from services.capture.domain import Incoming, partner_lead_id, sign
-from services.capture.partners import PartnerSecrets, rotate_partner
-from shared.bus.relay import OutboxRelay
-from shared.clock import SystemClock
+from services.capture.partners import rotate_partner
 from shared.contracts.topics import partner_replies
 from shared.settings import Rules, Settings
-from tests.integration.conftest import register_partner
+from tests.integration.conftest import register_partner, start_intake
 from tests.support import lead_body, lead_value, read_topic, send_partner_messages, signed_headers
 
 
@@ -374,13 +370,8 @@ async def test_a_partner_added_or_a_secret_rotated_a_moment_ago_is_known(
 ) -> None:
     """Secrets are cached for a minute here; a message refused on them has them read again
     first (it was dead-lettered as from an unknown partner, or rejected as badly signed)."""
+    app, known, known_secret = await start_intake(settings, schema, open_pool, background, 60)
     pool = await open_pool(schema, MIGRATIONS)
-    app = await asyncio.to_thread(CaptureApp, settings.dsn(), schema)
-    known, known_secret = await register_partner(settings, pool, "k")
-    consumer = partner_intake(app, settings, PartnerSecrets(pool, ttl=60), SystemClock())
-    consumer.group_id = f"capture-{schema}"
-    background(OutboxRelay("capture", app, capture_route, settings, pool).run)
-    background(consumer.run)
 
     def message(partner: str, n: str, secret: str) -> tuple[str, bytes, list[tuple[str, bytes]]]:
         value = lead_value(partner, f"{partner}-{n}")
