@@ -159,7 +159,8 @@ def partner_intake(
             settings.rules(),  # per batch: an edited dealstream.toml applies without a restart
         )
 
-    consumer = BatchConsumer("partner-intake", settings, "capture", [PARTNER_LEADS], handle, clock)
+    consumer = BatchConsumer("partner-intake", settings, "capture", [PARTNER_LEADS], handle, clock,
+                             relayed=False)  # partners write it, not a relay  # fmt: skip
     return consumer
 
 

@@ -50,7 +50,7 @@ from shared.bus.undecodable import read_past_undecodable
 from shared.clock import Clock, SystemClock
 from shared.contracts.envelope import HEADER_RELAY_CLUSTER, Envelope
 from shared.contracts.partner import DeadLetter, FieldError
-from shared.contracts.topics import DEAD_LETTER, PARTNER_LEADS
+from shared.contracts.topics import DEAD_LETTER
 from shared.metrics import CONSUMER_LAG, ERRORS, MESSAGES_IN, PROCESSING
 from shared.settings import Settings
 from shared.store.eventstore import EventStoreApp
@@ -86,8 +86,13 @@ class BatchConsumer:
         handle: BatchHandler,
         clock: Clock | None = None,
         batch: int | None = None,
+        relayed: bool = True,
     ) -> None:
         self.name = name
+        # Whether our outbox relays write the topics (their records carry the relay's cluster
+        # stamp, checked by `published_here`); not so for a topic outsiders write, whose headers
+        # are the sender's (a partner's header named like the stamp is no stamp).
+        self.relayed = relayed
         self.batch = batch or settings.consumer_batch  # records per fetch, at most
         self.settings = settings
         self.clock = clock or SystemClock()  # when a dead letter was written
@@ -169,7 +174,7 @@ class BatchConsumer:
                     if partitions:
                         await consumer.seek_to_beginning(*partitions)
                     continue
-                if not (batch := published_here(batch, current)):
+                if self.relayed and not (batch := published_here(batch, current)):
                     continue
                 outcomes = await self._handle(batch, failures)
                 done: dict[TopicPartition, tuple[int, str]] = {}
@@ -463,11 +468,6 @@ def in_arrival_order(batch: Batch) -> list[Record]:
     return list(heapq.merge(*batch.values(), key=lambda record: record.timestamp))
 
 
-# Topics that outsiders write to, not a relay: a partner's message carrying a header named like the
-# relay's stamp is still the partner's message, and is answered like any other.
-NOT_RELAYED = frozenset({PARTNER_LEADS})
-
-
 def published_here(
     batch: dict[TopicPartition, list[Record]], cluster: str
 ) -> dict[TopicPartition, list[Record]]:
@@ -478,9 +478,6 @@ def published_here(
     stamp = cluster.encode()
     kept = {}
     for partition, records in batch.items():
-        if partition.topic in NOT_RELAYED:  # its headers are the sender's: none is a stamp
-            kept[partition] = records
-            continue
         mine = [
             r for r in records
             if all(k != HEADER_RELAY_CLUSTER or v == stamp for k, v in r.headers or ())
