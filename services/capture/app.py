@@ -8,7 +8,7 @@ import base64
 import hashlib
 import logging
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -376,16 +376,25 @@ class CaptureApp(EventStoreApp):
         secrets_of: Mapping[str, list[str]],
         now: datetime,
         rules: Rules,
+        refresh: Callable[[], Mapping[str, list[str]]] | None = None,
     ) -> int:
         """Judge and answer partner messages from one or more partitions (each partition's
         position tracked under its name in `tracking_names`), exactly once each, in the order
         given (the consumer's `in_arrival_order`), which decides who registered a company
-        first."""
+        first. Messages refused for their partner's secrets are judged again on the secrets
+        `refresh` reads afresh, if given (the cache of `secrets_of` may be seconds old)."""
         answered: list[tuple[Incoming, Verdict, PartnerReply | None]] = []
+        judged = {(m.partition, m.offset): judge(m, secrets_of, rules.max_message_bytes)
+                  for m in messages}  # fmt: skip
+        if refresh is not None and any(v.refused_on_secrets for v in judged.values()):
+            fresh = refresh()
+            for m in messages:
+                if judged[m.partition, m.offset].refused_on_secrets:
+                    judged[m.partition, m.offset] = judge(m, fresh, rules.max_message_bytes)
 
         def decide(batch: list[Incoming]) -> list[Aggregate]:
             answered.clear()  # decide runs again when a concurrent writer won a race
-            verdicts = [(m, judge(m, secrets_of, rules.max_message_bytes)) for m in batch]
+            verdicts = [(m, judged[m.partition, m.offset]) for m in batch]
             leads = [v for _, v in verdicts if v.lead is not None and v.lead_id is not None]
             intake = _BatchIntake(self, leads, now, rules)
             answered.extend((m, v, intake.take(m, v)) for m, v in verdicts)

@@ -24,7 +24,6 @@ from services.capture.domain import (
     PartnerMessage,
     Registration,
     partner_of,
-    signed_by_known_partner,
 )
 from services.capture.partners import PartnerSecrets
 from shared.bus.consumer import Batch, BatchConsumer, Record, in_arrival_order, records_of
@@ -145,10 +144,11 @@ def partner_intake(
         now = clock.now()
         partner_ids = {partner_of(m) or "" for m in messages}
         secrets_of = await secrets.for_partners(partner_ids, now)
-        if not all(signed_by_known_partner(m, secrets_of) for m in messages):
-            # Refused on secrets read a moment ago? Read them afresh first: a partner added, or
-            # a secret rotated, since (the cache is seconds old) is not turned away for it.
-            secrets_of = await secrets.reloaded(now)
+        loop = asyncio.get_running_loop()
+
+        def refresh() -> dict[str, list[str]]:  # from the worker thread, on this loop
+            return asyncio.run_coroutine_threadsafe(secrets.reloaded(now), loop).result(30)
+
         names = {p.partition: f"{PARTNER_LEADS}:{consumer.cluster}:p{p.partition}" for p in batch}
         await asyncio.to_thread(
             app.handle_partner_fetch,
@@ -157,6 +157,7 @@ def partner_intake(
             secrets_of,
             now,
             settings.rules(),  # per batch: an edited dealstream.toml applies without a restart
+            refresh,
         )
 
     consumer = BatchConsumer("partner-intake", settings, "capture", [PARTNER_LEADS], handle, clock,

@@ -71,15 +71,6 @@ def partner_of(incoming: Incoming) -> str | None:
     )
 
 
-def signed_by_known_partner(incoming: Incoming, secrets_of: Mapping[str, list[str]]) -> bool:
-    """Whether the message names a partner in `secrets_of` and is signed with its secret."""
-    partner_id = partner_of(incoming)
-    secrets = secrets_of.get(partner_id) if partner_id else None
-    return bool(secrets) and signature_valid(
-        secrets or [], incoming.value, incoming.headers.get(HEADER_SIGNATURE)
-    )
-
-
 def field_errors(exc: ValidationError) -> list[FieldError]:
     errors = []
     for error in exc.errors()[:50]:
@@ -363,6 +354,12 @@ class Verdict:
     errors: tuple[FieldError, ...] = ()
     lead: PartnerLeadMessage | None = None
     lead_id: uuid.UUID | None = None
+
+    @property
+    def refused_on_secrets(self) -> bool:
+        """Refused for its partner's secrets (unknown partner, bad signature): secrets read
+        afresh may take it (a partner added, or a secret rotated, a moment ago)."""
+        return self.dead_letter_reason in ("unknown_partner", "bad_signature")
 
 
 def judge(
