@@ -23,7 +23,6 @@ from services.capture.domain import (
     Lead,
     PartnerMessage,
     Registration,
-    partner_of,
 )
 from services.capture.partners import PartnerSecrets
 from shared.bus.consumer import Batch, BatchConsumer, Record, in_arrival_order, records_of
@@ -142,8 +141,7 @@ def partner_intake(
         records = in_arrival_order(batch)
         messages = [incoming(r) for r in records]
         now = clock.now()
-        partner_ids = {partner_of(m) or "" for m in messages}
-        secrets_of = await secrets.for_partners(partner_ids, now)
+        secrets_of = await secrets.current(now)
         loop = asyncio.get_running_loop()
 
         def refresh() -> dict[str, list[str]]:  # from the worker thread, on this loop

@@ -70,11 +70,9 @@ class PartnerSecrets:
         self._secrets: dict[str, list[str]] = {}
         self._loaded_at = float("-inf")
 
-    async def for_partners(self, partner_ids: set[str], now: datetime) -> dict[str, list[str]]:
-        age = time.monotonic() - self._loaded_at
-        if age > self.ttl or (age > 1.0 and not partner_ids <= self._secrets.keys()):
-            await self._load(now)
-        return self._secrets
+    async def current(self, now: datetime) -> dict[str, list[str]]:
+        """The secrets, read at most `ttl` seconds ago."""
+        return await self.reloaded(now, self.ttl)
 
     async def reloaded(self, now: datetime, within: float = 0.2) -> dict[str, list[str]]:
         """The secrets as stored now (read again unless read in the last `within` seconds: a

@@ -76,9 +76,7 @@ def naive_intake(app: CaptureApp, settings: Settings, secrets: PartnerSecrets) -
         for partition, records in batch.items():
             for record in records:
                 message = incoming(record)
-                known = await secrets.for_partners(
-                    {message.headers.get("x-partner-id", "")}, clock.now()
-                )
+                known = await secrets.current(clock.now())
                 name = f"{PARTNER_LEADS}:{consumer.cluster}:p{partition.partition}"
                 await asyncio.to_thread(app.handle_partner_messages, name, [message], known,
                                         clock.now(), rules)  # fmt: skip
