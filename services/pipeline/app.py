@@ -221,21 +221,27 @@ class PipelineApp(EventStoreApp):
             settled: list[uuid.UUID] = []
 
             attach = self._attacher(changed, home)
+
+            def open_deal(lead: LeadCaptured, opportunity_id: uuid.UUID, envelope: Envelope,
+                          opened_at: datetime | None = None) -> None:  # fmt: skip
+                """Open the lead's deal, routed to the least loaded rep of its team."""
+                known.add(opportunity_id)
+                assignment = route(lead, rules.directory, rules.routing, loads)
+                if assignment.owner:
+                    loads[assignment.owner] = loads.get(assignment.owner, 0) + 1
+                changed[opportunity_id] = Opportunity.open_from_lead(
+                    lead, rules, assignment, str(envelope.event_id), envelope.correlation_id,
+                    opportunity_id, opened_at,
+                )  # fmt: skip
+                home[lead.lead_id] = opportunity_id
+
             for envelope in envelopes:
                 if envelope.event_type == "LeadCaptured":
                     lead = captured[envelope.event_id]
                     opportunity_id = ids[envelope.event_id]
                     if opportunity_id in known or lead.duplicate_of is not None:
                         continue  # seen, or a known customer: its LeadMerged attaches it
-                    known.add(opportunity_id)
-                    assignment = route(lead, rules.directory, rules.routing, loads)
-                    if assignment.owner:
-                        loads[assignment.owner] = loads.get(assignment.owner, 0) + 1
-                    changed[opportunity_id] = Opportunity.open_from_lead(
-                        lead, rules, assignment, str(envelope.event_id), envelope.correlation_id,
-                        opportunity_id,
-                    )  # fmt: skip
-                    home[lead.lead_id] = opportunity_id
+                    open_deal(lead, opportunity_id, envelope)
                 elif envelope.event_type == "LeadMerged":
                     merged = cast(LeadMerged, envelope.contract())
                     target_id = home.get(merged.into_lead_id) or self.opportunity_of_lead(
@@ -253,9 +259,8 @@ class PipelineApp(EventStoreApp):
                 elif envelope.event_type == "LeadUnmerged":
                     unmerged = cast(LeadUnmerged, envelope.contract())
                     own = opportunity_id_for(unmerged.lead_id)
-                    if own in known or own in changed:
+                    if own in known:
                         continue  # its own deal is open already
-                    known.add(own)
                     waiting[:] = [w for w in waiting if w[0] != unmerged.lead_id]
                     settled.append(unmerged.lead_id)  # a merge of it still waiting: dropped
                     joined = home.get(unmerged.lead_id) or self.opportunity_of_lead(
@@ -267,14 +272,7 @@ class PipelineApp(EventStoreApp):
                             left.detach_lead(unmerged.lead_id, own, unmerged.actor,
                                              unmerged.unmerged_at)  # fmt: skip
                         changed[joined] = left
-                    assignment = route(unmerged.lead, rules.directory, rules.routing, loads)
-                    if assignment.owner:
-                        loads[assignment.owner] = loads.get(assignment.owner, 0) + 1
-                    changed[own] = Opportunity.open_from_lead(
-                        unmerged.lead, rules, assignment, str(envelope.event_id),
-                        envelope.correlation_id, own, opened_at=unmerged.unmerged_at,
-                    )  # fmt: skip
-                    home[unmerged.lead_id] = own
+                    open_deal(unmerged.lead, own, envelope, unmerged.unmerged_at)
             # Leads that found a home may be what earlier merges were waiting for (in turn); and
             # a merge that started waiting while another batch (another replica's, or a
             # partition handled alone after a failure) was opening its customer (neither saw
