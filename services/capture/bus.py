@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -138,6 +139,7 @@ def partner_intake(
     async def handle(batch: Batch) -> None:
         # In the order the broker took them, whatever their partitions, where it stamped them
         # (in_arrival_order): who registered a company first is decided by it.
+        arrived = time.monotonic()
         records = in_arrival_order(batch)
         messages = [incoming(r) for r in records]
         now = clock.now()
@@ -145,7 +147,7 @@ def partner_intake(
         loop = asyncio.get_running_loop()
 
         def refresh() -> dict[str, list[str]]:  # from the worker thread, on this loop
-            return asyncio.run_coroutine_threadsafe(secrets.reloaded(now), loop).result(30)
+            return asyncio.run_coroutine_threadsafe(secrets.reloaded(now, arrived), loop).result(30)
 
         names = {p.partition: f"{PARTNER_LEADS}:{consumer.cluster}:p{p.partition}" for p in batch}
         await asyncio.to_thread(

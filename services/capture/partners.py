@@ -72,16 +72,18 @@ class PartnerSecrets:
 
     async def current(self, now: datetime) -> dict[str, list[str]]:
         """The secrets, read at most `ttl` seconds ago."""
-        return await self.reloaded(now, self.ttl)
+        return await self.reloaded(now, time.monotonic() - self.ttl)
 
-    async def reloaded(self, now: datetime, within: float = 0.2) -> dict[str, list[str]]:
-        """The secrets as stored now (read again unless read in the last `within` seconds: a
-        flood of badly signed messages reads them a few times a second at most)."""
-        if time.monotonic() - self._loaded_at > within:
+    async def reloaded(self, now: datetime, since: float) -> dict[str, list[str]]:
+        """The secrets as stored at `since` (a `time.monotonic()`) or later: read again unless a
+        read began after it. Given the moment a fetch arrived, a partner registered or a secret
+        rotated before its messages were sent is seen, and a fetch reads them once at most."""
+        if self._loaded_at < since:
             await self._load(now)
         return self._secrets
 
     async def _load(self, now: datetime) -> None:
+        began = time.monotonic()
         rows = await self.pool.fetch(
             "SELECT partner_id, secret, previous_secret, previous_valid_until FROM partners"
         )
@@ -96,4 +98,4 @@ class PartnerSecrets:
                 valid.append(row["previous_secret"])
             loaded[row["partner_id"]] = valid
         self._secrets = loaded
-        self._loaded_at = time.monotonic()
+        self._loaded_at = began

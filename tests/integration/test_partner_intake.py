@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
 from services.capture.app import MIGRATIONS, CaptureApp
 from services.capture.client import PartnerClient
 from services.capture.domain import Incoming, partner_lead_id, sign
-from services.capture.partners import rotate_partner
+from services.capture.partners import PartnerSecrets, add_partner, rotate_partner
 from shared.contracts.topics import partner_replies
 from shared.settings import Rules, Settings
 from tests.integration.conftest import register_partner, start_intake
@@ -386,3 +387,23 @@ async def test_a_partner_added_or_a_secret_rotated_a_moment_ago_is_known(
     assert (await answers_to(settings, new, {f"{new}-1"}))[f"{new}-1"]["status"] == "accepted"
     assert (await answers_to(settings, known, {f"{known}-2"}))[f"{known}-2"]["status"] == "accepted"
     app.close()
+
+
+async def test_secrets_read_again_for_a_fetch_see_a_partner_added_just_before_it(
+    schema: str,
+    open_pool,  # type: ignore[no-untyped-def]
+) -> None:
+    """A fetch that arrives after a partner was added sees it on the read again, however soon
+    after the last read it comes (a 0.2 s floor between reads refused such a partner's first
+    message as unknown, now and then on a fast machine); the read again is once a fetch."""
+    pool = await open_pool(schema, MIGRATIONS)
+    secrets = PartnerSecrets(pool, ttl=60)
+    now = datetime.now(UTC)
+    assert "early" not in await secrets.current(now)
+    await add_partner(pool, "early", "s1")
+    arrived = time.monotonic()  # the fetch with early's first message
+    assert (await secrets.current(now)).get("early") is None  # the cache is a minute old at most
+    assert (await secrets.reloaded(now, arrived))["early"] == ["s1"]
+    await add_partner(pool, "later", "s2")
+    assert "later" not in await secrets.reloaded(now, arrived)  # read once for that fetch
+    assert (await secrets.reloaded(now, time.monotonic()))["later"] == ["s2"]
