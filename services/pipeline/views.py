@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from services.pipeline.domain import Opportunity
 from shared.contracts.common import NUL_MESSAGE, Money, UtcTime, nul_paths
@@ -45,8 +45,16 @@ class WinCommand(Command):
 
 class LoseCommand(Command):
     reason_code: str = Field(min_length=1, max_length=40)
-    note: str | None = Field(default=None, max_length=2000)
+    note: str = Field(min_length=1, max_length=2000, description="what happened (SPEC §4)")
     competitor: str | None = Field(default=None, max_length=200)
+
+    @field_validator("note")
+    @classmethod
+    def _said(cls, note: str) -> str:
+        """A lost deal is audited afterwards by what its note says: a blank one says nothing."""
+        if not note.strip():
+            raise ValueError("a lost deal needs a note saying what happened")
+        return note
 
 
 class ReopenCommand(Command):

@@ -105,8 +105,12 @@ async def test_lost_reopened_and_validation_refusals(pipeline: Pipeline) -> None
     o = await p.open()
     await p.post("rep1", o, "stage", expected_version=3, to_stage="B")
     await p.post("rep1", o, "stage", expected_version=4, to_stage="C")
-    bad = await p.post("rep1", o, "lose", expected_version=5, reason_code="bad_luck")
+    bad = await p.post("rep1", o, "lose", expected_version=5, reason_code="bad_luck", note="n")
     assert bad.status_code == 422 and bad.json()["code"] == "unknown_reason"
+    for note in ({}, {"note": ""}, {"note": " \n"}):  # SPEC §4: a reason code plus a note
+        unsaid = await p.post("rep1", o, "lose", expected_version=5, reason_code="price", **note)
+        assert unsaid.status_code == 422, unsaid.text
+        assert [e["loc"][-1] for e in unsaid.json()["detail"]] == ["note"]
     lost = await p.post("rep1", o, "lose", expected_version=5, reason_code="competitor",
                         competitor="Globex", note="cheaper")  # fmt: skip
     assert (lost.json()["status"], lost.json()["lost_stage"]) == ("lost", "C")
@@ -118,7 +122,7 @@ async def test_lost_reopened_and_validation_refusals(pipeline: Pipeline) -> None
     assert shape.status_code == 422  # to_stage missing: field errors from the contract
     # A NUL would go on into reporting's text columns and stop its consumer: refused here.
     nul = await p.post("rep1", o, "lose", expected_version=7, reason_code="competitor",
-                       competitor="Glo\x00bex")  # fmt: skip
+                       competitor="Glo\x00bex", note="n")  # fmt: skip
     assert nul.status_code == 422 and "NUL" in nul.text
     listed = await p.http.get("/v1/opportunities", params={"owner": "a\x00b"},
                               headers=p.auth("ops"))  # fmt: skip
@@ -159,7 +163,7 @@ BODIES = {
     "stage": {"to_stage": "B"},
     "follow-ups": {"channel": "call", "summary": "s"},
     "win": {"contract_amount": money("1.00")},
-    "lose": {"reason_code": "price"},
+    "lose": {"reason_code": "price", "note": "n"},
     "reopen": {},
     "assign": {"owner": "rep2"},
     "payments": {"amount": money("1.00")},
