@@ -9,6 +9,7 @@ import hashlib
 import logging
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -131,6 +132,18 @@ MIGRATIONS: list[Migration] = [
             version integer NOT NULL
         );
         CREATE INDEX customer_deal_closed ON customer_deal (lead_id) WHERE NOT open;
+        """,
+    ),
+    (
+        9,
+        """
+        -- A key that leads to no open customer is claimed by the lead that makes it one, with
+        -- the next number: two leads that both found it free (two posts of one form at once,
+        -- one customer's leads on two replicas) claim the same number, and the second's whole
+        -- transaction fails and is decided again, finding the first (`Customers`).
+        ALTER TABLE lead_key ADD COLUMN claim integer;
+        CREATE UNIQUE INDEX lead_key_claim ON lead_key (rule, key, claim)
+            WHERE claim IS NOT NULL;
         """,
     ),
 ]
@@ -282,51 +295,67 @@ class CaptureApp(EventStoreApp):
         lead_id = uuid.uuid4()
         keys = match_keys(form.contact.email, form.contact.phone, form.company.name,
                           form.company.region)  # fmt: skip
-        lead = Lead.capture(
-            lead_id,
-            form,
-            source=form.channel.value,
-            channel=form.channel.value,
-            captured_at=now,
-            correlation_id=correlation_id,
-            causation_id=correlation_id,
-            duplicate_of=first_match(keys, self.known_customers(keys)),
-            contact_key=new_key(),
-            keys=keys,
-        )
-        self.record([lead], side_writes=self.key_writes([lead]))
-        return lead_id
+        for _attempt in range(3):
+            customers = self.known_customers(keys)
+            lead = Lead.capture(
+                lead_id,
+                form,
+                source=form.channel.value,
+                channel=form.channel.value,
+                captured_at=now,
+                correlation_id=correlation_id,
+                causation_id=correlation_id,
+                duplicate_of=customers.first_match(keys),
+                contact_key=new_key(),
+                keys=keys,
+            )
+            customers.take(lead)
+            try:
+                self.record([lead], side_writes=self.key_writes([lead]))
+                return lead_id
+            except IntegrityError:  # a lead of the same customer claimed a key first: look again
+                continue
+        raise RuntimeError(f"lead {lead_id}: its keys were claimed meanwhile 3 times over")
 
-    def known_customers(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Match]:
-        """The first lead each key belongs to whose deal is open (or not opened yet): one query
-        for a whole batch (keys in clear; the table holds e-mail and phone as keyed hashes)."""
+    def known_customers(self, keys: Sequence[tuple[str, str]]) -> Customers:
+        """The first lead each key belongs to whose deal is open (or not opened yet), and each
+        key's newest claim: one query for a whole batch (keys in clear; the table holds e-mail
+        and phone as keyed hashes)."""
         if not keys:
-            return {}
+            return Customers({}, {})
         stored = {self.stored_key(k): k for k in keys}
         keys = list(stored)
         rows = self.query(
-            # A probe of the primary key's index per key (LIMIT keeps the lateral subquery a
+            # A probe of an index per key and lookup (LIMIT keeps each lateral subquery a
             # probe): a batch's lookups cost the same however many leads are known. As a join,
             # it was planned as a hash join over the whole table: 29-32 ms for a batch of 500
             # messages (~1,500 keys) at 45,000 keys stored, growing with the table (8.5 ms at
             # 15,000); 4.9 ms this way.
             # A customer whose deal was won or lost is not matched: its next lead is a new one.
             SQL(
-                "SELECT k.rule, k.key, k.lead_id, k.partner_id"
+                "SELECT wanted.rule, wanted.key, k.lead_id, k.partner_id, c.claim"
                 " FROM unnest(%b::text[], %b::text[]) AS wanted(rule, key)"
-                " CROSS JOIN LATERAL (SELECT * FROM {} x"
+                " LEFT JOIN LATERAL (SELECT x.lead_id, x.partner_id FROM {keys} x"
                 " WHERE x.rule = wanted.rule AND x.key = wanted.key AND NOT EXISTS"
-                " (SELECT 1 FROM {} c WHERE c.lead_id = x.lead_id AND NOT c.open)"
-                " ORDER BY x.captured_at, x.lead_id LIMIT 1) k"
-            ).format(self.table("lead_key"), self.table("customer_deal")),
+                " (SELECT 1 FROM {deals} d WHERE d.lead_id = x.lead_id AND NOT d.open)"
+                " ORDER BY x.captured_at, x.lead_id LIMIT 1) k ON true"
+                " LEFT JOIN LATERAL (SELECT y.claim FROM {keys} y"
+                " WHERE y.rule = wanted.rule AND y.key = wanted.key AND y.claim IS NOT NULL"
+                " ORDER BY y.claim DESC LIMIT 1) c ON true"
+                " WHERE k.lead_id IS NOT NULL OR c.claim IS NOT NULL"
+            ).format(keys=self.table("lead_key"), deals=self.table("customer_deal")),
             [[rule for rule, _ in keys], [key for _, key in keys]],
         )
-        return {
-            stored[(r["rule"], r["key"])]: Match(
-                uuid.UUID(str(r["lead_id"])), r["partner_id"], r["rule"]
-            )
-            for r in rows
-        }
+        return Customers(
+            {
+                stored[(r["rule"], r["key"])]: Match(
+                    uuid.UUID(str(r["lead_id"])), r["partner_id"], r["rule"]
+                )
+                for r in rows
+                if r["lead_id"] is not None
+            },
+            {stored[(r["rule"], r["key"])]: r["claim"] for r in rows if r["claim"] is not None},
+        )
 
     def stored_key(self, key: tuple[str, str]) -> tuple[str, str]:
         """A matching key as stored: e-mail and phone only as keyed hashes."""
@@ -335,8 +364,8 @@ class CaptureApp(EventStoreApp):
 
     def key_writes(self, aggregates: Sequence[Aggregate]) -> list[SideWrite]:
         """Index new leads by their keys; a merged lead's keys lead to the customer's first lead
-        (so a later match finds the customer, not a chain of duplicates). A sealed contact's key
-        is stored with it."""
+        (so a later match finds the customer, not a chain of duplicates), with the claims they
+        make (`Customers.take`). A sealed contact's key is stored with it."""
         rows = []
         sealed: list[tuple[uuid.UUID, bytes]] = []
         for lead in aggregates:
@@ -344,13 +373,16 @@ class CaptureApp(EventStoreApp):
                 root = lead.merged_into or lead.id
                 partner = lead.details.get("partner_id")
                 at = lead.details["captured_at"]
-                rows += [(*self.stored_key(k), root, partner, at) for k in lead.keys()]
+                rows += [(*self.stored_key(k), root, partner, at, lead.claims.get(k))
+                         for k in lead.keys()]  # fmt: skip
                 if lead.contact_key is not None:
                     sealed.append((lead.id, lead.contact_key))
+        # A key already written for the customer is left as it is; a claim taken meanwhile
+        # by another lead is not: it fails the transaction (lead_key_claim).
         statement = SQL(
-            "INSERT INTO {} (rule, key, lead_id, partner_id, captured_at) "
-            + unnest_rows(("text", "text", "uuid", "text", "timestamptz"))
-            + " ON CONFLICT DO NOTHING"
+            "INSERT INTO {} (rule, key, lead_id, partner_id, captured_at, claim) "
+            + unnest_rows(("text", "text", "uuid", "text", "timestamptz", "int4"))
+            + " ON CONFLICT (rule, key, lead_id) DO NOTHING"
         ).format(self.table("lead_key"))
         keys = SQL("INSERT INTO {} (lead_id, key) " + unnest_rows(("uuid", "bytea"))).format(
             self.table("subject_key")
@@ -529,7 +561,7 @@ class _BatchIntake:
                                 lead_id=answered)  # fmt: skip
         self.seen.add(verdict.lead_id)
         keys = self.keys[verdict.lead_id]
-        match = first_match(keys, self.customers)
+        match = self.customers.first_match(keys)
         lead = Lead.capture(
             verdict.lead_id, lead_in, source="partner", captured_at=self.now,
             correlation_id=lead_in.message_id, causation_id=_position(message),
@@ -537,8 +569,7 @@ class _BatchIntake:
             contact_key=new_key(), keys=keys,
         )  # fmt: skip
         self.stored.append(lead)
-        for key in keys:  # later leads of this batch know this customer now
-            self.customers.setdefault(key, Match(lead.merged_into or lead.id, partner, key[0]))
+        self.customers.take(lead)  # later leads of this batch know this customer now
         lead_id, status = verdict.lead_id, ReplyStatus.accepted
         if match is not None and match.partner_id == partner:
             # The same customer from the same partner: stored and merged, and answered with the
@@ -577,14 +608,31 @@ def _registration_view(holder: Registration | None, partner: str) -> Registratio
     )
 
 
-def first_match(
-    keys: Sequence[tuple[str, str]], customers: Mapping[tuple[str, str], Match]
-) -> Match | None:
-    """The first rule (e-mail, phone, company in region) that finds a known customer."""
-    for key in keys:
-        if key in customers:
-            return customers[key]
-    return None
+@dataclass
+class Customers:
+    """What the store knows of some matching keys (`CaptureApp.known_customers`): the open
+    customer each leads to, and each key's newest claim; kept current by `take` as a batch's
+    leads are captured, so that a later lead of the batch finds an earlier one."""
+
+    matches: dict[tuple[str, str], Match]
+    claimed: dict[tuple[str, str], int]
+
+    def first_match(self, keys: Sequence[tuple[str, str]]) -> Match | None:
+        """The first rule (e-mail, phone, company in region) that finds a known customer."""
+        for key in keys:
+            if key in self.matches:
+                return self.matches[key]
+        return None
+
+    def take(self, lead: Lead) -> None:
+        """A lead just captured: each of its keys that leads to no open customer is claimed
+        for the lead's customer, with the key's next number (`lead.claims`, written with its
+        keys); from now on all its keys lead to that customer."""
+        root, partner = lead.merged_into or lead.id, lead.details.get("partner_id")
+        for key in lead.keys():
+            if key not in self.matches:
+                lead.claims[key] = self.claimed[key] = self.claimed.get(key, 0) + 1
+                self.matches[key] = Match(root, partner, key[0])
 
 
 def _position(message: Incoming) -> str:

@@ -119,6 +119,8 @@ class Lead(Aggregate):
         # contact's key, and the matching keys taken from the contact in clear.
         self.contact_key: bytes | None = None
         self.match_keys: list[tuple[str, str]] | None = None
+        # The keys it is the first open customer's lead by, each with its claim's number.
+        self.claims: dict[tuple[str, str], int] = {}
 
     @classmethod
     def capture(
