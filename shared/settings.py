@@ -132,6 +132,13 @@ class NotifyRules(BaseModel):
     digest_grace_hours: int = Field(default=24, ge=1, le=24 * 6)
 
 
+class ReportingRules(BaseModel):
+    """`[reporting]`: the calendar reports count days, weeks, months and quarters in (a month
+    starts at local midnight on its first; the directory's teams default to the same zone)."""
+
+    timezone: Zone = "Asia/Shanghai"
+
+
 def _default_exit_criteria() -> dict[str, list[Criterion]]:
     return {"B": ["budget", "decision_maker"], "D": ["proposal_amount"]}
 
@@ -150,6 +157,7 @@ class Rules(BaseModel):
     recycle_days: int = Field(default=60, ge=1)
     max_message_bytes: int = Field(default=64 * 1024, ge=1024)
     notify: NotifyRules = Field(default_factory=NotifyRules)
+    reporting: ReportingRules = Field(default_factory=ReportingRules)
 
     @field_validator("stages", mode="before")
     @classmethod
@@ -311,9 +319,9 @@ def _load_rules_cached(path: str, mtime: float) -> Rules:
 
 def rules_of(data: dict[str, Any]) -> Rules:
     """The rules of a parsed `dealstream.toml`: `[rules]`, and its top-level `[directory]`,
-    `[routing]` and `[notify]` sections."""
+    `[routing]`, `[notify]` and `[reporting]` sections."""
     rules = dict(data.get("rules", {}))
-    for section in ("directory", "routing", "notify"):
+    for section in ("directory", "routing", "notify", "reporting"):
         if section in data:
             rules[section] = data[section]
     return Rules.model_validate(rules)

@@ -7,9 +7,10 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo
 
 import asyncpg
 from fastapi import Depends, FastAPI, HTTPException, Query
@@ -36,6 +37,11 @@ STATIC = Path(__file__).parent / "static"
 Grain = Literal["day", "week", "month", "quarter"]
 GroupBy = Literal["owner", "team", "region", "source", "partner", "tier"]
 MAX_BUCKETS = 60
+
+
+def local(at: datetime | None, zone: tzinfo) -> datetime | None:
+    """A time asked without an offset (`2026-03-01T00:00:00`) is in the reports' time zone."""
+    return at.replace(tzinfo=zone) if at is not None and at.tzinfo is None else at
 
 
 def as_csv(rows: list[dict[str, Any]]) -> str:
@@ -78,7 +84,8 @@ def create_api(
         partner: str | None = None,
         tier: str | None = None,
     ) -> Filters:
-        at = asked("as_of", as_of)
+        zone = ZoneInfo(settings.rules().reporting.timezone)
+        at = asked("as_of", local(as_of, zone))
         where = {k: v for k, v in (("owner", owner), ("team", team), ("region", region),
                                    ("source", source), ("partner", partner), ("tier", tier))
                  if v is not None}  # fmt: skip
@@ -90,7 +97,7 @@ def create_api(
             where["team"] = principal.team
         elif principal.role is Role.partner:
             where["partner"] = principal.user
-        return Filters(at, currency, where, group_by)
+        return Filters(at, currency, where, group_by, zone)
 
     def internal(principal: Principal = Depends(authenticated)) -> Principal:
         if principal.role is Role.partner:
@@ -98,15 +105,17 @@ def create_api(
         return principal
 
     def period(
-        at: datetime, start: datetime | None, end: datetime | None
+        f: Filters, at: datetime, start: datetime | None, end: datetime | None
     ) -> tuple[datetime, datetime]:
-        """[from, to): by default the month so far (or, given only `to`, the month up to it).
-        `at` was checked (`filters`), or is now.
+        """[from, to): by default the month so far in the reports' time zone (or, given only
+        `to`, the month up to it). `at` was checked (`filters`), or is now.
         All lie in 1970-2199 (`asked`): a period compared with the one before it, or a year
         before, stays within what dates can hold."""
+        start, end = local(start, f.zone), local(end, f.zone)
         asked("from", start)  # checked; kept in the zone they were given
         asked("to", end)
-        start = start or period_start(end - timedelta(microseconds=1) if end else at, "month")
+        start = start or period_start(end - timedelta(microseconds=1) if end else at, "month",
+                                      f.zone)  # fmt: skip
         end = end or at
         if start >= end:
             raise HTTPException(422, "from must be before to")
@@ -118,7 +127,7 @@ def create_api(
             return Response(as_csv(body["rows"]), media_type="text/csv; charset=utf-8",
                             headers={"content-disposition": disposition})  # fmt: skip
         head = {"report": report, "as_of": f.as_of, "currency": f.currency,
-                "group_by": f.group_by, "filters": f.where}  # fmt: skip
+                "group_by": f.group_by, "filters": f.where, "time_zone": str(f.zone)}  # fmt: skip
         return JSONResponse(jsonable({**head, **body}))
 
     PeriodReport = Callable[[asyncpg.Pool, Filters, datetime, datetime], Awaitable[dict[str, Any]]]
@@ -127,11 +136,11 @@ def create_api(
                        end: datetime | None, grain: Grain | None, compare: bool,
                        fmt: str | None) -> Response:  # fmt: skip
         at = f.as_of or time.now()
-        begin, finish = period(at, start, end)
+        begin, finish = period(f, at, start, end)
         body = await run(pool, f, begin, finish)
         body["period"] = {"from": begin, "to": finish}
         if compare:
-            before, until = previous_period(begin, finish)
+            before, until = previous_period(begin, finish, f.zone)
             body["compare"] = {
                 "previous": {"from": before, "to": until,
                              "total": (await run(pool, f, before, until))["total"]},
@@ -141,11 +150,12 @@ def create_api(
             }  # fmt: skip
         if grain is not None:
             series = []
-            bucket = period_start(begin, grain)
+            bucket = period_start(begin, grain, f.zone)
             while bucket < finish and len(series) < MAX_BUCKETS:
-                upper = next_period(bucket, grain)
+                upper = next_period(bucket, grain, f.zone)
                 part = await run(pool, f, max(bucket, begin), min(upper, finish))
-                series.append({"from": bucket, "to": upper, "total": part["total"]})
+                series.append({"from": bucket, "to": upper, "first_day": bucket.date(),
+                               "total": part["total"]})  # fmt: skip
                 bucket = upper
             body["series"] = series
         return answer(report, f, body, fmt)
@@ -192,7 +202,7 @@ def create_api(
         fmt: str | None = csv_format,
     ) -> Response:
         at = f.as_of or time.now()
-        begin, finish = period(at, start or datetime(2000, 1, 1, tzinfo=UTC), end)
+        begin, finish = period(f, at, start or datetime(2000, 1, 1, tzinfo=UTC), end)
         partner = f.where.pop("partner", None)  # commissions filter on the registering partner
         body = await queries.partner_commissions(pool, f, begin, finish, partner, at)
         body["period"] = {"from": begin, "to": finish}

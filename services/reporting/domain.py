@@ -5,7 +5,7 @@ stays in each stage, and the payments; and the calendar arithmetic of periods.""
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime, timedelta, tzinfo
 from decimal import Decimal
 from typing import Any, NamedTuple
 
@@ -164,41 +164,43 @@ def month_start(day: date, shift: int = 0) -> date:
     return date(months // 12, months % 12 + 1, 1)
 
 
-def at_midnight(day: date) -> datetime:
-    return datetime(day.year, day.month, day.day, tzinfo=UTC)
+def at_midnight(day: date, zone: tzinfo) -> datetime:
+    """The start of `day` in `zone` (the reports' calendar: `[reporting] timezone`)."""
+    return datetime(day.year, day.month, day.day, tzinfo=zone)
 
 
-def period_start(at: datetime, grain: str) -> datetime:
-    day = at.astimezone(UTC).date()
+def period_start(at: datetime, grain: str, zone: tzinfo) -> datetime:
+    """The start of the day, week (Monday), month or quarter `at` falls in, in `zone`."""
+    day = at.astimezone(zone).date()
     if grain == "day":
-        return at_midnight(day)
+        return at_midnight(day, zone)
     if grain == "week":
-        return at_midnight(day - timedelta(days=day.weekday()))
+        return at_midnight(day - timedelta(days=day.weekday()), zone)
     if grain == "month":
-        return at_midnight(month_start(day))
+        return at_midnight(month_start(day), zone)
     if grain == "quarter":
-        return at_midnight(date(day.year, (day.month - 1) // 3 * 3 + 1, 1))
+        return at_midnight(date(day.year, (day.month - 1) // 3 * 3 + 1, 1), zone)
     raise ValueError(f"unknown grain {grain!r}")
 
 
-def next_period(start: datetime, grain: str) -> datetime:
-    if grain == "day":
-        return start + timedelta(days=1)
-    if grain == "week":
-        return start + timedelta(days=7)
-    months = {"month": 1, "quarter": 3}[grain]
-    return at_midnight(month_start(start.date(), months))
+def next_period(start: datetime, grain: str, zone: tzinfo) -> datetime:
+    """The start of the period after the one `start` begins (counted in local days: a day
+    across a change of clocks is 23 or 25 hours)."""
+    day = start.astimezone(zone).date()
+    if grain in ("day", "week"):
+        return at_midnight(day + timedelta(days=1 if grain == "day" else 7), zone)
+    return at_midnight(month_start(day, {"month": 1, "quarter": 3}[grain]), zone)
 
 
-def previous_period(begin: datetime, finish: datetime) -> tuple[datetime, datetime]:
+def previous_period(begin: datetime, finish: datetime, zone: tzinfo) -> tuple[datetime, datetime]:
     """环比: the period before [begin, finish). One that starts a calendar quarter, month, week
-    or day (UTC) and ends within it is compared with the same part of the unit before (the
-    smallest such unit): March with February, 1-15 March with 1-15 February, Q2 with Q1. Any
-    other span is compared with the span of the same length just before it."""
+    or day (in `zone`) and ends within it is compared with the same part of the unit before
+    (the smallest such unit): March with February, 1-15 March with 1-15 February, Q2 with Q1.
+    Any other span is compared with the span of the same length just before it."""
     for grain in ("day", "week", "month", "quarter"):
-        if period_start(begin, grain) == begin and finish <= next_period(begin, grain):
-            before = period_start(begin - timedelta(microseconds=1), grain)
-            if finish == next_period(begin, grain):
+        if period_start(begin, grain, zone) == begin and finish <= next_period(begin, grain, zone):
+            before = period_start(begin - timedelta(microseconds=1), grain, zone)
+            if finish == next_period(begin, grain, zone):
                 return before, begin
             return before, min(before + (finish - begin), begin)
     return begin - (finish - begin), begin
@@ -211,10 +213,10 @@ def year_before(at: datetime) -> datetime:
         return at.replace(year=at.year - 1, day=28)
 
 
-def fresh_window(at: datetime) -> tuple[datetime, date]:
+def fresh_window(at: datetime, zone: tzinfo) -> tuple[datetime, date]:
     """鲜活商机 at `at`: created from the start of the month two months back (the last three
-    calendar months, this one included), expected to close by the end of next month."""
-    day = at.astimezone(UTC).date()
-    created_from = at_midnight(month_start(day, -2))
+    calendar months in `zone`, this one included), expected to close by the end of next month."""
+    day = at.astimezone(zone).date()
+    created_from = at_midnight(month_start(day, -2), zone)
     close_by = month_start(day, 2) - timedelta(days=1)
     return created_from, close_by

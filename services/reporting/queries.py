@@ -7,16 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from dataclasses import dataclass, field, replace
+from datetime import date, datetime, timedelta, tzinfo
 from decimal import Decimal
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import asyncpg
 
 from services.reporting.domain import at_midnight, fresh_window, month_start
 from services.reporting.projection import SPAN_HOURS, STATE_COLUMNS
-from shared.settings import STAGES, Rules
+from shared.settings import STAGES, ReportingRules, Rules
 
 GROUPS = {"owner": "owner", "team": "team", "region": "region", "source": "source",
           "partner": "partner_id", "tier": "tier"}  # fmt: skip
@@ -32,9 +33,11 @@ class Filters:
     currency: str = "CNY"
     where: dict[str, str] = field(default_factory=dict)  # filter name -> value
     group_by: str | None = None
+    # The calendar of months (fresh, conversion, attainment, forecast): `[reporting] timezone`.
+    zone: tzinfo = field(default_factory=lambda: ZoneInfo(ReportingRules().timezone))
 
     def at(self, as_of: datetime | None) -> Filters:
-        return Filters(as_of, self.currency, self.where, self.group_by)
+        return replace(self, as_of=as_of)
 
 
 class Query:
@@ -296,7 +299,7 @@ async def fresh(
     """鲜活商机 and 商机转化率 at `at` (as known then): the cohort created in the last three
     calendar months with expected close by the end of next month; fresh = still open; the
     conversion = won / all of the cohort, by count and by expected amount."""
-    created_from, close_by = fresh_window(at)
+    created_from, close_by = fresh_window(at, f.zone)
     q = Query()
     is_open, is_won = "o.status = 'open'", "o.status = 'won'"
     rows = await _fetch(pool, q, (
@@ -335,7 +338,7 @@ def _fresh_line(grp: str | None, r: Any) -> dict[str, Any]:
 async def attainment(pool: asyncpg.Pool, f: Filters, month: date) -> dict[str | None, Any]:
     """承诺金额达成率 measured in `month`: payments received in `month` on the deals won in the
     month before, over those deals' contract amounts (as known at the end of `month`)."""
-    won_from, paid_from, paid_to = (at_midnight(month_start(month, n)) for n in (-1, 0, 1))
+    won_from, paid_from, paid_to = (at_midnight(month_start(month, n), f.zone) for n in (-1, 0, 1))
     q = Query()
     known = f.at(paid_to - EPSILON)
     rows = await _fetch(pool, q, (
@@ -362,9 +365,9 @@ async def forecast(pool: asyncpg.Pool, f: Filters, at: datetime, now: datetime) 
     amount conversion rate x last month's commitment attainment; new deals = fresh count x last
     month's count conversion rate. When that month is over by `now` (the injected clock), what
     actually happened is beside."""
-    this_month = month_start(at.date())
+    this_month = month_start(at.astimezone(f.zone).date())
     last_month = month_start(this_month, -1)
-    end_of_last = at_midnight(this_month) - EPSILON
+    end_of_last = at_midnight(this_month, f.zone) - EPSILON
     # Three independent reads, side by side on the pool's connections.
     current, then, attained = await asyncio.gather(
         fresh(pool, f, at, current=f.as_of is None),
@@ -373,8 +376,8 @@ async def forecast(pool: asyncpg.Pool, f: Filters, at: datetime, now: datetime) 
     )
     before = {r["group"]: r for r in then["rows"]}
     target_from, target_to = (
-        at_midnight(month_start(this_month, 1)),
-        at_midnight(month_start(this_month, 2)),
+        at_midnight(month_start(this_month, 1), f.zone),
+        at_midnight(month_start(this_month, 2), f.zone),
     )
 
     def line(grp: str | None, fresh_row: dict[str, Any], past: dict[str, Any] | None,

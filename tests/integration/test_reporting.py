@@ -13,7 +13,9 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import asyncpg
 import httpx
@@ -27,7 +29,7 @@ from shared.auth import Principal, Role, issue_token
 from shared.bus.consumer import apply_read_model
 from shared.clock import FixedClock
 from shared.contracts.envelope import Envelope
-from shared.settings import Settings
+from shared.settings import Rules, Settings
 from tests import reporting_scenario as scenario
 from tests.reporting_scenario import NOW, at
 
@@ -39,12 +41,22 @@ async def feed(pool: asyncpg.Pool, envelopes: list[Envelope], batch: int = 7) ->
         await apply_read_model(pool, envelopes[start : start + batch], project)
 
 
+def in_zone(settings: Settings, folder: Path, zone: str) -> Settings:
+    """Settings whose `dealstream.toml` counts the reports' calendar in `zone`."""
+    config = folder / "dealstream.toml"
+    config.write_text(f'[reporting]\ntimezone = "{zone}"\n', encoding="utf-8")
+    return settings.model_copy(update={"config_file": config})
+
+
 @pytest.fixture
-async def reports(settings: Settings, schema: str, open_pool: Any) -> AsyncIterator[Any]:
+async def reports(
+    settings: Settings, schema: str, open_pool: Any, tmp_path: Path
+) -> AsyncIterator[Any]:
     pool = await open_pool(schema, MIGRATIONS)
     played = scenario.play()
     await feed(pool, played.envelopes)
-    api = create_api(settings, pool, lambda: None, FixedClock(NOW))
+    # The oracle counts months in UTC, as the scenario's times are written.
+    api = create_api(in_zone(settings, tmp_path, "UTC"), pool, lambda: None, FixedClock(NOW))
     secret = settings.secret_for_tokens()
 
     def token(role: Role = Role.admin, user: str = "root", team: str | None = None) -> str:
@@ -183,7 +195,7 @@ async def test_roles_narrow_the_numbers_and_partners_read_only_commissions(repor
     answer = await http.get("/v1/reports/funnel", headers=partner)
     assert answer.status_code == 403
     assert (await http.get("/v1/reports/funnel")).status_code == 401
-    bad = await http.get("/v1/reports/win-rate?from=2026-01-01T00:00:00",
+    bad = await http.get("/v1/reports/win-rate?from=2026-01-01T00:00:00+25:00",
                          headers={"Authorization": f"Bearer {token()}"})  # fmt: skip
     assert bad.status_code == 422
     # Found by schemathesis: compared with the period before it, year 591 left what dates hold.
@@ -226,6 +238,55 @@ async def test_csv_carries_the_same_rows_and_periods_compare(reports: Any) -> No
     assert [s["total"]["won"] for s in months["series"]] == [
         scenario.win_rate(at(f"{m:02d}-01", 0), at(f"{m + 1:02d}-01", 0))["won"] for m in (1, 2, 3)
     ]
+
+
+async def test_months_are_counted_in_the_reports_time_zone(
+    settings: Settings, schema: str, open_pool: Any, tmp_path: Path
+) -> None:
+    """`[reporting] timezone` (Asia/Shanghai unless set, as the directory's teams): a month
+    starts at local midnight on its first, for periods, their comparison, series, the fresh
+    window and the forecast's month; a time asked without an offset is read in that zone."""
+    assert Rules().reporting.timezone == "Asia/Shanghai"
+    pool = await open_pool(schema, MIGRATIONS)
+    await feed(pool, scenario.play().envelopes)
+    api = create_api(in_zone(settings, tmp_path, "Asia/Shanghai"), pool, lambda: None,
+                     FixedClock(NOW))  # fmt: skip
+    bearer = {"Authorization": "Bearer " + issue_token(
+        Principal(role=Role.admin, user="root"), settings.secret_for_tokens(), datetime.now(UTC),
+        timedelta(hours=1))}  # fmt: skip
+    shanghai = ZoneInfo("Asia/Shanghai")
+
+    def month(m: int) -> datetime:
+        return datetime(2026, m, 1, tzinfo=shanghai)
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://r") as http:
+
+        async def get(path: str, **params: Any) -> Any:
+            answer = await http.get(f"/v1/reports/{path}", params=params, headers=bearer)
+            assert answer.status_code == 200, answer.text
+            return answer.json()
+
+        only_to = await get("win-rate", to="2026-04-01T00:00:00")  # no offset: Shanghai's
+        assert only_to["time_zone"] == "Asia/Shanghai"
+        assert only_to["period"] == {"from": "2026-02-28T16:00:00Z", "to": "2026-03-31T16:00:00Z"}
+        march = await get("win-rate", compare="true",
+                          **{"from": iso(month(3)), "to": iso(month(4))})  # fmt: skip
+        previous = march["compare"]["previous"]
+        assert (previous["from"], previous["to"]) == ("2026-01-31T16:00:00Z",
+                                                      "2026-02-28T16:00:00Z")  # fmt: skip
+        quarter = {"from": "2026-01-01T00:00:00", "to": "2026-04-01T00:00:00"}
+        series = (await get("win-rate", grain="month", **quarter))["series"]
+        assert [(s["first_day"], s["from"]) for s in series] == [
+            ("2026-01-01", "2025-12-31T16:00:00Z"), ("2026-02-01", "2026-01-31T16:00:00Z"),
+            ("2026-03-01", "2026-02-28T16:00:00Z")]  # fmt: skip
+        assert [s["total"]["won"] for s in series] == [
+            scenario.win_rate(month(m), month(m + 1))["won"] for m in (1, 2, 3)]  # fmt: skip
+        # 20:00 UTC on 31 March is 04:00 on 1 April in Shanghai: April's fresh window and May's
+        # forecast (in UTC: from 1 January to 30 April, and April's).
+        late = "2026-03-31T20:00:00Z"
+        window = (await get("fresh", as_of=late))["window"]
+        assert window == {"created_from": "2026-01-31T16:00:00Z", "expected_close_by": "2026-05-31"}
+        assert (await get("forecast", as_of=late))["total"]["month"] == "2026-05-01"
 
 
 async def test_as_known_at_a_moment_each_span_class_yields_exactly_the_versions_valid_then(
