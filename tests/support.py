@@ -12,6 +12,7 @@ import re
 import signal
 import struct
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -239,3 +240,15 @@ async def served(app: Any, log_level: str = "warning") -> AsyncIterator[int]:
     finally:
         server.should_exit = True
         await serving
+
+
+async def at_once(*calls: Callable[[], T]) -> list[T]:
+    """Run blocking calls in threads of their own, let go at the same moment (a race between
+    replicas, or two requests, made to happen)."""
+    barrier = threading.Barrier(len(calls))
+
+    def run(call: Callable[[], T]) -> T:
+        barrier.wait()
+        return call()
+
+    return list(await asyncio.gather(*(asyncio.to_thread(run, c) for c in calls)))

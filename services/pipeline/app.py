@@ -88,6 +88,21 @@ MIGRATIONS: list[Migration] = [
         """,
     ),
     event_store(4, "pipeline"),
+    (
+        5,
+        """
+        -- Routing's load cap across replicas: a batch that routes deals to reps looks their
+        -- loads up before its transaction, so two replicas could both give a rep its last
+        -- free place. In the transaction (after every earlier writer's commit: writers of
+        -- events take the events table's lock), the reps it routed to that now hold more open
+        -- deals than the cap are inserted here; no row is allowed, so the insert fails the
+        -- transaction, and the batch is decided again on the loads as they are.
+        CREATE TABLE over_load_cap (
+            owner text NOT NULL,
+            CONSTRAINT routing_load_cap CHECK (false)
+        );
+        """,
+    ),
 ]
 
 INDEX_COLUMNS = (
@@ -201,9 +216,11 @@ class PipelineApp(EventStoreApp):
         (upstream, notification id, envelope), applied in one transaction."""
 
         pending: list[SideWrite] = []
+        routed: set[str] = set()  # the reps this batch routed deals to
 
         def decide(envelopes: list[Envelope]) -> list[Aggregate]:
             pending.clear()  # decide runs again when a concurrent writer won a race
+            routed.clear()
             captured = {
                 e.event_id: cast(LeadCaptured, e.contract())
                 for e in envelopes
@@ -229,6 +246,7 @@ class PipelineApp(EventStoreApp):
                 assignment = route(lead, rules.directory, rules.routing, loads)
                 if assignment.owner:
                     loads[assignment.owner] = loads.get(assignment.owner, 0) + 1
+                    routed.add(assignment.owner)
                 changed[opportunity_id] = Opportunity.open_from_lead(
                     lead, rules, assignment, str(envelope.event_id), envelope.correlation_id,
                     opportunity_id, opened_at,
@@ -282,9 +300,20 @@ class PipelineApp(EventStoreApp):
             return list(changed.values())
 
         def side_writes(aggregates: Sequence[Aggregate]) -> list[SideWrite]:
-            return [*self.index_writes(aggregates), *pending]
+            return [*self.index_writes(aggregates), *pending,
+                    *self._load_cap_guard(sorted(routed), rules.routing.load_cap)]  # fmt: skip
 
         return record_tracked(self, items, decide, side_writes)
+
+    def _load_cap_guard(self, owners: Sequence[str], cap: int) -> list[SideWrite]:
+        """Fails the transaction if a rep it routed deals to holds more open deals than `cap`
+        once its index rows are written (migration 5, `over_load_cap`): last of its writes."""
+        guard = SQL(
+            "INSERT INTO {guard} (owner) SELECT owner FROM {index}"
+            " WHERE owner = ANY(%b::text[]) AND status = 'open' GROUP BY owner"
+            " HAVING count(*) > %b::int8"
+        ).format(guard=self.table("over_load_cap"), index=self.table("opportunity_index"))
+        return [(guard, [(list(owners), cap)])] if owners else []
 
     def _pending_writes(
         self, waiting: Sequence[tuple[Any, ...]], settled: Sequence[uuid.UUID]

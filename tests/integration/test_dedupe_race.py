@@ -8,33 +8,19 @@ from two threads."""
 from __future__ import annotations
 
 import asyncio
-import threading
 import uuid
-from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any
 
 from services.capture.app import MIGRATIONS, CaptureApp
 from services.capture.domain import Incoming, partner_lead_id, sign
 from shared.contracts.partner import WebFormLead
 from shared.settings import Rules, Settings
-from tests.support import lead_value
+from tests.support import at_once, lead_value
 
 NOW = datetime(2026, 11, 25, 9, 0, tzinfo=UTC)
 ROUNDS = 8
-T = TypeVar("T")
-
-
-async def at_once(*calls: Callable[[], T]) -> list[T]:
-    """Run the calls in threads of their own, let go at the same moment."""
-    barrier = threading.Barrier(len(calls))
-
-    def run(call: Callable[[], T]) -> T:
-        barrier.wait()
-        return call()
-
-    return list(await asyncio.gather(*(asyncio.to_thread(run, c) for c in calls)))
 
 
 def form(email: str, company: str) -> WebFormLead:
