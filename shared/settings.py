@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import AfterValidator, BaseModel, Field, field_validator
+from pydantic import AfterValidator, BaseModel, Field, StringConstraints, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 STAGES: tuple[str, ...] = ("A", "B", "C", "D", "E", "F")
@@ -39,11 +39,15 @@ def _default_stages() -> dict[str, StageRule]:
 
 
 class Tiers(BaseModel):
-    """Upper bounds (exclusive, CNY) of the small, normal and important tiers."""
+    """Upper bounds (exclusive, CNY) of the small, normal and important tiers. An amount in
+    another currency is converted at `cny_per` (CNY to one unit of it: `USD = "7.10"`) first;
+    one in a currency without a rate there is compared as it is."""
 
     small_below: Decimal = Decimal("20000")
     normal_below: Decimal = Decimal("50000")
     important_below: Decimal = Decimal("200000")
+    cny_per: dict[Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")],
+                  Annotated[Decimal, Field(gt=0)]] = Field(default_factory=dict)  # fmt: skip
 
 
 Criterion = Literal["budget", "decision_maker", "proposal_amount"]

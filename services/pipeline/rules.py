@@ -42,7 +42,10 @@ def bant(lead: LeadCaptured) -> Score:
 
 
 def tier(amount: Money | None, tiers: Tiers) -> str:
+    """The tier of an amount, in CNY (at the configured rate, if it is in another currency)."""
     value = amount.amount if amount is not None else Decimal(0)
+    if amount is not None and amount.currency != "CNY":
+        value *= tiers.cny_per.get(amount.currency, Decimal(1))
     if value < tiers.small_below:
         return "small"
     if value < tiers.normal_below:

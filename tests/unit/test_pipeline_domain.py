@@ -10,6 +10,7 @@ from decimal import Decimal
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from services.pipeline.domain import Opportunity, Refused, opportunity_id_for
 from services.pipeline.rules import Route, bant, route, tier
@@ -218,6 +219,14 @@ def test_bant_tiers_and_routing() -> None:
         "important",
         "major",
     ]
+    # Thresholds are CNY: a dollar amount is converted at the configured rate first.
+    usd = Money(amount=Decimal("10000.00"), currency="USD")
+    assert tier(usd, Tiers(cny_per={"USD": Decimal("7.10")})) == "important"  # 71,000 CNY
+    assert tier(usd, Tiers()) == "small"  # no rate: compared as it is
+    with pytest.raises(ValidationError):
+        Tiers.model_validate({"cny_per": {"usd": "7.1"}})
+    with pytest.raises(ValidationError):
+        Tiers.model_validate({"cny_per": {"USD": "0"}})
     directory = Directory(
         users=[
             User(id="r1", team="xian"),
