@@ -146,6 +146,20 @@ MIGRATIONS: list[Migration] = [
             WHERE claim IS NOT NULL;
         """,
     ),
+    (
+        10,
+        """
+        -- The lead each partner has of each customer (its first, as it was answered): the
+        -- same customer from the same partner again is a `duplicate` of it, whoever brought
+        -- the customer first (a web form, another partner).
+        CREATE TABLE partner_customer (
+            customer uuid NOT NULL,
+            partner_id text NOT NULL,
+            lead_id uuid NOT NULL,
+            PRIMARY KEY (customer, partner_id)
+        );
+        """,
+    ),
 ]
 HASHED_RULES = ("email", "phone")
 
@@ -251,7 +265,15 @@ class CaptureApp(EventStoreApp):
             "DELETE FROM {} WHERE rule = %s AND key = %s AND lead_id = %s AND captured_at = %s"
             " AND partner_id IS NOT DISTINCT FROM %s"
         ).format(self.table("lead_key"))
-        self.record([lead], side_writes=[(moved, own), *self.key_writes([lead])])
+        partner = lead.details.get("partner_id")
+        if partner is not None:  # the partner's lead of its own customer from now on
+            lead.answered = lead.id
+        left = SQL(
+            "DELETE FROM {} WHERE customer = %s AND partner_id = %s AND lead_id = %s"
+        ).format(self.table("partner_customer"))
+        self.record([lead], side_writes=[(moved, own), *self.key_writes([lead]),
+                                         (left, [(merged_into, partner, lead_id)]),
+                                         *self.partner_writes([lead])])  # fmt: skip
         return merged_into
 
     def first_answers(self, leads: Sequence[tuple[uuid.UUID, str]]) -> dict[uuid.UUID, uuid.UUID]:
@@ -269,15 +291,24 @@ class CaptureApp(EventStoreApp):
                 elif isinstance(event, Lead.Unmerged):
                     root = None
             roots[lead_id] = root
-        customers = self.events_of([r for r in set(roots.values()) if r is not None])
+        had = self.partner_leads([(root, partner) for lead, partner in leads
+                                  if (root := roots.get(lead)) is not None])  # fmt: skip
+        # Customers stored before partner_customer was kept: the customer's own lead, if it
+        # was this partner's.
+        customers = self.events_of(list({roots[lead] for lead, partner in leads
+                                         if roots.get(lead) is not None
+                                         and (roots[lead], partner) not in had}))  # fmt: skip
         partner_of_root = {r: events[0].payload.get("partner_id")  # type: ignore[attr-defined]
                            for r, events in customers.items() if events}  # fmt: skip
         answers = {}
         for lead, partner in leads:
             root = roots.get(lead)
-            answers[lead] = (
-                root if root is not None and partner_of_root.get(root) == partner else lead
-            )
+            if root is None:
+                answers[lead] = lead
+            elif (root, partner) in had:
+                answers[lead] = had[root, partner]
+            else:
+                answers[lead] = root if partner_of_root.get(root) == partner else lead
         return answers
 
     def _lead(self, lead_id: uuid.UUID) -> Lead:
@@ -457,7 +488,36 @@ class CaptureApp(EventStoreApp):
         return applied
 
     def side_writes(self, aggregates: Sequence[Aggregate]) -> list[SideWrite]:
-        return [*self.key_writes(aggregates), *self.registration_writes(aggregates)]
+        return [*self.key_writes(aggregates), *self.partner_writes(aggregates),
+                *self.registration_writes(aggregates)]  # fmt: skip
+
+    def partner_writes(self, aggregates: Sequence[Aggregate]) -> list[SideWrite]:
+        """The lead each partner has of each customer: the first one it was answered with."""
+        rows = [(lead.merged_into or lead.id, lead.details["partner_id"], lead.answered)
+                for lead in aggregates
+                if isinstance(lead, Lead) and lead.answered is not None]  # fmt: skip
+        statement = SQL(
+            "INSERT INTO {} (customer, partner_id, lead_id) "
+            + unnest_rows(("uuid", "text", "uuid")) + " ON CONFLICT DO NOTHING"
+        ).format(self.table("partner_customer"))  # fmt: skip
+        return [(statement, as_columns(rows))]
+
+    def partner_leads(
+        self, pairs: Sequence[tuple[uuid.UUID, str]]
+    ) -> dict[tuple[uuid.UUID, str], uuid.UUID]:
+        """For (customer, partner) pairs: the lead that partner has of that customer."""
+        if not pairs:
+            return {}
+        rows = self.query(
+            SQL(
+                "SELECT p.customer, p.partner_id, p.lead_id FROM {} p"
+                " JOIN unnest(%b::uuid[], %b::text[]) AS wanted(customer, partner_id)"
+                " USING (customer, partner_id)"
+            ).format(self.table("partner_customer")),
+            [[c for c, _ in pairs], [p for _, p in pairs]],
+        )
+        return {(uuid.UUID(str(r["customer"])), r["partner_id"]): uuid.UUID(str(r["lead_id"]))
+                for r in rows}  # fmt: skip
 
     def registration_writes(self, aggregates: Sequence[Aggregate]) -> list[SideWrite]:
         registrations = [r for r in aggregates if isinstance(r, Registration)]
@@ -538,12 +598,19 @@ class _BatchIntake:
         self.answered = app.first_answers([(v.lead_id, v.partner_id or "") for v in leads
                                            if v.lead_id in self.seen])  # fmt: skip
         self.keys: dict[uuid.UUID, list[tuple[str, str]]] = {}
+        partners: dict[uuid.UUID, str] = {}
         for v in leads:
             assert v.lead is not None and v.lead_id is not None
+            partners[v.lead_id] = v.partner_id or ""
             contact, company = v.lead.contact, v.lead.company
             self.keys[v.lead_id] = match_keys(contact.email, contact.phone, company.name,
                                               company.region)  # fmt: skip
         self.customers = app.known_customers(sorted({k for ks in self.keys.values() for k in ks}))
+        # The lead each partner has of the customers its leads match, kept current as the
+        # batch goes (a partner's second lead of a customer in one batch is a duplicate too).
+        matched = {(m.lead_id, partner) for lead, partner in partners.items()
+                   if (m := self.customers.first_match(self.keys[lead]))}  # fmt: skip
+        self.partner_leads = app.partner_leads(sorted(matched))
         companies = {dict(ks).get("company_region") for ks in self.keys.values()}
         self.held = app.held_registrations({c for c in companies if c}, now)
         self.registrations: dict[uuid.UUID, Registration] = {}
@@ -565,6 +632,11 @@ class _BatchIntake:
         self.seen.add(verdict.lead_id)
         keys = self.keys[verdict.lead_id]
         match = self.customers.first_match(keys)
+        first = None  # the lead this partner has of the customer already
+        if match is not None:
+            first = self.partner_leads.get((match.lead_id, partner))
+            if first is None and match.partner_id == partner:
+                first = match.lead_id  # a customer stored before partner_customer was kept
         lead = Lead.capture(
             verdict.lead_id, lead_in, source="partner", captured_at=self.now,
             correlation_id=lead_in.message_id, causation_id=_position(message),
@@ -573,11 +645,11 @@ class _BatchIntake:
         )  # fmt: skip
         self.stored.append(lead)
         self.customers.take(lead)  # later leads of this batch know this customer now
-        lead_id, status = verdict.lead_id, ReplyStatus.accepted
-        if match is not None and match.partner_id == partner:
-            # The same customer from the same partner: stored and merged, and answered with the
-            # lead that partner already has.
-            lead_id, status = match.lead_id, ReplyStatus.duplicate
+        # The same customer from the same partner: stored and merged, and answered with the
+        # lead that partner already has.
+        lead_id = lead.answered = first or verdict.lead_id
+        status = ReplyStatus.accepted if first is None else ReplyStatus.duplicate
+        self.partner_leads.setdefault((lead.merged_into or lead.id, partner), lead_id)
         self.answered[verdict.lead_id] = lead_id
         company = dict(keys).get("company_region")
         holder = self.held.get(company) if company else None

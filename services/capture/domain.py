@@ -121,6 +121,9 @@ class Lead(Aggregate):
         self.match_keys: list[tuple[str, str]] | None = None
         # The keys it is the first open customer's lead by, each with its claim's number.
         self.claims: dict[tuple[str, str], int] = {}
+        # A partner's lead: the lead the partner was answered with (its own, or the lead of
+        # the same customer the partner had given before).
+        self.answered: uuid.UUID | None = None
 
     @classmethod
     def capture(
