@@ -324,9 +324,13 @@ class BatchConsumer:
 
     async def _measure_lag(self, consumer: AIOKafkaConsumer, every: float = 1.0) -> None:
         """Per assigned partition, how far the consumer is behind the broker's high watermark
-        (as of the last fetch), at most once a second."""
+        (as of the last fetch), at most once a second; at once for a partition fetched from
+        for the first time (a backlog taken up after a start or a rebalance shows at its first
+        batch, however fast the batches after it go)."""
         now = time.monotonic()
-        if now - self._lag_at < every:
+        first = any(p not in self.lagging and consumer.highwater(p) is not None
+                    for p in consumer.assignment())  # fmt: skip
+        if now - self._lag_at < every and not first:
             return
         self._lag_at = now
         behind = 0

@@ -59,7 +59,10 @@ async def test_make_run_path_from_partner_message_and_web_form_to_funnel(tmp_pat
         assert (await http.get(funnel_url)).status_code == 401
 
         message_id = f"acme-{uuid.uuid4().hex[:6]}"
-        value = lead_value("acme", message_id)
+        # Expected to close well after the tick below, whatever today is (a fixed date would
+        # fire its own reminder at that tick once today came within four days of it).
+        closes = (datetime.now(UTC) + timedelta(days=90)).date().isoformat()
+        value = lead_value("acme", message_id, expected_close=closes)
         await send_partner_messages(
             bootstrap, [("acme", value, signed_headers("acme", message_id, secret, value))]
         )

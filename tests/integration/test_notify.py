@@ -26,7 +26,7 @@ from shared.contracts.topics import DEAD_LETTER, NOTIFICATION_EVENTS
 from shared.devstack import DevStack
 from tests.integration.notify_fixtures import NotifyRig, rig, smtp, webhook  # noqa: F401
 from tests.notify_support import Deal
-from tests.support import read_topic
+from tests.support import eventually, read_topic
 
 T = datetime(2026, 11, 16, 2, 0, tzinfo=UTC)
 DAY = timedelta(days=1)
@@ -231,7 +231,17 @@ async def test_a_page_of_slow_webhooks_outlasting_its_lease_sends_each_once(
     for deal in [Deal(T) for _ in range(64)]:  # 64 webhooks, 16 at a time: 4 rounds of 0.5 s
         await rig.feed(deal.take())
     first = asyncio.create_task(rig.tick(T + 3 * DAY, hooked, "replica-1"))
-    await asyncio.sleep(1.3)  # the first replica's lease is over; its last round is not begun
+    # As soon as the first replica's lease on its page's last deliveries is over (they wait
+    # their turn: their round is not begun), however long it took to claim them.
+    expired = await eventually(
+        lambda: rig.pool.fetchval(
+            "SELECT count(*) FROM delivery WHERE status = 'pending'"
+            " AND claimed_by = 'replica-1' AND claimed_until < now()"
+        ),
+        lambda n: n > 0,
+        every=0.02,
+    )
+    assert expired > 0
     second = await rig.tick(T + 3 * DAY + MINUTE, hooked, "replica-2")
     done = await first
     assert second["sent"] > 0 and done["sent"] > 0  # each replica sent some: one took over
