@@ -283,6 +283,7 @@ class CaptureApp(EventStoreApp):
         if not leads:
             return {}
         roots: dict[uuid.UUID, uuid.UUID | None] = {}
+        captured: dict[uuid.UUID, datetime] = {}
         for lead_id, events in self.events_of([lead for lead, _ in leads]).items():
             root = None
             for event in events:
@@ -291,13 +292,26 @@ class CaptureApp(EventStoreApp):
                 elif isinstance(event, Lead.Unmerged):
                     root = None
             roots[lead_id] = root
+            if events:
+                captured[lead_id] = events[0].timestamp
         had = self.partner_leads([(root, partner) for lead, partner in leads
                                   if (root := roots.get(lead)) is not None])  # fmt: skip
+        # The lead the partner has of the customer named this one's reply only if it came
+        # first (one that came later was answered with its own, or by the rule before
+        # partner_customer was kept, below).
+        for lead_id, events in self.events_of([h for h in set(had.values())
+                                               if h not in captured]).items():  # fmt: skip
+            if events:
+                captured[lead_id] = events[0].timestamp
+        first = {lead: had[key] for lead, partner in leads
+                 if (key := (roots.get(lead), partner)) in had
+                 and had[key] in captured and lead in captured
+                 and captured[had[key]] <= captured[lead]}  # fmt: skip
         # Customers stored before partner_customer was kept: the customer's own lead, if it
         # was this partner's.
-        customers = self.events_of(list({roots[lead] for lead, partner in leads
-                                         if roots.get(lead) is not None
-                                         and (roots[lead], partner) not in had}))  # fmt: skip
+        customers = self.events_of(list({root for lead, _ in leads
+                                         if (root := roots.get(lead)) is not None
+                                         and lead not in first}))  # fmt: skip
         partner_of_root = {r: events[0].payload.get("partner_id")  # type: ignore[attr-defined]
                            for r, events in customers.items() if events}  # fmt: skip
         answers = {}
@@ -305,8 +319,8 @@ class CaptureApp(EventStoreApp):
             root = roots.get(lead)
             if root is None:
                 answers[lead] = lead
-            elif (root, partner) in had:
-                answers[lead] = had[root, partner]
+            elif lead in first:
+                answers[lead] = first[lead]
             else:
                 answers[lead] = root if partner_of_root.get(root) == partner else lead
         return answers
@@ -608,9 +622,17 @@ class _BatchIntake:
         self.customers = app.known_customers(sorted({k for ks in self.keys.values() for k in ks}))
         # The lead each partner has of the customers its leads match, kept current as the
         # batch goes (a partner's second lead of a customer in one batch is a duplicate too).
-        matched = {(m.lead_id, partner) for lead, partner in partners.items()
+        matches = {(lead, m) for lead in partners
                    if (m := self.customers.first_match(self.keys[lead]))}  # fmt: skip
-        self.partner_leads = app.partner_leads(sorted(matched))
+        self.partner_leads = app.partner_leads(sorted({(m.lead_id, partners[lead])
+                                                       for lead, m in matches}))  # fmt: skip
+        # A customer stored before partner_customer was kept: the partner has its first lead if
+        # that lead was the partner's own (the customer's events say; rarely read).
+        older = {m.lead_id for lead, m in matches if m.partner_id == partners[lead]
+                 and (m.lead_id, partners[lead]) not in self.partner_leads}  # fmt: skip
+        for root, events in app.events_of(sorted(older)).items():
+            if events and (partner := events[0].payload.get("partner_id")):  # type: ignore[attr-defined]
+                self.partner_leads.setdefault((root, partner), root)
         companies = {dict(ks).get("company_region") for ks in self.keys.values()}
         self.held = app.held_registrations({c for c in companies if c}, now)
         self.registrations: dict[uuid.UUID, Registration] = {}
@@ -632,11 +654,8 @@ class _BatchIntake:
         self.seen.add(verdict.lead_id)
         keys = self.keys[verdict.lead_id]
         match = self.customers.first_match(keys)
-        first = None  # the lead this partner has of the customer already
-        if match is not None:
-            first = self.partner_leads.get((match.lead_id, partner))
-            if first is None and match.partner_id == partner:
-                first = match.lead_id  # a customer stored before partner_customer was kept
+        # The lead this partner has of the customer already, if any.
+        first = self.partner_leads.get((match.lead_id, partner)) if match is not None else None
         lead = Lead.capture(
             verdict.lead_id, lead_in, source="partner", captured_at=self.now,
             correlation_id=lead_in.message_id, causation_id=_position(message),

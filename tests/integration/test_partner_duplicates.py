@@ -33,9 +33,9 @@ class Intake:
         self.app, self.offsets = app, count()
         self.email = f"again.{uuid.uuid4().hex[:8]}@example.cn"
 
-    def message(self, partner: str, message_id: str) -> Incoming:
-        value = lead_value(partner, message_id, company=f"{message_id} Co",
-                           contact={"name": "Li Wei", "email": self.email})  # fmt: skip
+    def message(self, partner: str, message_id: str, **fields: Any) -> Incoming:
+        fields = {"contact": {"name": "Li Wei", "email": self.email}, **fields}
+        value = lead_value(partner, message_id, company=f"{message_id} Co", **fields)
         headers = {"x-partner-id": partner, "x-message-id": message_id,
                    "x-signature": sign("s", value)}  # fmt: skip
         return Incoming("partner.leads.v1", 0, next(self.offsets), partner.encode(), value, headers)
@@ -49,6 +49,18 @@ class Intake:
                                                       f"t:p0/{m.offset}")).reply
                    for m in messages]  # fmt: skip
         return [(r["status"], uuid.UUID(r["lead_id"])) for r in replies]
+
+    def send_body(
+        self, partner: str, message_id: str, fields: dict[str, Any]
+    ) -> tuple[str, uuid.UUID]:
+        """One message with these fields (its contact, say) in a batch of its own."""
+        message = self.message(partner, message_id, **fields)
+        at = NOW + timedelta(minutes=message.offset + 1)
+        self.app.handle_partner_fetch({0: "t:p0"}, [message], SECRETS, at, Rules())
+        reply = self.app.repository.get(
+            uuid.uuid5(PARTNER_MESSAGE_NAMESPACE, f"t:p0/{message.offset}")
+        ).reply
+        return reply["status"], uuid.UUID(reply["lead_id"])
 
     def web_form(self) -> uuid.UUID:
         form = WebFormLead.model_validate({
@@ -111,3 +123,21 @@ async def test_after_an_unmerge_the_partners_lead_is_no_longer_the_customers(int
     assert await asyncio.to_thread(intake.send, ("acme", "a2")) == [
         ("accepted", lead("acme", "a2"))
     ]
+
+
+async def test_a_customers_key_brought_by_a_partners_lead_makes_no_duplicate_of_the_customer(
+    intake: Any,
+) -> None:
+    """A key a partner's merged lead brought (its phone) leads to the customer, a web form's
+    lead: the partner's next lead found by it is a duplicate of the partner's own lead, never of
+    the web form's; once that lead is unmerged, the partner has none of the customer."""
+    web = await asyncio.to_thread(intake.web_form)
+    a1, a3 = lead("acme", "a1"), lead("acme", "a3")
+    phone = {"contact": {"name": "Li Wei", "email": intake.email, "phone": "+86 139 1234 5678"}}
+    assert await asyncio.to_thread(intake.send, ("acme", "a1")) == [("accepted", a1)]
+    assert await asyncio.to_thread(intake.send_body, "acme", "a2", phone) == ("duplicate", a1)
+    await asyncio.to_thread(intake.app.unmerge, a1, "root", NOW)
+    by_phone = {"contact": {"name": "Wang", "phone": "+86 139 1234 5678"}}
+    assert await asyncio.to_thread(intake.send_body, "acme", "a3", by_phone) == ("accepted", a3)
+    stored = await asyncio.to_thread(intake.app.repository.get, a3)
+    assert stored.merged_into == web
