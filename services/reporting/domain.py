@@ -202,7 +202,10 @@ def previous_period(begin: datetime, finish: datetime, zone: tzinfo) -> tuple[da
             before = period_start(begin - timedelta(microseconds=1), grain, zone)
             if finish == next_period(begin, grain, zone):
                 return before, begin
-            return before, min(before + (finish - begin), begin)
+            # The same part of the unit before, in the zone's clock time (`from` and `to` may
+            # have been given in different zones).
+            part = finish.astimezone(zone) - begin.astimezone(zone)
+            return before, min(before + part, begin)
     return begin - (finish - begin), begin
 
 

@@ -54,8 +54,21 @@ def test_calendar_periods_are_counted_in_the_reports_time_zone() -> None:
 
 
 def test_a_day_across_a_change_of_clocks_ends_at_the_next_local_midnight() -> None:
-    """New York's clocks go forward on 8 March 2026: that day is 23 hours long."""
-    assert next_period(local(3, 8, NEW_YORK), "day", NEW_YORK) == local(3, 9, NEW_YORK)
+    """New York's clocks go forward on 8 March 2026: that day is 23 hours long. (Its start as
+    the API has it, in UTC: 24 hours on from it would be 01:00 on 9 March.)"""
+    start = local(3, 8, NEW_YORK).astimezone(UTC)
+    assert next_period(start, "day", NEW_YORK) == local(3, 9, NEW_YORK)
     hours = local(3, 9, NEW_YORK).astimezone(UTC) - local(3, 8, NEW_YORK).astimezone(UTC)
     assert hours == timedelta(hours=23)
     assert next_period(local(3, 2, NEW_YORK), "week", NEW_YORK) == local(3, 9, NEW_YORK)
+
+
+def test_part_of_a_month_given_in_two_zones_is_compared_in_the_zones_clock_time() -> None:
+    """1-15 March from Shanghai's midnight to a `to` given in UTC: 1-15 February, whatever
+    zone each end was given in."""
+    begin, finish = local(3, 1, SHANGHAI), local(3, 15, SHANGHAI).astimezone(UTC)
+    assert previous_period(begin, finish, SHANGHAI) == (local(2, 1, SHANGHAI),
+                                                         local(2, 15, SHANGHAI))  # fmt: skip
+    begin, finish = local(3, 1, NEW_YORK), local(3, 15, NEW_YORK).astimezone(UTC)  # across DST
+    assert previous_period(begin, finish, NEW_YORK) == (local(2, 1, NEW_YORK),
+                                                         local(2, 15, NEW_YORK))  # fmt: skip
