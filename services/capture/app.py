@@ -149,15 +149,18 @@ MIGRATIONS: list[Migration] = [
     (
         10,
         """
-        -- The lead each partner has of each customer (its first, as it was answered): the
-        -- same customer from the same partner again is a `duplicate` of it, whoever brought
-        -- the customer first (a web form, another partner).
-        CREATE TABLE partner_customer (
+        -- Each partner lead: its customer, and the lead its reply named (its own, or the
+        -- partner's first lead of that customer). The same customer from the same partner
+        -- again is a `duplicate` of the partner's first lead, whoever brought the customer
+        -- first (a web form, another partner); a message sent again is answered as it was.
+        CREATE TABLE partner_lead (
+            lead_id uuid PRIMARY KEY,
             customer uuid NOT NULL,
             partner_id text NOT NULL,
-            lead_id uuid NOT NULL,
-            PRIMARY KEY (customer, partner_id)
+            answered uuid NOT NULL
         );
+        CREATE INDEX partner_lead_first ON partner_lead (customer, partner_id)
+            WHERE lead_id = answered;
         """,
     ),
 ]
@@ -265,26 +268,28 @@ class CaptureApp(EventStoreApp):
             "DELETE FROM {} WHERE rule = %s AND key = %s AND lead_id = %s AND captured_at = %s"
             " AND partner_id IS NOT DISTINCT FROM %s"
         ).format(self.table("lead_key"))
-        partner = lead.details.get("partner_id")
-        if partner is not None:  # the partner's lead of its own customer from now on
+        if lead.details.get("partner_id") is not None:  # the partner's first of its own customer
             lead.answered = lead.id
-        left = SQL(
-            "DELETE FROM {} WHERE customer = %s AND partner_id = %s AND lead_id = %s"
-        ).format(self.table("partner_customer"))
         self.record([lead], side_writes=[(moved, own), *self.key_writes([lead]),
-                                         (left, [(merged_into, partner, lead_id)]),
                                          *self.partner_writes([lead])])  # fmt: skip
         return merged_into
 
     def first_answers(self, leads: Sequence[tuple[uuid.UUID, str]]) -> dict[uuid.UUID, uuid.UUID]:
         """For partner messages sent again, (lead, partner) each: the lead id the first reply
-        named, the lead's own or that of the customer the partner already had (unless the merge
-        was undone since). Two reads for a batch, whatever the number sent again."""
+        named, as stored with the lead (its own since an unmerge). For a lead stored before
+        that was kept: its own, or its customer's if that was this partner's lead."""
         if not leads:
             return {}
+        rows = self.query(
+            SQL("SELECT lead_id, answered FROM {} WHERE lead_id = ANY(%b::uuid[])").format(
+                self.table("partner_lead")
+            ),
+            [[lead for lead, _ in leads]],
+        )
+        answers = {uuid.UUID(str(r["lead_id"])): uuid.UUID(str(r["answered"])) for r in rows}
+        older = [(lead, partner) for lead, partner in leads if lead not in answers]
         roots: dict[uuid.UUID, uuid.UUID | None] = {}
-        captured: dict[uuid.UUID, datetime] = {}
-        for lead_id, events in self.events_of([lead for lead, _ in leads]).items():
+        for lead_id, events in self.events_of([lead for lead, _ in older]).items():
             root = None
             for event in events:
                 if isinstance(event, Lead.Merged):
@@ -292,37 +297,14 @@ class CaptureApp(EventStoreApp):
                 elif isinstance(event, Lead.Unmerged):
                     root = None
             roots[lead_id] = root
-            if events:
-                captured[lead_id] = events[0].timestamp
-        had = self.partner_leads([(root, partner) for lead, partner in leads
-                                  if (root := roots.get(lead)) is not None])  # fmt: skip
-        # The lead the partner has of the customer named this one's reply only if it came
-        # first (one that came later was answered with its own, or by the rule before
-        # partner_customer was kept, below).
-        for lead_id, events in self.events_of([h for h in set(had.values())
-                                               if h not in captured]).items():  # fmt: skip
-            if events:
-                captured[lead_id] = events[0].timestamp
-        first = {lead: had[key] for lead, partner in leads
-                 if (key := (roots.get(lead), partner)) in had
-                 and had[key] in captured and lead in captured
-                 and captured[had[key]] <= captured[lead]}  # fmt: skip
-        # Customers stored before partner_customer was kept: the customer's own lead, if it
-        # was this partner's.
-        customers = self.events_of(list({root for lead, _ in leads
-                                         if (root := roots.get(lead)) is not None
-                                         and lead not in first}))  # fmt: skip
+        customers = self.events_of([r for r in set(roots.values()) if r is not None])
         partner_of_root = {r: events[0].payload.get("partner_id")  # type: ignore[attr-defined]
                            for r, events in customers.items() if events}  # fmt: skip
-        answers = {}
-        for lead, partner in leads:
+        for lead, partner in older:
             root = roots.get(lead)
-            if root is None:
-                answers[lead] = lead
-            elif lead in first:
-                answers[lead] = first[lead]
-            else:
-                answers[lead] = root if partner_of_root.get(root) == partner else lead
+            answers[lead] = (
+                root if root is not None and partner_of_root.get(root) == partner else lead
+            )
         return answers
 
     def _lead(self, lead_id: uuid.UUID) -> Lead:
@@ -506,28 +488,31 @@ class CaptureApp(EventStoreApp):
                 *self.registration_writes(aggregates)]  # fmt: skip
 
     def partner_writes(self, aggregates: Sequence[Aggregate]) -> list[SideWrite]:
-        """The lead each partner has of each customer: the first one it was answered with."""
-        rows = [(lead.merged_into or lead.id, lead.details["partner_id"], lead.answered)
+        """Partner leads with their customer and the lead their reply named (an unmerged one
+        anew: its own customer's first)."""
+        rows = [(lead.id, lead.merged_into or lead.id, lead.details["partner_id"], lead.answered)
                 for lead in aggregates
                 if isinstance(lead, Lead) and lead.answered is not None]  # fmt: skip
         statement = SQL(
-            "INSERT INTO {} (customer, partner_id, lead_id) "
-            + unnest_rows(("uuid", "text", "uuid")) + " ON CONFLICT DO NOTHING"
-        ).format(self.table("partner_customer"))  # fmt: skip
+            "INSERT INTO {} (lead_id, customer, partner_id, answered) "
+            + unnest_rows(("uuid", "uuid", "text", "uuid"))
+            + " ON CONFLICT (lead_id) DO UPDATE SET customer = EXCLUDED.customer,"
+            " answered = EXCLUDED.answered"
+        ).format(self.table("partner_lead"))  # fmt: skip
         return [(statement, as_columns(rows))]
 
     def partner_leads(
         self, pairs: Sequence[tuple[uuid.UUID, str]]
     ) -> dict[tuple[uuid.UUID, str], uuid.UUID]:
-        """For (customer, partner) pairs: the lead that partner has of that customer."""
+        """For (customer, partner) pairs: the partner's first lead of that customer."""
         if not pairs:
             return {}
         rows = self.query(
             SQL(
                 "SELECT p.customer, p.partner_id, p.lead_id FROM {} p"
                 " JOIN unnest(%b::uuid[], %b::text[]) AS wanted(customer, partner_id)"
-                " USING (customer, partner_id)"
-            ).format(self.table("partner_customer")),
+                " USING (customer, partner_id) WHERE p.lead_id = p.answered"
+            ).format(self.table("partner_lead")),
             [[c for c, _ in pairs], [p for _, p in pairs]],
         )
         return {(uuid.UUID(str(r["customer"])), r["partner_id"]): uuid.UUID(str(r["lead_id"]))
@@ -626,7 +611,7 @@ class _BatchIntake:
                    if (m := self.customers.first_match(self.keys[lead]))}  # fmt: skip
         self.partner_leads = app.partner_leads(sorted({(m.lead_id, partners[lead])
                                                        for lead, m in matches}))  # fmt: skip
-        # A customer stored before partner_customer was kept: the partner has its first lead if
+        # A customer stored before partner_lead was kept: the partner has its first lead if
         # that lead was the partner's own (the customer's events say; rarely read).
         older = {m.lead_id for lead, m in matches if m.partner_id == partners[lead]
                  and (m.lead_id, partners[lead]) not in self.partner_leads}  # fmt: skip

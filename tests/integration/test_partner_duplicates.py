@@ -116,13 +116,17 @@ async def test_a_partners_first_leads_of_a_new_customer_in_one_batch(intake: Any
 
 async def test_after_an_unmerge_the_partners_lead_is_no_longer_the_customers(intake: Any) -> None:
     web = await asyncio.to_thread(intake.web_form)
-    acme = lead("acme", "a1")
+    acme, third = lead("acme", "a1"), lead("acme", "a3")
     assert await asyncio.to_thread(intake.send, ("acme", "a1")) == [("accepted", acme)]
+    assert await asyncio.to_thread(intake.send, ("acme", "a2")) == [("duplicate", acme)]
     assert await asyncio.to_thread(intake.app.unmerge, acme, "root", NOW) == web
-    # The next lead matches the web form's customer (the first by e-mail): acme has none of it.
-    assert await asyncio.to_thread(intake.send, ("acme", "a2")) == [
-        ("accepted", lead("acme", "a2"))
-    ]
+    # The next lead matches the web form's customer (the first by e-mail): acme's first lead of
+    # it is gone, so this one is.
+    assert await asyncio.to_thread(intake.send, ("acme", "a3")) == [("accepted", third)]
+    assert await asyncio.to_thread(intake.send, ("acme", "a4")) == [("duplicate", third)]
+    # Sent again: a2 as it was answered; a1, unmerged, is its own customer's.
+    assert await asyncio.to_thread(intake.send, ("acme", "a2"), ("acme", "a1")) == [
+        ("duplicate", acme), ("duplicate", acme)]  # fmt: skip
 
 
 async def test_a_customers_key_brought_by_a_partners_lead_makes_no_duplicate_of_the_customer(
